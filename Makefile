@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast lint bench clean deps
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+deps: $(STAMP)
+	bash scripts/ensure-postgres.sh
+
+demo: deps
+	$(PY) -m demo $(DEMO_ARGS)
+
+test: deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: deps
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: deps
+	$(VENV)/bin/ruff check cdc tests demo bench
+	$(VENV)/bin/mypy
+
+bench: deps
+	$(PY) bench/stream.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) lake .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,197 @@
+"""Per-table column buffers and the flush rules.
+
+Changes are appended column-wise (one Python list per source column plus the
+metadata columns) and converted to Arrow only when the batch is cut, so the
+hot loop does no per-value conversion. A batch is cut when the buffered rows
+or bytes reach their limits or the oldest buffered change is older than the
+time limit, whichever comes first; a transaction larger than the limits is cut
+into several batches, so memory is bounded by the flush settings, not by
+transaction size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from cdc.events import UNCHANGED, Lsn, Op, Relation, Row
+from cdc.pgtypes import ColumnType, column_type, convert_column
+
+#: metadata columns of every raw file, after the source columns (DESIGN.md section 2)
+META_SCHEMA = pa.schema(
+    [
+        ("_op", pa.string()),
+        ("_lsn", pa.int64()),
+        ("_commit_lsn", pa.int64()),
+        ("_seq", pa.int64()),
+        ("_xid", pa.int64()),
+        ("_commit_ts", pa.timestamp("us", tz="UTC")),
+        ("_unchanged", pa.list_(pa.string())),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class FlushLimits:
+    rows: int
+    bytes: int
+    seconds: float
+
+
+@dataclass
+class Batch:
+    """A cut batch of one table, ready for the raw sink."""
+
+    relation: Relation
+    table: pa.Table
+    first_commit_lsn: Lsn  # (first_commit_lsn, first_seq) is the batch's first change
+    last_commit_lsn: Lsn
+    first_seq: int
+
+    @property
+    def qualified_name(self) -> str:
+        return self.relation.qualified_name
+
+
+class TableBuffer:
+    """Buffered changes of one table, one list per column."""
+
+    def __init__(self, relation: Relation, type_names: dict[int, str]) -> None:
+        self.relation = relation
+        self.types: list[ColumnType] = [
+            column_type(c.type_oid, c.type_modifier, type_names.get(c.type_oid))
+            for c in relation.columns
+        ]
+        self._clear()
+
+    def _clear(self) -> None:
+        self.columns: list[list[str | None]] = [[] for _ in self.relation.columns]
+        self.ops: list[str] = []
+        self.lsns: list[int] = []
+        self.commit_lsns: list[int] = []
+        self.seqs: list[int] = []
+        self.xids: list[int] = []
+        self.commit_ts: list[int] = []
+        self.unchanged: list[list[str] | None] = []
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+    def append(
+        self, op: str, row: Row | None, lsn: Lsn, commit_lsn: Lsn, seq: int, xid: int, ts: int
+    ) -> None:
+        unchanged: list[str] | None = None
+        if row is None:  # truncate: no source values
+            for col in self.columns:
+                col.append(None)
+        elif op == "u" and UNCHANGED in row:
+            unchanged = []
+            for col, value, meta in zip(self.columns, row, self.relation.columns, strict=True):
+                if value is UNCHANGED:
+                    unchanged.append(meta.name)
+                    col.append(None)
+                else:
+                    col.append(value)  # type: ignore[arg-type]
+        else:
+            for col, value in zip(self.columns, row, strict=True):
+                col.append(value)  # type: ignore[arg-type]
+        self.ops.append(op)
+        self.lsns.append(lsn)
+        self.commit_lsns.append(commit_lsn)
+        self.seqs.append(seq)
+        self.xids.append(xid)
+        self.commit_ts.append(ts)
+        self.unchanged.append(unchanged)
+
+    def schema(self) -> pa.Schema:
+        fields = [
+            pa.field(c.name, t.arrow_type, metadata={"pg_type": t.pg_type,
+                                                     "pg_key": "1" if c.is_key else "0"})
+            for c, t in zip(self.relation.columns, self.types, strict=True)
+        ]
+        metadata = {"cdc_table": self.relation.qualified_name,
+                    "cdc_key": ",".join(self.relation.key_columns)}
+        return pa.schema([*fields, *META_SCHEMA], metadata=metadata)
+
+    def cut(self) -> Batch:
+        """Convert the buffered columns to Arrow and empty the buffer."""
+        name = self.relation.qualified_name
+        arrays = [
+            convert_column(values, ctype, table=name, column=meta.name)
+            for values, ctype, meta in zip(self.columns, self.types, self.relation.columns,
+                                           strict=True)
+        ]
+        arrays += [
+            pa.array(self.ops, pa.string()),
+            pa.array(self.lsns, pa.int64()),
+            pa.array(self.commit_lsns, pa.int64()),
+            pa.array(self.seqs, pa.int64()),
+            pa.array(self.xids, pa.int64()),
+            pa.array(self.commit_ts, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+            pa.array(self.unchanged, pa.list_(pa.string())),
+        ]
+        table = pa.Table.from_arrays(arrays, schema=self.schema())
+        batch = Batch(self.relation, table, self.commit_lsns[0], self.commit_lsns[-1], self.seqs[0])
+        self._clear()
+        return batch
+
+
+@dataclass
+class Batcher:
+    """All table buffers of the stream and the flush rules over them."""
+
+    limits: FlushLimits
+    buffers: dict[int, TableBuffer] = field(default_factory=dict)
+    type_names: dict[int, str] = field(default_factory=dict)
+    rows: int = 0
+    bytes: int = 0
+    oldest: float | None = None
+
+    def buffer_for(self, relation: Relation) -> TableBuffer:
+        buf = self.buffers.get(relation.oid)
+        if buf is None:
+            buf = self.buffers[relation.oid] = TableBuffer(relation, self.type_names)
+        return buf
+
+    def add(self, buffer: TableBuffer, op: Op | str, row: Row | None, nbytes: int, lsn: Lsn,
+            commit_lsn: Lsn, seq: int, xid: int, ts: int) -> None:
+        buffer.append(op, row, lsn, commit_lsn, seq, xid, ts)
+        self.rows += 1
+        self.bytes += nbytes
+        if self.oldest is None:
+            self.oldest = time.monotonic()
+
+    @property
+    def empty(self) -> bool:
+        return self.rows == 0
+
+    def due(self, now: float | None = None) -> bool:
+        """True when the buffered changes must be flushed."""
+        if self.rows == 0:
+            return False
+        if self.rows >= self.limits.rows or self.bytes >= self.limits.bytes:
+            return True
+        now = time.monotonic() if now is None else now
+        return self.oldest is not None and now - self.oldest >= self.limits.seconds
+
+    def cut_table(self, oid: int) -> Batch | None:
+        """Cut one table's buffer (before its schema changes)."""
+        buf = self.buffers.pop(oid, None)
+        if buf is None or len(buf) == 0:
+            return None
+        self.rows -= len(buf)
+        if self.rows == 0:
+            self.bytes = 0
+            self.oldest = None
+        return buf.cut()
+
+    def cut_all(self) -> Iterator[Batch]:
+        """Cut every non-empty buffer; the batcher is empty afterwards."""
+        buffers = [b for b in self.buffers.values() if len(b)]
+        self.rows = self.bytes = 0
+        self.oldest = None
+        for buf in buffers:
+            yield buf.cut()

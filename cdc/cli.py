@@ -1,0 +1,150 @@
+"""The ``cdc`` command line: config + flags → a pipeline; errors → one line and an exit code."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from cdc import __version__
+from cdc.config import Settings, load_settings
+from cdc.errors import CdcError
+from cdc.log import configure, scrub
+
+app = typer.Typer(
+    help="Stream a live PostgreSQL database into an analytics lake (raw parquet history "
+    "and staged Delta tables) through logical replication.\n\n"
+    "Every option also reads from a CDC_* environment variable and a key in cdc.toml; "
+    "flags win over the environment, the environment over the file.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+slot_app = typer.Typer(help="Create or drop the replication slot and publication.",
+                       no_args_is_help=True)
+app.add_typer(slot_app, name="slot")
+
+Dsn = Annotated[str | None, typer.Option(
+    "--dsn", help="Source database, e.g. postgresql://user@host:5432/db  [env: CDC_DSN]",
+    show_default=False)]
+LakeOpt = Annotated[str | None, typer.Option(
+    "--lake", help="Lake root: a local folder  [env: CDC_LAKE; default: ./lake]",
+    show_default=False)]
+SlotOpt = Annotated[str | None, typer.Option(
+    "--slot", help="Replication slot name  [env: CDC_SLOT; default: cdc]", show_default=False)]
+PublicationOpt = Annotated[str | None, typer.Option(
+    "--publication", help="Publication name; created when missing  [env: CDC_PUBLICATION; "
+    "default: cdc]", show_default=False)]
+TablesOpt = Annotated[str | None, typer.Option(
+    "--tables", help="Comma-separated schema.table list for a new publication (default: all "
+    "tables)  [env: CDC_TABLES]", show_default=False)]
+PluginOpt = Annotated[str | None, typer.Option(
+    "--plugin", help="Output plugin  [env: CDC_PLUGIN; default: pgoutput]", show_default=False)]
+ConfigOpt = Annotated[str | None, typer.Option(
+    "--config", help="TOML config file  [env: CDC_CONFIG; default: ./cdc.toml if present]",
+    show_default=False)]
+LogFormatOpt = Annotated[str | None, typer.Option(
+    "--log-format", help="console or json  [env: CDC_LOG_FORMAT; default: console]",
+    show_default=False)]
+LogLevelOpt = Annotated[str | None, typer.Option(
+    "--log-level", help="debug, info, warning, error  [env: CDC_LOG_LEVEL; default: info]",
+    show_default=False)]
+
+
+def _settings(config: str | None, **flags: Any) -> Settings:
+    settings = load_settings(flags, config)
+    configure(settings.log_format, settings.log_level)
+    return settings
+
+
+@app.command()
+def stream(
+    dsn: Dsn = None, lake: LakeOpt = None, slot: SlotOpt = None,
+    publication: PublicationOpt = None, tables: TablesOpt = None, plugin: PluginOpt = None,
+    config: ConfigOpt = None, log_format: LogFormatOpt = None, log_level: LogLevelOpt = None,
+    flush_rows: Annotated[int | None, typer.Option(
+        help="Flush when this many changes are buffered  [env: CDC_FLUSH_ROWS; default: 200000]",
+        show_default=False)] = None,
+    flush_bytes: Annotated[str | None, typer.Option(
+        help="Flush when this much change data is buffered, e.g. 64MB  [env: CDC_FLUSH_BYTES; "
+        "default: 64MiB]", show_default=False)] = None,
+    flush_seconds: Annotated[str | None, typer.Option(
+        help="Flush when the oldest buffered change is this old, e.g. 10s  "
+        "[env: CDC_FLUSH_SECONDS; default: 10s]", show_default=False)] = None,
+    until_caught_up: Annotated[bool, typer.Option(
+        "--until-caught-up", help="Drain the slot up to the WAL position at start, flush, "
+        "acknowledge and exit 0 (for cron-style runs)")] = False,
+) -> None:
+    """Stream changes from the slot into <lake>/raw/ until stopped (Ctrl-C / SIGTERM flush,
+    acknowledge and exit 0).
+
+    Creates the publication (FOR ALL TABLES unless --tables) and the slot when missing.
+    A position is acknowledged to the slot only after everything up to it is durable in
+    the lake and recorded in <lake>/_cdc/checkpoints/.
+    """
+    from cdc.lake import open_lake
+    from cdc.stream import stream as run_stream
+
+    settings = _settings(config, dsn=dsn, lake=lake, slot=slot, publication=publication,
+                         tables=tables, plugin=plugin, log_format=log_format,
+                         log_level=log_level, flush_rows=flush_rows, flush_bytes=flush_bytes,
+                         flush_seconds=flush_seconds)
+    stats = run_stream(settings, open_lake(settings.lake), until_caught_up=until_caught_up)
+    typer.echo(f"streamed {stats.changes} changes in {stats.transactions} transactions "
+               f"into {stats.files} files", err=True)
+
+
+@slot_app.command("create")
+def slot_create(dsn: Dsn = None, slot: SlotOpt = None, publication: PublicationOpt = None,
+                tables: TablesOpt = None, plugin: PluginOpt = None,
+                config: ConfigOpt = None) -> None:
+    """Create the publication and the replication slot (no-op for what exists)."""
+    from cdc.events import format_lsn
+    from cdc.replication import Admin, connect
+
+    s = _settings(config, dsn=dsn, slot=slot, publication=publication, tables=tables,
+                  plugin=plugin)
+    with connect(s.dsn) as conn:
+        admin = Admin(conn, s.dsn)
+        admin.check_wal_level()
+        admin.ensure_publication(s.publication, s.tables)
+        info, created = admin.ensure_slot(s.slot, s.plugin)
+    lsn = format_lsn(info.confirmed_flush) if info.confirmed_flush else "?"
+    typer.echo(f"slot {s.slot} {'created' if created else 'exists'} at {lsn}; "
+               f"publication {s.publication}")
+
+
+@slot_app.command("drop")
+def slot_drop(dsn: Dsn = None, slot: SlotOpt = None, config: ConfigOpt = None) -> None:
+    """Drop the replication slot so the server stops retaining WAL for it."""
+    from cdc.replication import Admin, connect
+
+    s = _settings(config, dsn=dsn, slot=slot)
+    with connect(s.dsn) as conn:
+        dropped = Admin(conn, s.dsn).drop_slot(s.slot)
+    typer.echo(f"slot {s.slot} {'dropped' if dropped else 'did not exist'}")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cdc {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Show the version and exit")] = False,
+          ) -> None:
+    pass
+
+
+def main() -> None:
+    try:
+        app()
+    except CdcError as exc:
+        print(f"cdc: error: {scrub(str(exc))}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("cdc: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,158 @@
+"""One frozen settings object from the config file, ``CDC_*`` env and flags.
+
+Precedence: flags over environment over file over defaults. Every setting has
+all three spellings: ``--flush-rows`` / ``CDC_FLUSH_ROWS`` / ``flush_rows``
+in ``cdc.toml`` (top level or a ``[cdc]`` table). Validated once, here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from cdc.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = "cdc.toml"
+PLUGINS = ("pgoutput",)
+_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
+               "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
+               "tib": 2**40}
+_DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+@dataclass(frozen=True)
+class Settings:
+    dsn: str = ""
+    lake: str = "./lake"
+    slot: str = "cdc"
+    publication: str = "cdc"
+    tables: tuple[str, ...] = ()
+    plugin: str = "pgoutput"
+    flush_rows: int = 200_000
+    flush_bytes: int = 64 * 2**20
+    flush_seconds: float = 10.0
+    status_seconds: float = 10.0
+    progress_seconds: float = 10.0
+    max_backoff_seconds: float = 30.0
+    log_format: str = "console"
+    log_level: str = "info"
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as safe to print (no password)."""
+        from cdc.replication import describe
+
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["dsn"] = describe(self.dsn) if self.dsn else ""
+        return values
+
+
+def parse_size(value: object) -> int:
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError(f"not a size: {value!r} (use e.g. 64MB, 512KiB, 1000000)")
+    return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()])
+
+
+def parse_duration(value: object) -> float:
+    if isinstance(value, int | float):
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"not a duration: {value!r} (use e.g. 10s, 500ms, 2m)")
+    return float(match.group(1)) * _DURATION_UNITS[(match.group(2) or "").lower()]
+
+
+def parse_tables(value: object) -> tuple[str, ...]:
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    return tuple(str(t).strip() for t in items if str(t).strip())
+
+
+_PARSERS: dict[str, Any] = {
+    "tables": parse_tables,
+    "flush_rows": int,
+    "flush_bytes": parse_size,
+    "flush_seconds": parse_duration,
+    "status_seconds": parse_duration,
+    "progress_seconds": parse_duration,
+    "max_backoff_seconds": parse_duration,
+}
+FIELDS = tuple(f.name for f in fields(Settings))
+
+
+def _read_file(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        default = Path(DEFAULT_CONFIG_FILE)
+        if not default.exists():
+            return {}
+        path = default
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} not found",
+                          fix="check --config / CDC_CONFIG") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}",
+                          fix="fix the file's syntax") from exc
+    section = data.get("cdc", data)
+    unknown = sorted(set(section) - set(FIELDS) - {"cdc"})
+    if unknown:
+        raise ConfigError(f"config file {path} has unknown keys: {', '.join(unknown)}",
+                          fix=f"valid keys are: {', '.join(FIELDS)}")
+    return {k: v for k, v in section.items() if k in FIELDS}
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    config_file: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merge file, environment and flags (``None`` flags are unset) and validate."""
+    env = os.environ if env is None else env
+    config_file = config_file or env.get("CDC_CONFIG") or None
+    merged: dict[str, Any] = _read_file(Path(config_file) if config_file else None)
+    for name in FIELDS:
+        value = env.get(f"CDC_{name.upper()}")
+        if value is not None and value != "":
+            merged[name] = value
+    for name, value in (flags or {}).items():
+        if value is not None:
+            merged[name] = value
+    values: dict[str, Any] = {}
+    for name, value in merged.items():
+        parser = _PARSERS.get(name, str)
+        try:
+            values[name] = parser(value)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{name}: {exc}",
+                              fix=f"fix --{name.replace('_', '-')} / CDC_{name.upper()}") from exc
+    return validate(Settings(**values))
+
+
+def validate(s: Settings) -> Settings:
+    if not s.dsn:
+        raise ConfigError("no source database given",
+                          fix="pass --dsn postgresql://user@host/db or set CDC_DSN")
+    for what in ("slot", "publication"):
+        if not _NAME.match(getattr(s, what)):
+            raise ConfigError(f"{what} name {getattr(s, what)!r} is not valid",
+                              fix="use 1-63 characters of lower-case letters, digits and _")
+    if s.plugin not in PLUGINS:
+        raise ConfigError(f"output plugin {s.plugin!r} is not supported",
+                          fix=f"use one of: {', '.join(PLUGINS)}")
+    if s.flush_rows < 1 or s.flush_bytes < 1 or s.flush_seconds <= 0:
+        raise ConfigError("flush limits must be positive",
+                          fix="check --flush-rows, --flush-bytes and --flush-seconds")
+    if s.log_format not in ("console", "json"):
+        raise ConfigError(f"log format {s.log_format!r} is not known", fix="use console or json")
+    return s

@@ -1,0 +1,79 @@
+"""The one exception tree of cdc.
+
+Every error says what happened and how to fix it: ``str(err)`` is a single
+line an operator can act on. Driver and SDK errors are translated into these
+in one place each (``replication.translate``, the lake backends) with
+``raise ... from``. ``exit_code`` is what ``cdc`` exits with.
+"""
+
+from __future__ import annotations
+
+
+class CdcError(Exception):
+    """Base of every error cdc raises on purpose."""
+
+    exit_code = 1
+    #: transient errors are retried by the stream loop (with backoff); others stop it
+    transient = False
+
+    def __init__(self, message: str, *, fix: str = "") -> None:
+        self.message = message
+        self.fix = fix
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return f"{self.message}; {self.fix}" if self.fix else self.message
+
+
+class ConfigError(CdcError):
+    """Invalid configuration: a flag, env var or config-file key."""
+
+    exit_code = 2
+
+
+class SetupError(CdcError):
+    """The environment is missing something cdc needs (binaries, users)."""
+
+    exit_code = 3
+
+
+class SourceError(CdcError):
+    """The PostgreSQL source is misconfigured or refused us."""
+
+    exit_code = 4
+
+
+class ConnectionLost(SourceError):
+    """The server went away or could not be reached; worth retrying."""
+
+    transient = True
+
+
+class SlotError(SourceError):
+    """The replication slot is missing, in use, of the wrong kind, or ahead of us."""
+
+
+class PublicationError(SourceError):
+    """The publication is missing, empty, or names tables that do not exist."""
+
+
+class DecodeError(CdcError):
+    """A replication message we could not decode; nothing past it is acknowledged."""
+
+    exit_code = 5
+
+
+class ConversionError(CdcError):
+    """A value we could not convert to its column's type; nothing past it is acknowledged."""
+
+    exit_code = 5
+
+
+class LakeError(CdcError):
+    """The lake cannot be read or written."""
+
+    exit_code = 6
+
+
+class CheckpointError(LakeError):
+    """A checkpoint is unreadable or would move backwards."""

@@ -1,0 +1,111 @@
+"""The lake's storage behind one small interface.
+
+Keys are ``/``-separated paths relative to the lake root
+(``raw/public.t/load_date=2026-11-27/....parquet``). A write is durable and
+atomic when ``write_bytes`` returns: readers never see a partial file, and a
+crash leaves either the old content or the new. Local: the file is written
+beside its target, fsynced, renamed into place and the directory fsynced.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Protocol
+
+from cdc.errors import ConfigError, LakeError
+
+
+class Lake(Protocol):
+    """Where raw files, checkpoints and staged tables live."""
+
+    @property
+    def uri(self) -> str: ...
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Store ``data`` at ``key`` atomically and durably (replacing any old content)."""
+
+    def read_bytes(self, key: str) -> bytes | None:
+        """The content at ``key``, or None when there is none."""
+
+    def list(self, prefix: str) -> list[str]:
+        """Keys under ``prefix`` (recursively), sorted."""
+
+    def check_writable(self) -> None:
+        """Raise LakeError with a fix when the lake cannot be written."""
+
+
+class LocalLake:
+    """A lake in a local folder."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().absolute()
+
+    @property
+    def uri(self) -> str:
+        return str(self.root)
+
+    def path(self, key: str) -> Path:
+        return self.root / key
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        target = self.path(key)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, target)
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise LakeError(f"cannot write {target}: {exc.strerror or exc}",
+                            fix="check that the lake folder exists, is writable and has "
+                            "free space") from exc
+
+    def read_bytes(self, key: str) -> bytes | None:
+        try:
+            return self.path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise LakeError(f"cannot read {self.path(key)}: {exc.strerror or exc}",
+                            fix="check the lake folder's permissions") from exc
+
+    def list(self, prefix: str) -> list[str]:
+        base = self.path(prefix)
+        if not base.exists():
+            return []
+        return sorted(
+            str(p.relative_to(self.root)) for p in base.rglob("*")
+            if p.is_file() and not p.name.startswith(".")
+        )
+
+    def check_writable(self) -> None:
+        self.write_bytes("_cdc/.write-check", b"ok")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_lake(uri: str) -> Lake:
+    """A lake from its URI: a local path, or ``s3://bucket/prefix`` (not yet supported)."""
+    if uri.startswith("s3://"):
+        raise ConfigError(f"lake {uri!r}: S3 lakes are not supported yet",
+                          fix="use a local folder for --lake")
+    if "://" in uri:
+        raise ConfigError(f"lake {uri!r} has an unknown scheme",
+                          fix="use a local folder or s3://bucket/prefix")
+    return LocalLake(uri)

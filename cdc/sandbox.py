@@ -1,0 +1,152 @@
+"""A throwaway local PostgreSQL cluster with ``wal_level=logical``.
+
+Serves the demo and the test suite: both need a real server they can start
+and stop without touching the machine's own clusters. ``initdb`` and
+``postgres`` refuse to run as root, so when we are root the server runs as the
+``postgres`` user, with its data and socket in a directory that user owns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cdc.errors import SetupError
+
+DEFAULT_SETTINGS: Mapping[str, str] = {
+    "wal_level": "logical",
+    "max_replication_slots": "40",
+    "max_wal_senders": "40",
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "shared_buffers": "128MB",
+    "max_connections": "100",
+    "listen_addresses": "127.0.0.1",
+    "logical_decoding_work_mem": "64MB",
+}
+
+
+def find_pg_bin(name: str) -> str:
+    """Return the path of a PostgreSQL server binary (PATH first, then Debian's layout)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)
+    if candidates:
+        return str(candidates[0])
+    raise SetupError(
+        f"PostgreSQL server binary {name!r} not found",
+        fix="install the server packages (apt-get install postgresql) or put them on PATH",
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LocalCluster:
+    """A PostgreSQL cluster in a temporary directory, listening on 127.0.0.1."""
+
+    settings: Mapping[str, str] = field(default_factory=dict)
+    base_dir: Path | None = None
+    port: int = 0
+    _dir: Path | None = None
+    _user: str | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        assert self._dir is not None
+        return self._dir / "data"
+
+    def dsn(self, dbname: str = "postgres", user: str = "postgres") -> str:
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{dbname}"
+
+    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            list(args), user=self._user, check=check, capture_output=True, text=True,
+            cwd=str(self._dir), env={**os.environ, "LC_ALL": "C.UTF-8"},
+        )
+
+    def start(self) -> LocalCluster:
+        self._dir = Path(tempfile.mkdtemp(prefix="cdc-pg-", dir=self.base_dir))
+        if os.geteuid() == 0:
+            self._user = "postgres"
+            try:
+                pw = pwd.getpwnam(self._user)
+            except KeyError as exc:
+                raise SetupError(
+                    "running as root but there is no 'postgres' user to run the server",
+                    fix="install the postgresql package (it creates the user) or run as non-root",
+                ) from exc
+            os.chown(self._dir, pw.pw_uid, pw.pw_gid)
+            os.chmod(self._dir, 0o700)
+        self.port = self.port or free_port()
+        try:
+            self._run(find_pg_bin("initdb"), "-D", str(self.data_dir), "-U", "postgres",
+                      "-A", "trust", "-E", "UTF8", "--no-sync")
+        except subprocess.CalledProcessError as exc:
+            raise SetupError(f"initdb failed: {exc.stderr.strip()}",
+                             fix="check the PostgreSQL installation") from exc
+        conf = {**DEFAULT_SETTINGS, **self.settings, "port": str(self.port),
+                "unix_socket_directories": str(self._dir)}
+        with open(self.data_dir / "postgresql.conf", "a") as f:
+            for key, value in conf.items():
+                f.write(f"{key} = '{value}'\n")
+        with open(self.data_dir / "pg_hba.conf", "a") as f:
+            f.write("host replication all 127.0.0.1/32 trust\n")
+        try:
+            self._run(find_pg_bin("pg_ctl"), "-D", str(self.data_dir), "-l",
+                      str(self._dir / "server.log"), "-w", "-t", "60", "start")
+        except subprocess.CalledProcessError as exc:
+            log = (self._dir / "server.log").read_text(errors="replace")[-2000:]
+            raise SetupError(f"PostgreSQL failed to start: {log}",
+                             fix="see the server log above") from exc
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        import psycopg
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with psycopg.connect(self.dsn(), connect_timeout=2):
+                    return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self._dir is None:
+            return
+        with contextlib.suppress(Exception):
+            self._run(find_pg_bin("pg_ctl"), "-D", str(self.data_dir), "-m", "immediate",
+                      "-w", "stop", check=False)
+        shutil.rmtree(self._dir, ignore_errors=True)
+        self._dir = None
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def local_cluster(**settings: str) -> Iterator[LocalCluster]:
+    with LocalCluster(settings=settings) as cluster:
+        yield cluster

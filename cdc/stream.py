@@ -1,0 +1,355 @@
+"""The streaming loop: source → decoding → batcher → raw sink → checkpoint → ack.
+
+The loop itself only routes; the stages do the work. Its one rule is
+invariant 1 of DESIGN.md: a position is acknowledged to the slot only after
+every change at or before it is durable in raw *and* recorded in the
+checkpoint. Commits are delivered in commit order, so once a batch cut has
+written everything buffered, everything up to the last commit received is
+durable.
+"""
+
+from __future__ import annotations
+
+import signal
+import struct
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+
+import structlog
+
+from cdc import pgoutput
+from cdc.batcher import Batch, Batcher, FlushLimits
+from cdc.checkpoint import CheckpointStore
+from cdc.config import Settings
+from cdc.errors import ConnectionLost, SlotError
+from cdc.events import (
+    Begin,
+    Commit,
+    Delete,
+    Insert,
+    Lsn,
+    Relation,
+    Truncate,
+    TypeInfo,
+    Update,
+    format_lsn,
+)
+from cdc.lake import Lake
+from cdc.raw import RawSink
+from cdc.replication import Admin, ReplicationStream, connect, describe
+
+log = structlog.get_logger("cdc.stream")
+
+_xlogdata = struct.Struct("!QQq")
+_keepalive = struct.Struct("!Qq?")
+XLOGDATA = 0x77  # 'w'
+KEEPALIVE = 0x6B  # 'k'
+READ_TIMEOUT = 0.5
+
+
+@dataclass
+class StreamStats:
+    changes: int = 0
+    transactions: int = 0
+    files: int = 0
+    rows_written: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Stopper:
+    """Turns SIGTERM/SIGINT into a flag the loop checks; a second signal stops hard."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.info("stop_requested", signal=signal.Signals(signum).name)
+
+
+class Streamer:
+    """Streams one slot into the raw layer until stopped or caught up."""
+
+    def __init__(self, settings: Settings, lake: Lake, stopper: Stopper | None = None) -> None:
+        self.settings = settings
+        self.lake = lake
+        self.sink = RawSink(lake)
+        self.checkpoint = CheckpointStore(lake, settings.slot)
+        self.stopper = stopper or Stopper()
+        self.stats = StreamStats()
+        self.limits = FlushLimits(settings.flush_rows, settings.flush_bytes,
+                                  settings.flush_seconds)
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def prepare(self) -> Lsn:
+        """Check the source, create publication and slot when missing; the LSN to start from."""
+        s = self.settings
+        self.lake.check_writable()
+        with connect(s.dsn) as conn:
+            admin = Admin(conn, s.dsn)
+            admin.check_wal_level()
+            admin.ensure_publication(s.publication, s.tables)
+            slot, created = admin.ensure_slot(s.slot, s.plugin)
+        stored = self.checkpoint.load()
+        if created or stored is None:
+            assert slot.confirmed_flush is not None
+            log.info("slot_created" if created else "slot_adopted", slot=s.slot,
+                     lsn=format_lsn(slot.confirmed_flush))
+            return self.checkpoint.save(slot.confirmed_flush)
+        if slot.confirmed_flush is not None and slot.confirmed_flush > stored:
+            raise SlotError(
+                f"slot {s.slot!r} was consumed up to {format_lsn(slot.confirmed_flush)} but the "
+                f"lake's checkpoint is at {format_lsn(stored)}: changes in between are not in "
+                "the lake (another consumer read this slot, or the lake was replaced)",
+                fix="stop the other consumer; to start over, drop the slot (cdc slot drop) and "
+                "take a new snapshot",
+            )
+        return stored
+
+    def wal_target(self) -> Lsn:
+        with connect(self.settings.dsn) as conn:
+            return Admin(conn, self.settings.dsn).current_wal_lsn()
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self, *, until_caught_up: bool = False) -> StreamStats:
+        """Stream until stopped (or caught up), reconnecting with backoff when the server drops."""
+        start = self.prepare()
+        target = self.wal_target() if until_caught_up else None
+        log.info("stream_starting", source=describe(self.settings.dsn), lake=self.lake.uri,
+                 slot=self.settings.slot, publication=self.settings.publication,
+                 start_lsn=format_lsn(start),
+                 until=format_lsn(target) if target is not None else None)
+        delay = 1.0
+        while True:
+            try:
+                session = Session(self, target)
+                session.run()
+                return self.stats
+            except ConnectionLost as exc:
+                if self.stopper.requested:
+                    return self.stats
+                log.warning("connection_lost", error=str(exc), retry_in_s=delay)
+                self._sleep(delay)
+                delay = min(delay * 2, self.settings.max_backoff_seconds)
+            except SlotError as exc:
+                # the server may hold a dropped connection's slot for a moment
+                if "is active for pid" not in exc.message or self.stopper.requested:
+                    raise
+                log.warning("slot_busy", error=str(exc), retry_in_s=delay)
+                self._sleep(delay)
+                delay = min(delay * 2, self.settings.max_backoff_seconds)
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self.stopper.requested:
+            time.sleep(0.1)
+
+
+class Session:
+    """One replication connection's worth of streaming, from the durable checkpoint on."""
+
+    def __init__(self, streamer: Streamer, target: Lsn | None) -> None:
+        self.streamer = streamer
+        self.settings = streamer.settings
+        self.target = target
+        start = streamer.checkpoint.load()
+        assert start is not None
+        self.durable: Lsn = start  # checkpointed
+        self.safe: Lsn = start  # durable in raw, maybe not yet checkpointed
+        self.acked: Lsn = 0
+        self.last_commit_end: Lsn = start
+        self.server_wal_end: Lsn = 0
+        self.batcher = Batcher(streamer.limits)
+        self.relations: dict[int, Relation] = {}
+        self.in_tx = False
+        self.commit_lsn: Lsn = 0
+        self.xid = 0
+        self.commit_ts = 0
+        self.seq = 0
+        self.source = ReplicationStream(self.settings.dsn, self.settings.slot,
+                                        self.settings.publication, start)
+        self.next_status = 0.0
+        self.next_progress = time.monotonic() + self.settings.progress_seconds
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self.source.close()
+
+    def _loop(self) -> None:
+        source = self.source
+        batcher = self.batcher
+        limits = self.streamer.limits
+        stopper = self.streamer.stopper
+        handle = self.handle
+        unpack_xlog = _xlogdata.unpack_from
+        decode = pgoutput.decode
+        checked = 0
+        while True:
+            data = source.read(READ_TIMEOUT)
+            if data is not None:
+                kind = data[0]
+                if kind == XLOGDATA:
+                    lsn, wal_end, _ = unpack_xlog(data, 1)
+                    payload = bytes(data[25:])
+                    handle(decode(payload), lsn, len(payload))
+                    if batcher.rows >= limits.rows or batcher.bytes >= limits.bytes:
+                        self.flush()
+                    checked += 1
+                    if checked < 1000:
+                        continue
+                elif kind == KEEPALIVE:
+                    wal_end, _, reply = _keepalive.unpack_from(data, 1)
+                    self.on_keepalive(wal_end, reply)
+            checked = 0
+            if self.done():
+                self.flush()
+                log.info("caught_up", lsn=format_lsn(self.durable))
+                return
+            if stopper.requested:
+                self.flush()
+                log.info("stopped", lsn=format_lsn(self.durable))
+                return
+            if batcher.due():
+                self.flush()
+            self.send_status()
+            self.progress()
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def handle(self, event: object, lsn: Lsn, nbytes: int) -> None:
+        batcher = self.batcher
+        t = type(event)
+        if t is Insert:
+            ins: Insert = event  # type: ignore[assignment]
+            self._add(ins.relation_oid, "c", ins.new, lsn, nbytes)
+        elif t is Update:
+            upd: Update = event  # type: ignore[assignment]
+            if upd.old is not None and upd.old_is_key:
+                # the key changed: the old key's row is gone
+                self._add(upd.relation_oid, "d", upd.old, lsn, nbytes)
+            self._add(upd.relation_oid, "u", upd.new, lsn, nbytes)
+        elif t is Delete:
+            dele: Delete = event  # type: ignore[assignment]
+            self._add(dele.relation_oid, "d", dele.old, lsn, nbytes)
+        elif t is Begin:
+            begin: Begin = event  # type: ignore[assignment]
+            self.in_tx = True
+            self.commit_lsn = begin.final_lsn
+            self.xid = begin.xid
+            self.commit_ts = begin.commit_ts
+            self.seq = 0
+        elif t is Commit:
+            commit: Commit = event  # type: ignore[assignment]
+            self.in_tx = False
+            self.last_commit_end = commit.end_lsn
+            self.streamer.stats.transactions += 1
+            if batcher.empty:
+                self.advance(commit.end_lsn, lazily=True)
+        elif t is Relation:
+            rel: Relation = event  # type: ignore[assignment]
+            known = self.relations.get(rel.oid)
+            if known is not None and known != rel:
+                batch = batcher.cut_table(rel.oid)  # its schema changes: close its file
+                if batch is not None:
+                    self._write(batch)
+                log.info("schema_changed", table=rel.qualified_name)
+            self.relations[rel.oid] = rel
+        elif t is Truncate:
+            trunc: Truncate = event  # type: ignore[assignment]
+            for oid in trunc.relation_oids:
+                self._add(oid, "t", None, lsn, nbytes)
+        elif t is TypeInfo:
+            info: TypeInfo = event  # type: ignore[assignment]
+            batcher.type_names[info.oid] = f"{info.schema}.{info.name}"
+        # Origin and Message carry nothing for the raw layer
+
+    def _add(self, oid: int, op: str, row: tuple[object, ...] | None, lsn: Lsn,
+             nbytes: int) -> None:
+        relation = self.relations[oid]
+        self.batcher.add(self.batcher.buffer_for(relation), op, row, nbytes,  # type: ignore[arg-type]
+                         lsn, self.commit_lsn, self.seq, self.xid, self.commit_ts)
+        self.seq += 1
+        self.streamer.stats.changes += 1
+
+    def on_keepalive(self, wal_end: Lsn, reply: bool) -> None:
+        self.server_wal_end = max(self.server_wal_end, wal_end)
+        if not self.in_tx and self.batcher.empty:
+            # nothing in flight: the slot may move to the server's position (invariant 5)
+            self.advance(wal_end, lazily=True)
+        if reply:
+            self.send_status(force=True)
+
+    def done(self) -> bool:
+        if self.target is None or self.in_tx:
+            return False
+        return max(self.last_commit_end, self.server_wal_end) >= self.target
+
+    # -- durability -----------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write every buffered change; then everything up to the last commit is durable."""
+        for batch in self.batcher.cut_all():
+            self._write(batch)
+        self.advance(self.last_commit_end)
+
+    def _write(self, batch: Batch) -> None:
+        started = time.monotonic()
+        key = self.streamer.sink.write(batch)
+        stats = self.streamer.stats
+        stats.files += 1
+        stats.rows_written += batch.table.num_rows
+        log.debug("file_written", table=batch.qualified_name, rows=batch.table.num_rows, key=key,
+                  seconds=round(time.monotonic() - started, 3))
+
+    def advance(self, lsn: Lsn, *, lazily: bool = False) -> None:
+        """``lsn`` is safe: every change committed before it is durable in raw.
+
+        Safe positions are checkpointed and acknowledged by the next status update;
+        ``lazily`` leaves that to the regular interval (idle positions, empty commits)
+        so an idle stream writes one checkpoint per interval, not one per keepalive.
+        """
+        if lsn > self.safe:
+            self.safe = lsn
+        if not lazily:
+            self.send_status(force=True)
+
+    def send_status(self, *, force: bool = False) -> None:
+        """Checkpoint the safe position, then acknowledge it (invariant 1: in that order)."""
+        now = time.monotonic()
+        if not force and now < self.next_status:
+            return
+        if self.safe > self.durable:
+            self.durable = self.streamer.checkpoint.save(self.safe)
+        self.source.send_status(self.durable)
+        self.acked = self.durable
+        self.next_status = now + self.settings.status_seconds
+
+    def progress(self) -> None:
+        now = time.monotonic()
+        if now < self.next_progress:
+            return
+        self.next_progress = now + self.settings.progress_seconds
+        stats = self.streamer.stats
+        elapsed = max(now - stats.started, 1e-9)
+        log.info("progress", changes=stats.changes, transactions=stats.transactions,
+                 files=stats.files, changes_per_s=round(stats.changes / elapsed),
+                 acked_lsn=format_lsn(self.acked),
+                 server_lsn=format_lsn(self.server_wal_end) if self.server_wal_end else None)
+
+
+def stream(settings: Settings, lake: Lake, *, until_caught_up: bool = False) -> StreamStats:
+    """Entry point used by the CLI: install signal handlers and stream."""
+    stopper = Stopper()
+    stopper.install()
+    return Streamer(settings, lake, stopper).run(until_caught_up=until_caught_up)

@@ -1,0 +1,149 @@
+"""``python -m demo``: media-retail sales streamed into a parquet lake, end to end.
+
+Starts a throwaway PostgreSQL, seeds ``media_retail``, runs ``cdc stream``
+while sales traffic flows, stops it with SIGTERM and prints what landed.
+Exits non-zero if the streamer fails, does not acknowledge everything, or the
+lake is missing changes the traffic made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+from psycopg.rows import TupleRow
+
+from cdc.errors import CdcError
+from cdc.sandbox import LocalCluster
+from demo import DemoFailure, seed, streamer, summary, traffic
+
+DATABASE = "media_retail"
+SLOT = PUBLICATION = "cdc_demo"
+LAKE_ENTRIES = {"raw", "staged", "_cdc"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lake", type=Path, default=Path(os.environ.get("LAKE_DIR", "lake")),
+                   help="lake directory, wiped at start (env LAKE_DIR; default ./lake)")
+    p.add_argument("--seconds", type=float, default=float(os.environ.get("DEMO_SECONDS", 30)),
+                   help="how long traffic runs (env DEMO_SECONDS; default 30)")
+    p.add_argument("--rate", type=float, default=50.0,
+                   help="target transactions per second, 0 for flat out (default 50)")
+    p.add_argument("--seed", type=int, default=42, help="random seed for data and traffic")
+    p.add_argument("--stream-log", type=Path,
+                   help="file for the streamer's output (default: a new temporary file)")
+    p.add_argument("--no-stream", action="store_true",
+                   help="run the cluster and traffic only, without cdc stream")
+    return p.parse_args(argv)
+
+
+def prepare_lake(lake: Path) -> Path:
+    """Wipe the demo lake, refusing anything that does not look like one."""
+    lake = lake.resolve()
+    if lake.exists():
+        foreign = {p.name for p in lake.iterdir()} - LAKE_ENTRIES if lake.is_dir() else {"?"}
+        if foreign:
+            raise DemoFailure(f"refusing to wipe {lake}: it holds more than a lake "
+                              f"({', '.join(sorted(foreign))}); choose another --lake")
+        shutil.rmtree(lake)
+    lake.mkdir(parents=True)
+    return lake
+
+
+def stream_traffic(admin: psycopg.Connection[TupleRow], dsn: str, args: argparse.Namespace,
+                   problems: list[str]) -> traffic.TrafficReport:
+    """Traffic with ``cdc stream`` running; stop it and check its acknowledgement."""
+    log_path = args.stream_log or Path(tempfile.mkstemp(prefix="cdc-demo-stream-",
+                                                        suffix=".log")[1])
+    print(f"starting cdc stream (output in {log_path})", flush=True)
+    with streamer.running(dsn, args.lake, SLOT, PUBLICATION, log_path) as proc:
+        streamer.wait_for_slot(admin, proc, SLOT, PUBLICATION)
+        print(f"slot {SLOT!r} and publication {PUBLICATION!r} exist; traffic starts",
+              flush=True)
+        report = traffic.run(dsn, seconds=args.seconds, seed=args.seed + 1, rate=args.rate)
+        print(f"traffic ended at WAL {report.end_lsn}")
+        waited = streamer.wait_until_sent(admin, SLOT, report.end_lsn)
+        if waited is None:
+            problems.append(f"the server had not sent the streamer WAL up to {report.end_lsn}"
+                            " after 60s")
+        else:
+            print(f"server sent the streamer everything up to it within {waited:.1f}s")
+        try:
+            took = streamer.stop(proc)
+            print(f"streamer stopped cleanly {took:.1f}s after SIGTERM (exit 0)")
+        except DemoFailure as exc:
+            problems.append(str(exc))
+    confirmed = streamer.confirmed_flush(admin, SLOT)
+    ok = streamer.lsn_int(confirmed) >= streamer.lsn_int(report.end_lsn)
+    print(f"slot confirmed_flush_lsn {confirmed} {'>=' if ok else '<'} {report.end_lsn}"
+          f" {'(everything acknowledged)' if ok else '(NOT everything acknowledged)'}")
+    if not ok:
+        problems.append(f"confirmed_flush_lsn {confirmed} is behind the end of traffic "
+                        f"{report.end_lsn}")
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    args.lake = prepare_lake(args.lake)
+    problems: list[str] = []
+    with LocalCluster() as cluster:
+        print(f"PostgreSQL running on 127.0.0.1:{cluster.port}", flush=True)
+        with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {DATABASE}")
+        dsn = cluster.dsn(DATABASE)
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            seeded = seed.load(admin, args.seed)
+            print(f"seeded {DATABASE}: " + ", ".join(f"{t} {n}" for t, n in seeded.items()))
+            if args.no_stream:
+                report = traffic.run(dsn, seconds=args.seconds, seed=args.seed + 1,
+                                     rate=args.rate)
+            else:
+                report = stream_traffic(admin, dsn, args, problems)
+            tables = [f"public.{t}" for t in seed.TABLES]
+            summaries = summary.read_lake(args.lake, tables)
+            summary.count_source(admin, summaries, tables)
+    print(f"\n{report.transactions} transactions in {report.seconds:.1f}s: "
+          + ", ".join(f"{n} {kind}" for kind, n in report.kinds.most_common()))
+    if not args.no_stream:
+        for s in summaries:
+            if s.name in tables:
+                s.made = type(report.changes)(
+                    {op: n for (t, op), n in report.changes.items() if f"public.{t}" == s.name})
+    print(f"\nlake {args.lake}\n{summary.render(summaries)}\n")
+    missing, extra = summary.compare(summaries)
+    problems += missing
+    for note in extra:
+        print(f"note: {note} (delivery is at-least-once)")
+    if not args.no_stream and not missing:
+        print("every change the traffic made is in the lake")
+    print(f"demo took {time.monotonic() - started:.0f}s")
+    if problems:
+        raise DemoFailure("\n  ".join(["", *problems]))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except DemoFailure as exc:
+        print(f"demo FAILED: {exc}", file=sys.stderr)
+        return 1
+    except CdcError as exc:
+        print(f"demo FAILED: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
