@@ -130,7 +130,12 @@ class Admin:
             )
 
     def current_wal_lsn(self) -> Lsn:
-        row = self._one("SELECT pg_current_wal_lsn()::text")
+        """The end of the WAL written so far, commits not yet flushed included.
+
+        pg_current_wal_lsn() lags behind asynchronous commits (synchronous_commit=off);
+        the insert position does not.
+        """
+        row = self._one("SELECT pg_current_wal_insert_lsn()::text")
         assert row is not None
         return parse_lsn(str(row[0]))
 
@@ -192,8 +197,11 @@ class Admin:
                     f"{str(exc).strip().splitlines()[0]}",
                     fix=f"create it as a superuser or table owner: {stmt.as_string(self.conn)}",
                 ) from exc
-        count = self._one("SELECT count(*) FROM pg_publication_tables WHERE pubname = %s", (name,))
-        if not count or count[0] == 0:
+        row = self._one("SELECT p.puballtables, (SELECT count(*) FROM pg_publication_tables t "
+                        "WHERE t.pubname = p.pubname) FROM pg_publication p WHERE p.pubname = %s",
+                        (name,))
+        # FOR ALL TABLES picks up tables created later, so it is never "empty"
+        if row is not None and not row[0] and row[1] == 0:
             raise PublicationError(
                 f"publication {name!r} publishes no tables",
                 fix=f"add tables: ALTER PUBLICATION {name} ADD TABLE <schema.table>, "

@@ -84,15 +84,16 @@ def wait_for_slot(conn: Connection, streamer: Streamer, slot: str, publication: 
         time.sleep(POLL)
 
 
-def wait_until_sent(conn: Connection, slot: str, lsn: str,
-                    timeout: float = 60.0) -> float | None:
-    """Wait until the server has sent the streamer all WAL up to ``lsn``; return seconds.
+def wait_until_acknowledged(conn: Connection, slot: str, lsn: str,
+                            timeout: float = 60.0) -> float | None:
+    """Wait until the slot's confirmed_flush_lsn reaches ``lsn``; return seconds it took.
 
-    None on timeout: the streamer is not keeping up, or not reading at all.
+    The streamer acknowledges a position only once it is durable in the lake, so
+    this waits for its next flush (``--flush-seconds``). None on timeout.
     """
     start = time.monotonic()
-    query = ("SELECT r.sent_lsn >= %s::pg_lsn FROM pg_replication_slots s"
-             " JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE s.slot_name = %s")
+    query = ("SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots"
+             " WHERE slot_name = %s")
     while _one(conn, query, (lsn, slot)) != (True,):
         if time.monotonic() - start > timeout:
             return None

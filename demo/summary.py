@@ -13,9 +13,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
 
@@ -81,14 +81,16 @@ def count_source(conn: psycopg.Connection[TupleRow], summaries: Iterable[TableSu
 def render(summaries: Sequence[TableSummary]) -> str:
     """A plain-text table with a totals line."""
     traffic = any(s.made is not None for s in summaries)
-    header = ["table", "files", "rows", *(f"{OPS[op]} ({op})" for op in OPS), "toast*"]
-    header += ["traffic", "source rows"] if traffic else ["source rows"]
+    source = any(s.source_rows is not None for s in summaries)
+    header = ["table", "files", "rows", *(OPS[op] for op in OPS), "toast*"]
+    header += ["traffic"] * traffic + ["source rows"] * source
     body = []
     for s in summaries:
         cells = [s.name, s.files, s.rows, *(s.ops[op] for op in OPS), s.unchanged_toast]
         if traffic:
             cells.append("-" if s.made is None else sum(s.made.values()))
-        cells.append("-" if s.source_rows is None else s.source_rows)
+        if source:
+            cells.append("-" if s.source_rows is None else s.source_rows)
         body.append([str(c) for c in cells])
     totals = ["total"] + [
         str(sum(int(row[i]) for row in body if row[i] != "-")) for i in range(1, len(header))]

@@ -38,6 +38,10 @@ class TrafficReport:
     #: WAL insert position right after the last commit
     end_lsn: str = ""
 
+    def made_in(self, table: str) -> Counter[str]:
+        """Rows changed in ``table`` by operation."""
+        return Counter({op: n for (t, op), n in self.changes.items() if t == table})
+
 
 class SalesTraffic:
     """Business events on one connection; each method is one transaction."""

@@ -1,0 +1,110 @@
+"""Reading the raw layer back in tests: every file of a table, in change order."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cdc.config import Settings
+from cdc.lake import LocalLake
+from cdc.stream import Stopper, Streamer, StreamStats
+
+
+def raw_files(lake_dir: Path, table: str) -> list[Path]:
+    return sorted((lake_dir / "raw" / table).glob("load_date=*/*.parquet"))
+
+
+def read_raw(lake_dir: Path, table: str) -> list[dict[str, Any]]:
+    """All raw rows of ``table`` ordered by (_commit_lsn, _seq), duplicates kept."""
+    files = raw_files(lake_dir, table)
+    if not files:
+        return []
+    tables = [pq.read_table(f) for f in files]
+    rows = pa.concat_tables(tables, promote_options="default").to_pylist()
+    return sorted(rows, key=lambda r: (r["_commit_lsn"], r["_seq"]))
+
+
+def dedupe(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Drop replayed copies: (_commit_lsn, _seq) identifies a change."""
+    seen: dict[tuple[int, int], dict[str, Any]] = {}
+    for row in rows:
+        seen.setdefault((row["_commit_lsn"], row["_seq"]), row)
+    return sorted(seen.values(), key=lambda r: (r["_commit_lsn"], r["_seq"]))
+
+
+def replay(rows: list[dict[str, Any]], key: str = "id") -> dict[Any, dict[str, Any]]:
+    """The table's state after applying the changes in order (last change per key wins)."""
+    state: dict[Any, dict[str, Any]] = {}
+    for row in dedupe(rows):
+        op = row["_op"]
+        if op == "t":
+            state.clear()
+        elif op == "d":
+            state.pop(row[key], None)
+        else:
+            state[row[key]] = {k: v for k, v in row.items() if not k.startswith("_")}
+    return state
+
+
+def prepare(settings: Settings) -> None:
+    """Create publication and slot now (as `cdc stream` does at start), before a workload."""
+    Streamer(settings, LocalLake(settings.lake)).prepare()
+
+
+def stream_until_caught_up(settings: Settings) -> StreamStats:
+    return Streamer(settings, LocalLake(settings.lake)).run(until_caught_up=True)
+
+
+@contextmanager
+def streaming_in_thread(settings: Settings) -> Iterator[Streamer]:
+    """Run a streamer in a background thread; stop it (flush + ack) on exit."""
+    stopper = Stopper()
+    streamer = Streamer(settings, LocalLake(settings.lake), stopper)
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            streamer.run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    try:
+        yield streamer
+    finally:
+        stopper.requested = True
+        thread.join(timeout=60)
+    assert not thread.is_alive(), "streamer did not stop"
+    if errors:
+        raise errors[0]
+
+
+def cdc_command(settings: Settings, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "cdc", "stream", "--dsn", settings.dsn, "--lake", settings.lake,
+            "--slot", settings.slot, "--publication", settings.publication, *extra]
+
+
+def start_cdc(settings: Settings, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(cdc_command(settings, *extra), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ})
+
+
+def run_cdc(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cdc", *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+    proc.send_signal(sig)
+    return proc.wait(timeout=timeout)
