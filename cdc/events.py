@@ -8,7 +8,7 @@ because the update did not change it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Final
 
 Lsn = int
@@ -48,7 +48,7 @@ Value = str | None | _Unchanged
 Row = tuple[Value, ...]
 
 
-class Op(str, Enum):
+class Op(StrEnum):
     """The ``_op`` column of the raw layer."""
 
     READ = "r"

@@ -9,6 +9,7 @@ beside its target, fsynced, renamed into place and the directory fsynced.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -65,7 +66,8 @@ class LocalLake:
             os.replace(tmp, target)
             _fsync_dir(target.parent)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             raise LakeError(f"cannot write {target}: {exc.strerror or exc}",
                             fix="check that the lake folder exists, is writable and has "
                             "free space") from exc

@@ -9,6 +9,7 @@ error is translated into the cdc exception tree here and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import select
 import struct
 import time
@@ -115,7 +116,9 @@ class Admin:
         self.conn = conn
         self.dsn = dsn
 
-    def _one(self, query: sql.Composable | str, params: Sequence[object] = ()) -> tuple[object, ...] | None:
+    def _one(
+        self, query: sql.Composable | str, params: Sequence[object] = ()
+    ) -> tuple[object, ...] | None:
         with translated(self.dsn):
             return self.conn.execute(query, params).fetchone()  # type: ignore[arg-type]
 
@@ -211,10 +214,12 @@ class Admin:
     def _check_tables_exist(self, tables: Sequence[str]) -> None:
         for table in tables:
             schema, name = parse_table_name(table)
-            row = self._one("SELECT to_regclass(%s)", (sql.Identifier(schema, name).as_string(self.conn),))
+            regclass = sql.Identifier(schema, name).as_string(self.conn)
+            row = self._one("SELECT to_regclass(%s)", (regclass,))
             if row is None or row[0] is None:
-                raise PublicationError(f"table {schema}.{name} named in --tables does not exist",
-                                       fix="check the --tables list (schema.table, comma-separated)")
+                raise PublicationError(
+                    f"table {schema}.{name} named in --tables does not exist",
+                    fix="check the --tables list (schema.table, comma-separated)")
 
 
 class ReplicationStream:
@@ -224,7 +229,8 @@ class ReplicationStream:
         self.dsn = dsn
         self.conn = connect(dsn, replication=True)
         self.pgconn = self.conn.pgconn
-        options = sql.SQL("proto_version '1', publication_names {}").format(sql.Literal(publication))
+        options = sql.SQL("proto_version '1', publication_names {}").format(
+            sql.Literal(publication))
         command = sql.SQL("START_REPLICATION SLOT {} LOGICAL {} ({})").format(
             sql.Identifier(slot), sql.SQL(format_lsn(start_lsn)), options)
         query = command.as_bytes(self.conn)
@@ -240,8 +246,10 @@ class ReplicationStream:
                                 fix="another consumer is reading this slot; stop it or use "
                                 "another --slot")
             if "publication" in lowered and "does not exist" in lowered:
-                raise PublicationError(message, fix="create the publication or check --publication")
-            raise SourceError(f"START_REPLICATION failed: {message}", fix="see the server's message")
+                raise PublicationError(message,
+                                       fix="create the publication or check --publication")
+            raise SourceError(f"START_REPLICATION failed: {message}",
+                              fix="see the server's message")
         self.socket = self.pgconn.socket
 
     def read(self, timeout: float) -> memoryview | bytes | None:
@@ -279,7 +287,5 @@ class ReplicationStream:
             raise translate(exc, self.dsn) from exc
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(psycopg.Error):  # the connection may already be broken
             self.conn.close()
-        except psycopg.Error:  # the connection may already be broken
-            pass

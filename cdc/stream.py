@@ -319,8 +319,7 @@ class Session:
         ``lazily`` leaves that to the regular interval (idle positions, empty commits)
         so an idle stream writes one checkpoint per interval, not one per keepalive.
         """
-        if lsn > self.safe:
-            self.safe = lsn
+        self.safe = max(self.safe, lsn)
         if not lazily:
             self.send_status(force=True)
 

@@ -138,8 +138,9 @@ def run(args: argparse.Namespace) -> int:
                 report = stream_traffic(admin, dsn, args, problems)
             summaries = summary.read_lake(args.lake, tables)
             summary.count_source(admin, summaries, tables)
-    print(f"\n{report.transactions} transactions in {report.seconds:.1f}s: "
-          + ", ".join(f"{n} {kind}" for kind, n in report.kinds.most_common()))
+    kinds = ", ".join(f"{n} {kind}" for kind, n in report.kinds.most_common())
+    print(f"\n{report.transactions} transactions in {report.seconds:.1f}s"
+          + (f": {kinds}" if kinds else ""))
     problems += report_lake(summaries, None if args.no_stream else report, args.lake)
     print(f"demo took {time.monotonic() - started:.0f}s")
     if problems:

@@ -1,4 +1,4 @@
-"""`cdc stream` against a real PostgreSQL: what lands in raw, in which order, and when it is acked."""
+"""`cdc stream` against a real PostgreSQL: what lands in raw, in what order, when it is acked."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from conftest import SourceDb, with_settings
 from polling import wait_for
 from rawlake import (
     dedupe,
-    raw_files,
     prepare,
+    raw_files,
     read_raw,
     replay,
     start_cdc,
@@ -64,7 +64,8 @@ class TestChangesInRaw:
         first = rows[0]
         assert first["name"] == "a"
         assert first["price"] == Decimal("12.34")
-        assert first["qty"] == 5 and first["small"] == 2
+        assert first["qty"] == 5
+        assert first["small"] == 2
         assert first["ratio"] == 0.5
         assert first["active"] is True
         assert first["born"] == dt.date(2024, 2, 29)
@@ -74,14 +75,18 @@ class TestChangesInRaw:
         assert first["raw"] == b"\xde\xad\xbe\xef"
         assert first["uid"] == "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
         assert first["tags"] == "{x,y}"  # other types land as their text form
-        assert rows[1]["name"] == "b" and rows[1]["price"] is None
-        assert rows[2]["name"] == "a2" and rows[2]["price"] == Decimal("99.99")
-        assert rows[3]["id"] == 2 and rows[3]["name"] is None  # a delete carries the key
+        assert rows[1]["name"] == "b"
+        assert rows[1]["price"] is None
+        assert rows[2]["name"] == "a2"
+        assert rows[2]["price"] == Decimal("99.99")
+        assert rows[3]["id"] == 2
+        assert rows[3]["name"] is None
         commit_lsns = [r["_commit_lsn"] for r in rows]
         assert commit_lsns == sorted(commit_lsns)
         assert rows[0]["_commit_lsn"] == rows[1]["_commit_lsn"]  # one transaction
         assert [rows[0]["_seq"], rows[1]["_seq"]] == [0, 1]
-        assert rows[0]["_xid"] > 0 and rows[0]["_lsn"] < rows[0]["_commit_lsn"]
+        assert rows[0]["_xid"] > 0
+        assert rows[0]["_lsn"] < rows[0]["_commit_lsn"]
         assert isinstance(rows[0]["_commit_ts"], dt.datetime)
         assert all(r["_unchanged"] is None for r in rows)
 
@@ -102,7 +107,9 @@ class TestChangesInRaw:
         allowed = {f"load_date={d.isoformat()}" for d in (today, today - dt.timedelta(days=1))}
         assert files[0].parent.name in allowed  # the UTC date of the load (midnight-safe)
         first, last, seq = files[0].stem.split("-")
-        assert len(first) == 16 and len(last) == 16 and seq == "0"
+        assert len(first) == 16
+        assert len(last) == 16
+        assert seq == "0"
         schema = pq.read_schema(files[0])
         assert schema.field("price").metadata[b"pg_type"] == b"numeric(10,2)"
         assert schema.field("at").metadata[b"pg_type"] == b"timestamp with time zone"
@@ -145,8 +152,10 @@ class TestChangesInRaw:
         stream_until_caught_up(settings)
 
         insert, update = read_raw(lake_dir, "public.docs")
-        assert insert["body"] == big and insert["_unchanged"] is None
-        assert update["_op"] == "u" and update["n"] == 1
+        assert insert["body"] == big
+        assert insert["_unchanged"] is None
+        assert update["_op"] == "u"
+        assert update["n"] == 1
         assert update["_unchanged"] == ["body"]
         assert update["body"] is None  # not a value: the compactor keeps the stored one
 
@@ -224,7 +233,8 @@ class TestAcknowledgement:
 
         checkpoint = CheckpointStore(lake, settings.slot).load()
         confirmed = source.slot_confirmed_lsn()
-        assert checkpoint is not None and confirmed is not None
+        assert checkpoint is not None
+        assert confirmed is not None
         assert checkpoint >= wal_after_workload
         assert confirmed <= checkpoint
 
@@ -250,7 +260,7 @@ class TestAcknowledgement:
         source.execute("CREATE TABLE unpublished (id int)")
         narrowed = with_settings(settings, tables=("public.t",))
         with streaming_in_thread(narrowed):
-            wait_for(lambda: source.slot_confirmed_lsn(), what="slot")
+            wait_for(source.slot_confirmed_lsn, what="slot")
             source.execute("INSERT INTO unpublished SELECT generate_series(1, 1000)")
             target = source.current_lsn()
             wait_for(lambda: (source.slot_confirmed_lsn() or 0) >= target, timeout=60,
@@ -263,7 +273,7 @@ class TestAcknowledgement:
         source.execute("CREATE TABLE t (id int PRIMARY KEY)")
         proc = start_cdc(with_settings(settings), "--flush-seconds", "1h")
         try:
-            wait_for(lambda: source.slot_confirmed_lsn(), what="slot creation")
+            wait_for(source.slot_confirmed_lsn, what="slot creation")
             source.execute("INSERT INTO t SELECT generate_series(1, 500)")
             written = source.current_lsn()
             time.sleep(1.5)  # let it receive (nothing is flushed: the limits are far away)
@@ -293,7 +303,7 @@ class TestAcknowledgement:
 
         wait_for(consume_behind_cdcs_back, what="slot advanced by another consumer")
 
-        with pytest.raises(SlotError, match="consumed up to .* checkpoint is at"):
+        with pytest.raises(SlotError, match=r"consumed up to .* checkpoint is at"):
             stream_until_caught_up(settings)
 
 
@@ -304,7 +314,7 @@ class TestResilience:
         """Keepalives are answered: after 15 s of silence (timeout 10 s) changes still flow."""
         source.execute("CREATE TABLE t (id int PRIMARY KEY)")
         with streaming_in_thread(settings) as streamer:
-            wait_for(lambda: source.slot_confirmed_lsn(), what="slot creation")
+            wait_for(source.slot_confirmed_lsn, what="slot creation")
             source.execute("INSERT INTO t VALUES (1)")
             wait_for(lambda: read_raw(lake_dir, "public.t"), what="first row")
             time.sleep(15)
@@ -349,7 +359,8 @@ class TestResilience:
         files = raw_files(lake_dir, "public.big")
         counts = [pq.read_metadata(f).num_rows for f in files]
         assert sum(counts) == 1_000_000
-        assert len(files) >= 20 and max(counts) <= 50_000
+        assert len(files) >= 20
+        assert max(counts) <= 50_000
         peak_rss_mb = usage.ru_maxrss / 1024
         assert peak_rss_mb < 512, f"peak RSS {peak_rss_mb:.0f} MB"
 
@@ -360,19 +371,23 @@ class TestResilience:
         """At-least-once: after SIGKILL and a restart every committed change is in raw."""
         source.execute("CREATE TABLE t (id int PRIMARY KEY, v int)")
         proc = start_cdc(settings, "--flush-rows", "700", "--flush-seconds", "0.5s")
-        wait_for(lambda: source.slot_confirmed_lsn(), what="slot creation")
         committed = 0
-        with source.connect() as conn:
-            for batch in range(60):
-                with conn.transaction():
-                    conn.execute("INSERT INTO t SELECT g, 0 FROM generate_series(%s, %s) g",
-                                 (batch * 500 + 1, batch * 500 + 500))
-                    conn.execute("UPDATE t SET v = v + 1 WHERE id %% 7 = 0")
-                committed += 1
-                if batch == 30:
-                    wait_for(lambda: raw_files(lake_dir, "public.t"), what="some files")
-                    proc.send_signal(signal.SIGKILL)
-                    proc.wait(timeout=30)
+        try:
+            wait_for(source.slot_confirmed_lsn, what="slot creation")
+            with source.connect() as conn:
+                for batch in range(60):
+                    with conn.transaction():
+                        conn.execute("INSERT INTO t SELECT g, 0 FROM "
+                                     "generate_series(%s::int, %s::int) g",
+                                     (batch * 500 + 1, batch * 500 + 500))
+                        conn.execute("UPDATE t SET v = v + 1 WHERE mod(id, 7) = 0")
+                    committed += 1
+                    if batch == 30:
+                        wait_for(lambda: raw_files(lake_dir, "public.t"), what="some files")
+                        proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
         assert committed == 60
         stream_until_caught_up(settings)
 

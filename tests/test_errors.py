@@ -1,0 +1,138 @@
+"""Each misconfiguration gives one line that says what is wrong and how to fix it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from conftest import SourceDb, with_settings
+from rawlake import prepare, run_cdc
+
+from cdc.config import Settings
+from cdc.sandbox import LocalCluster, free_port
+
+
+def stream_args(settings: Settings, *extra: str) -> list[str]:
+    return ["stream", "--dsn", settings.dsn, "--lake", settings.lake, "--slot", settings.slot,
+            "--publication", settings.publication, "--until-caught-up", *extra]
+
+
+def error_line(result: object) -> str:
+    stderr: str = result.stderr  # type: ignore[attr-defined]
+    lines = [line for line in stderr.splitlines() if line.startswith("cdc: error:")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def replica_level_dsn() -> Iterator[str]:
+    with LocalCluster(settings={"wal_level": "replica"}) as cluster:
+        yield cluster.dsn()
+
+
+class TestMisconfiguration:
+    def test_wal_level_not_logical_says_how_to_set_it(
+        self, replica_level_dsn: str, tmp_path: Path
+    ) -> None:
+        """A server without wal_level=logical is named and the setting to change is given."""
+        result = run_cdc(["stream", "--dsn", replica_level_dsn, "--lake", str(tmp_path / "lake"),
+                          "--until-caught-up"])
+        assert result.returncode == 4
+        line = error_line(result)
+        assert "wal_level is 'replica'" in line
+        assert "set wal_level = logical in postgresql.conf and restart" in line
+
+    def test_missing_replication_privilege_says_which_grant_is_needed(
+        self, source: SourceDb, settings: Settings
+    ) -> None:
+        """A role without REPLICATION is told to get it."""
+        source.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        prepare(settings)  # as superuser: publication and slot exist
+        source.execute("DROP ROLE IF EXISTS cdc_plain")
+        source.execute("CREATE ROLE cdc_plain LOGIN")
+        dsn = psycopg.conninfo.make_conninfo(settings.dsn, user="cdc_plain")
+        try:
+            result = run_cdc(stream_args(with_settings(settings, dsn=dsn)))
+        finally:
+            source.execute("DROP OWNED BY cdc_plain")
+            source.execute("DROP ROLE cdc_plain")
+        assert result.returncode == 4
+        assert "ALTER ROLE <user> REPLICATION" in error_line(result)
+
+    def test_slot_of_another_output_plugin_is_refused(
+        self, source: SourceDb, settings: Settings
+    ) -> None:
+        """A slot made with test_decoding is not silently read as pgoutput."""
+        source.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        source.execute("SELECT pg_create_logical_replication_slot(%s, 'test_decoding')",
+                       (settings.slot,))
+        result = run_cdc(stream_args(settings))
+        assert result.returncode == 4
+        line = error_line(result)
+        assert "uses output plugin 'test_decoding', not 'pgoutput'" in line
+        assert "choose another --slot" in line
+
+    def test_empty_publication_says_how_to_add_tables(
+        self, source: SourceDb, settings: Settings
+    ) -> None:
+        """A publication that publishes nothing would stream nothing: refuse it."""
+        source.execute(f"CREATE PUBLICATION {settings.publication}")
+        result = run_cdc(stream_args(settings))
+        assert result.returncode == 4
+        line = error_line(result)
+        assert f"publication '{settings.publication}' publishes no tables" in line
+        assert "ALTER PUBLICATION" in line
+
+    def test_missing_publication_that_cannot_be_created_gives_the_statement(
+        self, source: SourceDb, settings: Settings
+    ) -> None:
+        """Without rights to create it, the error shows the CREATE PUBLICATION to run."""
+        source.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        source.execute("DROP ROLE IF EXISTS cdc_repl")
+        source.execute("CREATE ROLE cdc_repl LOGIN REPLICATION")
+        dsn = psycopg.conninfo.make_conninfo(settings.dsn, user="cdc_repl")
+        try:
+            result = run_cdc(stream_args(with_settings(settings, dsn=dsn)))
+        finally:
+            source.execute("DROP OWNED BY cdc_repl")
+            source.execute("DROP ROLE cdc_repl")
+        assert result.returncode == 4
+        line = error_line(result)
+        assert "does not exist and could not be created" in line
+        assert f'CREATE PUBLICATION "{settings.publication}" FOR ALL TABLES' in line
+
+    def test_unknown_table_in_tables_is_named(self, source: SourceDb, settings: Settings) -> None:
+        """--tables with a typo fails before anything is created."""
+        result = run_cdc(stream_args(settings, "--tables", "public.nope"))
+        assert result.returncode == 4
+        assert "table public.nope named in --tables does not exist" in error_line(result)
+
+    def test_unreachable_server_is_reported_without_the_password(self, tmp_path: Path) -> None:
+        """A closed port gives 'cannot reach', and the DSN's password never appears."""
+        dsn = f"postgresql://alice:s3cret-pw@127.0.0.1:{free_port()}/db"
+        result = run_cdc(["stream", "--dsn", dsn, "--lake", str(tmp_path / "lake"),
+                          "--until-caught-up"])
+        assert result.returncode == 4
+        line = error_line(result)
+        assert "cannot reach PostgreSQL at alice@127.0.0.1" in line
+        assert "s3cret-pw" not in result.stderr + result.stdout
+
+    def test_lake_that_cannot_be_written_is_reported_before_streaming(
+        self, source: SourceDb, settings: Settings, tmp_path: Path
+    ) -> None:
+        """A lake path under a regular file cannot be created: say so, touch nothing."""
+        blocker = tmp_path / "not-a-dir"
+        blocker.write_text("x")
+        result = run_cdc(stream_args(with_settings(settings, lake=str(blocker / "lake"))))
+        assert result.returncode == 6
+        assert "check that the lake folder exists, is writable" in error_line(result)
+        assert source.slot_confirmed_lsn() is None  # no slot was created
+
+    def test_missing_dsn_says_which_flag_or_variable_to_set(self, tmp_path: Path) -> None:
+        """No --dsn and no CDC_DSN: exit 2 with the fix."""
+        result = run_cdc(["stream", "--lake", str(tmp_path)])
+        assert result.returncode == 2
+        assert "pass --dsn" in error_line(result)
+        assert "CDC_DSN" in error_line(result)
