@@ -22,12 +22,17 @@ from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import settings as hypothesis_settings
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from cdc.config import Settings
 from cdc.lake import LocalLake
 from cdc.sandbox import LocalCluster
+
+# shared CI machines are noisy: no per-example deadline; print the seed to replay a failure
+hypothesis_settings.register_profile("cdc", deadline=None, print_blob=True)
+hypothesis_settings.load_profile("cdc")
 
 #: short so the idle test outlasts it in seconds, not minutes
 WAL_SENDER_TIMEOUT = "10s"
