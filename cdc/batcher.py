@@ -12,7 +12,7 @@ transaction size.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -50,6 +50,7 @@ class Batch:
     first_commit_lsn: Lsn  # (first_commit_lsn, first_seq) is the batch's first change
     last_commit_lsn: Lsn
     first_seq: int
+    label: str | None = None  # names the file instead of first_seq (snapshot chunks)
 
     @property
     def qualified_name(self) -> str:
@@ -106,37 +107,51 @@ class TableBuffer:
         self.commit_ts.append(ts)
         self.unchanged.append(unchanged)
 
-    def schema(self) -> pa.Schema:
-        fields = [
-            pa.field(c.name, t.arrow_type, metadata={"pg_type": t.pg_type,
-                                                     "pg_key": "1" if c.is_key else "0"})
-            for c, t in zip(self.relation.columns, self.types, strict=True)
-        ]
-        metadata = {"cdc_table": self.relation.qualified_name,
-                    "cdc_key": ",".join(self.relation.key_columns)}
-        return pa.schema([*fields, *META_SCHEMA], metadata=metadata)
-
     def cut(self) -> Batch:
         """Convert the buffered columns to Arrow and empty the buffer."""
-        name = self.relation.qualified_name
-        arrays = [
-            convert_column(values, ctype, table=name, column=meta.name)
-            for values, ctype, meta in zip(self.columns, self.types, self.relation.columns,
-                                           strict=True)
-        ]
-        arrays += [
-            pa.array(self.ops, pa.string()),
-            pa.array(self.lsns, pa.int64()),
-            pa.array(self.commit_lsns, pa.int64()),
-            pa.array(self.seqs, pa.int64()),
-            pa.array(self.xids, pa.int64()),
-            pa.array(self.commit_ts, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
-            pa.array(self.unchanged, pa.list_(pa.string())),
-        ]
-        table = pa.Table.from_arrays(arrays, schema=self.schema())
+        n = len(self.ops)
+        table = raw_table(
+            self.relation, self.types, self.columns,
+            ops=pa.array(self.ops, pa.string()),
+            lsns=pa.array(self.lsns, pa.int64()),
+            commit_lsns=pa.array(self.commit_lsns, pa.int64()),
+            seqs=pa.array(self.seqs, pa.int64()),
+            xids=pa.array(self.xids, pa.int64()),
+            commit_ts=pa.array(self.commit_ts, pa.int64()),
+            unchanged=pa.array(self.unchanged, pa.list_(pa.string())) if any(self.unchanged)
+            else pa.nulls(n, pa.list_(pa.string())),
+        )
         batch = Batch(self.relation, table, self.commit_lsns[0], self.commit_lsns[-1], self.seqs[0])
         self._clear()
         return batch
+
+
+def raw_schema(relation: Relation, types: Sequence[ColumnType]) -> pa.Schema:
+    """Source columns (typed, ``pg_type`` in the field metadata) plus the metadata columns."""
+    fields = [
+        pa.field(c.name, t.arrow_type, metadata={"pg_type": t.pg_type,
+                                                 "pg_key": "1" if c.is_key else "0"})
+        for c, t in zip(relation.columns, types, strict=True)
+    ]
+    metadata = {"cdc_table": relation.qualified_name, "cdc_key": ",".join(relation.key_columns)}
+    return pa.schema([*fields, *META_SCHEMA], metadata=metadata)
+
+
+def raw_table(
+    relation: Relation, types: Sequence[ColumnType],
+    text_columns: Sequence[Sequence[str | None] | pa.Array | pa.ChunkedArray], *,
+    ops: pa.Array, lsns: pa.Array, commit_lsns: pa.Array, seqs: pa.Array, xids: pa.Array,
+    commit_ts: pa.Array, unchanged: pa.Array,
+) -> pa.Table:
+    """A raw-layer table from text columns and metadata arrays (stream and snapshot share it)."""
+    name = relation.qualified_name
+    arrays = [
+        convert_column(values, ctype, table=name, column=meta.name)
+        for values, ctype, meta in zip(text_columns, types, relation.columns, strict=True)
+    ]
+    arrays += [ops, lsns, commit_lsns, seqs, xids,
+               commit_ts.cast(pa.timestamp("us", tz="UTC")), unchanged]
+    return pa.Table.from_arrays(arrays, schema=raw_schema(relation, types))
 
 
 @dataclass

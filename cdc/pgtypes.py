@@ -106,10 +106,12 @@ def column_type(type_oid: int, type_modifier: int, type_name: str | None = None)
 
 
 def convert_column(
-    values: Sequence[str | None], ctype: ColumnType, *, table: str, column: str
-) -> pa.Array:
+    values: Sequence[str | None] | pa.Array | pa.ChunkedArray, ctype: ColumnType, *, table: str,
+    column: str,
+) -> pa.Array | pa.ChunkedArray:
     """Convert one column's text values; a value that does not fit raises ConversionError."""
-    text = pa.array(values, pa.string())
+    text = values if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(values,
+                                                                                  pa.string())
     try:
         return ctype.convert(text)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:

@@ -24,7 +24,8 @@ ROW_GROUP_ROWS = 1_000_000
 
 def file_key(batch: Batch, load_date: str) -> str:
     return (f"raw/{batch.qualified_name}/load_date={load_date}/"
-            f"{batch.first_commit_lsn:016X}-{batch.last_commit_lsn:016X}-{batch.first_seq}.parquet")
+            f"{batch.first_commit_lsn:016X}-{batch.last_commit_lsn:016X}-"
+            f"{batch.label or batch.first_seq}.parquet")
 
 
 def encode(table: pa.Table) -> bytes:

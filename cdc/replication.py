@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 from psycopg import errors as pgerrors
@@ -24,7 +25,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import ExecStatus
 
 from cdc.errors import CdcError, ConnectionLost, PublicationError, SlotError, SourceError
-from cdc.events import Lsn, format_lsn, parse_lsn
+from cdc.events import Column, Lsn, Relation, format_lsn, parse_lsn
 from cdc.pgoutput import PG_EPOCH_OFFSET_US
 
 #: session settings that make the server's text output what pgtypes parses
@@ -210,6 +211,34 @@ class Admin:
                 fix=f"add tables: ALTER PUBLICATION {name} ADD TABLE <schema.table>, "
                 "or create tables first",
             )
+
+    def published_tables(self, publication: str) -> list[tuple[str, str]]:
+        """(schema, table) of every table the publication publishes, sorted."""
+        with translated(self.dsn):
+            rows = self.conn.execute(
+                "SELECT schemaname::text, tablename::text FROM pg_publication_tables "
+                "WHERE pubname = %s ORDER BY 1, 2", (publication,)).fetchall()
+        return [(str(r[0]), str(r[1])) for r in rows]
+
+    def describe_table(self, schema: str, table: str) -> tuple[Relation, dict[int, str]]:
+        """The table as a Relation message would describe it (key = primary key columns),
+        and the names of its column types."""
+        regclass = sql.Identifier(schema, table).as_string(self.conn)
+        with translated(self.dsn):
+            rows: list[tuple[Any, ...]] = self.conn.execute(
+                "SELECT a.attname::text, a.atttypid::int, a.atttypmod, "
+                "coalesce(a.attnum = ANY(i.indkey), false), c.oid::int, "
+                "format_type(a.atttypid, NULL) "
+                "FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid "
+                "LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary "
+                "WHERE c.oid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped "
+                "ORDER BY a.attnum", (regclass,)).fetchall()
+        if not rows:
+            raise PublicationError(f"table {schema}.{table} has no columns or does not exist",
+                                   fix="check --tables")
+        columns = tuple(Column(str(r[0]), int(r[1]), int(r[2]), bool(r[3])) for r in rows)
+        type_names = {int(r[1]): str(r[5]) for r in rows}
+        return Relation(int(rows[0][4]), schema, table, "d", columns), type_names
 
     def _check_tables_exist(self, tables: Sequence[str]) -> None:
         for table in tables:
