@@ -9,7 +9,7 @@ import typer
 
 from cdc import __version__
 from cdc.config import Settings, load_settings
-from cdc.errors import CdcError
+from cdc.errors import CdcError, ConfigError
 from cdc.log import configure, scrub
 
 app = typer.Typer(
@@ -93,6 +93,68 @@ def stream(
     stats = run_stream(settings, open_lake(settings.lake), until_caught_up=until_caught_up)
     typer.echo(f"streamed {stats.changes} changes in {stats.transactions} transactions "
                f"into {stats.files} files", err=True)
+
+
+@app.command()
+def snapshot(
+    dsn: Dsn = None, lake: LakeOpt = None, slot: SlotOpt = None,
+    publication: PublicationOpt = None, tables: TablesOpt = None, plugin: PluginOpt = None,
+    config: ConfigOpt = None, log_format: LogFormatOpt = None, log_level: LogLevelOpt = None,
+    mode: Annotated[str, typer.Option(
+        help="consistent: every published table at one instant, tied to a new slot so "
+        "`cdc stream` continues exactly where it ends. updated_at: rows whose updated_at "
+        "column passed the stored watermark (cannot see deletes, and sees only the last "
+        "version of a row between runs)")] = "consistent",
+    workers: Annotated[int, typer.Option(help="Parallel COPY connections")] = 2,
+    chunk_rows: Annotated[int, typer.Option(
+        help="Rows per chunk (primary-key or CTID range) and per raw file")] = 500_000,
+    updated_at_column: Annotated[str, typer.Option(
+        help="updated_at mode: the change-time column of every table")] = "updated_at",
+    updated_at: Annotated[list[str] | None, typer.Option(
+        "--updated-at", help="updated_at mode: per-table column, schema.table=column "
+        "(repeatable)")] = None,
+) -> None:
+    """Backfill the lake's raw layer from the tables' current contents.
+
+    --mode consistent (default) creates the slot with an exported snapshot and copies every
+    published table inside it: run it once, then `cdc stream`; the lake holds every row exactly
+    once at the hand-over. Interrupted? Run it again: finished chunks are kept.
+
+    --mode updated_at exports rows changed since the last run by an updated_at column.
+    It cannot see deletes and sees only the last version of a row between runs: use it only
+    where logical replication is not available.
+    """
+    from cdc.lake import open_lake
+
+    settings = _settings(config, dsn=dsn, lake=lake, slot=slot, publication=publication,
+                         tables=tables, plugin=plugin, log_format=log_format,
+                         log_level=log_level)
+    target = open_lake(settings.lake)
+    if mode == "consistent":
+        from cdc.snapshot import ConsistentSnapshot
+
+        result = ConsistentSnapshot(settings, target, workers=workers,
+                                    chunk_rows=chunk_rows).run()
+        total = sum(result.rows.values())
+        typer.echo(f"snapshot {'resumed and ' if result.resumed else ''}done: {total} rows "
+                   f"from {len(result.rows)} tables at {_lsn(result.consistent_point)}; "
+                   f"now run cdc stream --slot {settings.slot}", err=True)
+    elif mode == "updated_at":
+        from cdc.incremental import UpdatedAtExport, parse_column_overrides
+
+        exported = UpdatedAtExport(settings, target, default_column=updated_at_column,
+                                   columns=parse_column_overrides(updated_at or []),
+                                   page_rows=chunk_rows).run()
+        typer.echo(f"updated_at export done: {sum(exported.values())} rows from "
+                   f"{len(exported)} tables", err=True)
+    else:
+        raise ConfigError(f"unknown snapshot mode {mode!r}", fix="use consistent or updated_at")
+
+
+def _lsn(lsn: int) -> str:
+    from cdc.events import format_lsn
+
+    return format_lsn(lsn)
 
 
 @slot_app.command("create")

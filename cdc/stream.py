@@ -38,6 +38,7 @@ from cdc.events import (
 from cdc.lake import Lake
 from cdc.raw import RawSink
 from cdc.replication import Admin, ReplicationStream, connect, describe
+from cdc.snapshot import snapshot_in_progress
 
 log = structlog.get_logger("cdc.stream")
 
@@ -93,6 +94,9 @@ class Streamer:
         """Check the source, create publication and slot when missing; the LSN to start from."""
         s = self.settings
         self.lake.check_writable()
+        if snapshot_in_progress(self.lake, s.slot):
+            raise SlotError(f"the snapshot into slot {s.slot!r} has not finished",
+                            fix="run cdc snapshot again to finish it, then cdc stream")
         with connect(s.dsn) as conn:
             admin = Admin(conn, s.dsn)
             admin.check_wal_level()

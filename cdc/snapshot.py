@@ -1,0 +1,401 @@
+"""Backfills into the raw layer: a consistent snapshot tied to the slot, and ``updated_at``.
+
+Consistent mode creates the slot with an exported snapshot and reads every
+published table inside that snapshot, so the rows (``_op = 'r'``) and the
+slot's start describe the same instant: ``cdc stream`` continues exactly
+where the snapshot ends. Tables are split into chunks (ranges of an integer
+primary key, else CTID block ranges) copied with ``COPY ... TO STDOUT (FORMAT
+csv)`` and parsed by Arrow's CSV reader, column-wise.
+
+Snapshot rows carry ``_commit_lsn`` = the consistent point and a negative
+``_seq`` (unique per table), so they order before every streamed change.
+That makes a resumed snapshot safe too: once the exported snapshot is gone
+(the process that held it died), the remaining chunks are read in a newer
+snapshot; rows changed in between are read in their newer state *and* their
+changes are streamed from the consistent point, which comes later in the
+change order, so replaying raw still gives the source's state.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import structlog
+from psycopg import sql
+
+from cdc.batcher import Batch, raw_table
+from cdc.checkpoint import CheckpointStore
+from cdc.config import Settings
+from cdc.errors import SlotError, SourceError
+from cdc.events import Lsn, Relation, format_lsn, parse_lsn
+from cdc.lake import Lake
+from cdc.pgtypes import INT2, INT4, INT8, ColumnType, column_type
+from cdc.raw import RawSink
+from cdc.replication import Admin, connect, parse_table_name, translated
+
+log = structlog.get_logger("cdc.snapshot")
+
+SNAPSHOT_SEQ_BASE = -(2**62)
+CHUNK_SEQ_STRIDE = 2**32
+_INTEGER_TYPES = {INT2, INT4, INT8}
+
+
+def progress_key(slot: str) -> str:
+    return f"_cdc/snapshots/{slot}.json"
+
+
+def snapshot_in_progress(lake: Lake, slot: str) -> bool:
+    data = lake.read_bytes(progress_key(slot))
+    return data is not None and json.loads(data).get("status") != "done"
+
+
+@dataclass
+class TablePlan:
+    """One table's chunks (JSON-able bounds) and which are done."""
+
+    name: str
+    chunks: list[dict[str, Any]]
+    estimated_rows: int
+    done: dict[str, int] = field(default_factory=dict)  # chunk index → rows
+
+
+@dataclass
+class Progress:
+    """The durable record of a consistent snapshot, rewritten after every chunk."""
+
+    slot: str
+    consistent_point: Lsn
+    snapshot_ts_us: int
+    tables: dict[str, TablePlan]
+    status: str = "running"
+
+    def to_json(self) -> bytes:
+        return json.dumps({
+            "slot": self.slot, "consistent_point": self.consistent_point,
+            "consistent_point_text": format_lsn(self.consistent_point),
+            "snapshot_ts_us": self.snapshot_ts_us, "status": self.status,
+            "tables": {n: {"chunks": t.chunks, "estimated_rows": t.estimated_rows,
+                           "done": t.done} for n, t in self.tables.items()},
+        }, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Progress:
+        doc = json.loads(data)
+        tables = {n: TablePlan(n, t["chunks"], t["estimated_rows"], t["done"])
+                  for n, t in doc["tables"].items()}
+        return cls(doc["slot"], doc["consistent_point"], doc["snapshot_ts_us"], tables,
+                   doc["status"])
+
+
+# -- reading a chunk ------------------------------------------------------------------------------
+
+def chunk_filter(relation: Relation, bounds: dict[str, Any]) -> sql.Composable:
+    """The WHERE condition of one chunk."""
+    kind = bounds["kind"]
+    if kind == "all":
+        return sql.SQL("true")
+    if kind == "pk":
+        column = sql.Identifier(bounds["column"])
+        parts = []
+        if bounds.get("lo") is not None:
+            parts.append(sql.SQL("{} >= {}").format(column, sql.Literal(bounds["lo"])))
+        if bounds.get("hi") is not None:
+            parts.append(sql.SQL("{} < {}").format(column, sql.Literal(bounds["hi"])))
+        return sql.SQL(" AND ").join(parts) if parts else sql.SQL("true")
+    # ctid block ranges (TID range scans, PostgreSQL 14+)
+    parts = []
+    if bounds.get("lo") is not None:
+        parts.append(sql.SQL("ctid >= {}::tid").format(sql.Literal(f"({bounds['lo']},0)")))
+    if bounds.get("hi") is not None:
+        parts.append(sql.SQL("ctid < {}::tid").format(sql.Literal(f"({bounds['hi']},0)")))
+    return sql.SQL(" AND ").join(parts) if parts else sql.SQL("true")
+
+
+_NO_TAIL = sql.SQL("")
+
+
+def select_query(relation: Relation, where: sql.Composable,
+                 tail: sql.Composable = _NO_TAIL) -> sql.Composed:
+    columns = sql.SQL(", ").join(sql.Identifier(c.name) for c in relation.columns)
+    table = sql.Identifier(relation.schema, relation.name)
+    return sql.SQL("COPY (SELECT {} FROM {} WHERE {}{}) TO STDOUT (FORMAT csv)").format(
+        columns, table, where, tail)
+
+
+def copy_text_columns(conn: psycopg.Connection[Any], query: sql.Composed,
+                      ncols: int) -> list[pa.ChunkedArray]:
+    """Run a COPY ... (FORMAT csv) and return its columns as Arrow strings (NULL ≠ '')."""
+    buffer = io.BytesIO()
+    with conn.cursor() as cur, cur.copy(query) as copy:
+        for block in copy:
+            buffer.write(block)
+    if buffer.tell() == 0:
+        return [pa.chunked_array([], pa.string()) for _ in range(ncols)]
+    names = [f"c{i}" for i in range(ncols)]
+    buffer.seek(0)
+    table = pacsv.read_csv(
+        buffer,
+        read_options=pacsv.ReadOptions(column_names=names, block_size=16 << 20),
+        parse_options=pacsv.ParseOptions(newlines_in_values=True),
+        convert_options=pacsv.ConvertOptions(
+            column_types=dict.fromkeys(names, pa.string()), null_values=[""],
+            strings_can_be_null=True, quoted_strings_can_be_null=False),
+    )
+    return list(table.columns)
+
+
+def snapshot_batch(relation: Relation, types: Sequence[ColumnType],
+                   columns: Sequence[pa.ChunkedArray], *, lsn: Lsn, first_seq: int, ts_us: int,
+                   label: str) -> Batch:
+    """Rows read at ``lsn`` as a raw batch of ``_op = 'r'`` rows."""
+    n = len(columns[0]) if columns else 0
+    table = raw_table(
+        relation, types, columns,
+        ops=pa.array(["r"] * n, pa.string()),
+        lsns=pa.array([lsn] * n, pa.int64()),
+        commit_lsns=pa.array([lsn] * n, pa.int64()),
+        seqs=pa.array(range(first_seq, first_seq + n), pa.int64()),
+        xids=pa.array([0] * n, pa.int64()),
+        commit_ts=pa.array([ts_us] * n, pa.int64()),
+        unchanged=pa.nulls(n, pa.list_(pa.string())),
+    )
+    return Batch(relation, table, lsn, lsn, first_seq, label=label)
+
+
+# -- planning -------------------------------------------------------------------------------------
+
+def plan_table(conn: psycopg.Connection[Any], relation: Relation, chunk_rows: int) -> TablePlan:
+    """Split a table into chunks of about ``chunk_rows`` rows."""
+    table = sql.Identifier(relation.schema, relation.name)
+    row = conn.execute(
+        "SELECT greatest(reltuples, 0)::bigint, greatest(relpages, 1) FROM pg_class "
+        "WHERE oid = %s::regclass", (table.as_string(conn),)).fetchone()
+    estimated, pages = (int(row[0]), int(row[1])) if row else (0, 1)
+    if estimated == 0:  # never analyzed: count (cheap next to copying it)
+        count = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table)).fetchone()
+        estimated = int(count[0]) if count else 0
+    nchunks = max(1, math.ceil(estimated / chunk_rows))
+    name = relation.qualified_name
+    if nchunks == 1:
+        return TablePlan(name, [{"kind": "all"}], estimated)
+    keys = [c for c in relation.columns if c.is_key]
+    if len(keys) == 1 and keys[0].type_oid in _INTEGER_TYPES:
+        column = sql.Identifier(keys[0].name)
+        lo_hi = conn.execute(sql.SQL("SELECT min({}), max({}) FROM {}").format(
+            column, column, table)).fetchone()
+        lo, hi = int(lo_hi[0] or 0), int(lo_hi[1] or 0)  # type: ignore[index]
+        step = max(1, math.ceil((hi - lo + 1) / nchunks))
+        edges = [lo + i * step for i in range(1, nchunks)]
+        bounds = [None, *edges, None]
+        chunks = [{"kind": "pk", "column": keys[0].name, "lo": bounds[i], "hi": bounds[i + 1]}
+                  for i in range(nchunks)]
+        return TablePlan(name, chunks, estimated)
+    step = max(1, math.ceil(pages / nchunks))
+    edges = [i * step for i in range(1, nchunks)]
+    bounds = [None, *edges, None]
+    return TablePlan(name, [{"kind": "ctid", "lo": bounds[i], "hi": bounds[i + 1]}
+                            for i in range(nchunks)], estimated)
+
+
+# -- progress display -----------------------------------------------------------------------------
+
+class ProgressDisplay:
+    """Per-table rows, rows/s and ETA: a redrawn line on a terminal, log lines otherwise."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.started = time.monotonic()
+        self.rows_at_start = sum(sum(t.done.values()) for t in progress.tables.values())
+        self.tty = sys.stderr.isatty()
+        self.lock = threading.Lock()
+
+    def chunk_done(self, table: str, rows: int) -> None:
+        plan = self.progress.tables[table]
+        done_rows = sum(plan.done.values())
+        total = sum(sum(t.done.values()) for t in self.progress.tables.values())
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        rate = (total - self.rows_at_start) / elapsed
+        remaining = sum(max(t.estimated_rows - sum(t.done.values()), 0)
+                        for t in self.progress.tables.values())
+        eta = remaining / rate if rate > 0 else None
+        fields = {"table": table, "chunks": f"{len(plan.done)}/{len(plan.chunks)}",
+                  "rows": done_rows, "rows_per_s": round(rate),
+                  "eta_s": round(eta) if eta is not None else None}
+        with self.lock:
+            if self.tty:
+                text = (f"\r{table}: chunk {fields['chunks']}, {done_rows:,} rows | all tables "
+                        f"{total:,} rows, {rate:,.0f} rows/s, ETA "
+                        f"{fields['eta_s'] if eta is not None else '?'} s")
+                sys.stderr.write(text[:200].ljust(100))
+                sys.stderr.flush()
+            else:
+                log.info("snapshot_chunk_done", chunk_rows=rows, **fields)
+
+    def finish(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+# -- the consistent snapshot ----------------------------------------------------------------------
+
+@dataclass
+class SnapshotResult:
+    consistent_point: Lsn
+    rows: dict[str, int]
+    resumed: bool
+
+
+class ConsistentSnapshot:
+    def __init__(self, settings: Settings, lake: Lake, *, workers: int = 2,
+                 chunk_rows: int = 500_000,
+                 after_chunk: Callable[[str, int], None] | None = None) -> None:
+        self.settings = settings
+        self.lake = lake
+        self.workers = max(1, workers)
+        self.chunk_rows = chunk_rows
+        self.sink = RawSink(lake)
+        self.lock = threading.Lock()
+        self.after_chunk = after_chunk  # fault-injection point for tests
+        self.display: ProgressDisplay | None = None
+
+    def run(self) -> SnapshotResult:
+        s = self.settings
+        self.lake.check_writable()
+        stored = self.lake.read_bytes(progress_key(s.slot))
+        with connect(s.dsn) as conn:
+            admin = Admin(conn, s.dsn)
+            admin.check_wal_level()
+            admin.ensure_publication(s.publication, s.tables)
+            relations = self._relations(admin)
+            existing = admin.slot(s.slot)
+            if stored is not None:
+                progress = Progress.from_json(stored)
+                if progress.status == "done":
+                    log.info("snapshot_already_done", slot=s.slot)
+                    return SnapshotResult(progress.consistent_point, {}, resumed=False)
+                if existing is None:
+                    raise SlotError(
+                        f"an unfinished snapshot for slot {s.slot!r} is recorded in the lake but "
+                        "the slot is gone, so changes since its start are lost to this lake",
+                        fix=f"start over: delete {progress_key(s.slot)} in the lake and run "
+                        "cdc snapshot again")
+                return self._copy(progress, relations, snapshot_name=None, resumed=True)
+            if existing is not None:
+                raise SlotError(
+                    f"slot {s.slot!r} already exists; a consistent snapshot must create its "
+                    "slot so that both start at the same instant",
+                    fix=f"snapshot into a new slot (--slot another_name), or drop this one with "
+                    f"`cdc slot drop --slot {s.slot}` (its changes not yet in the lake are then "
+                    "covered by the new snapshot)")
+        with connect(s.dsn, replication=True) as repl, translated(s.dsn):
+            row = repl.execute(sql.SQL(
+                "CREATE_REPLICATION_SLOT {} LOGICAL {} (SNAPSHOT 'export')").format(
+                sql.Identifier(s.slot), sql.Identifier(s.plugin))).fetchone()
+            assert row is not None
+            consistent_point, snapshot_name = parse_lsn(str(row[1])), str(row[2])
+            log.info("snapshot_slot_created", slot=s.slot, lsn=format_lsn(consistent_point),
+                     snapshot=snapshot_name)
+            with connect(s.dsn) as conn:
+                conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(
+                    sql.Literal(snapshot_name)))
+                plans = {r.qualified_name: plan_table(conn, r, self.chunk_rows)
+                         for r, _ in relations.values()}
+                conn.execute("COMMIT")
+            progress = Progress(s.slot, consistent_point, int(time.time() * 1e6), plans)
+            self.lake.write_bytes(progress_key(s.slot), progress.to_json())
+            # the replication connection stays open (idle) while workers import its snapshot
+            return self._copy(progress, relations, snapshot_name=snapshot_name, resumed=False)
+
+    def _relations(self, admin: Admin) -> dict[str, tuple[Relation, list[ColumnType]]]:
+        published = admin.published_tables(self.settings.publication)
+        wanted = {parse_table_name(t) for t in self.settings.tables}
+        result = {}
+        for schema, table in published:
+            if wanted and (schema, table) not in wanted:
+                continue
+            relation, type_names = admin.describe_table(schema, table)
+            types = [column_type(c.type_oid, c.type_modifier, type_names.get(c.type_oid))
+                     for c in relation.columns]
+            result[relation.qualified_name] = (relation, types)
+        if not result:
+            raise SourceError("no tables to snapshot",
+                              fix="check --tables against the publication's tables")
+        return result
+
+    def _copy(self, progress: Progress, relations: dict[str, tuple[Relation, list[ColumnType]]],
+              *, snapshot_name: str | None, resumed: bool) -> SnapshotResult:
+        todo = [(name, i) for name, plan in progress.tables.items()
+                for i in range(len(plan.chunks)) if str(i) not in plan.done]
+        log.info("snapshot_copying", tables=len(progress.tables), chunks=len(todo),
+                 workers=self.workers, resumed=resumed,
+                 consistent_point=format_lsn(progress.consistent_point))
+        missing = sorted(set(progress.tables) - set(relations))
+        if missing:
+            raise SourceError(f"tables of the unfinished snapshot are no longer published: "
+                              f"{', '.join(missing)}",
+                              fix="publish them again, or start over by deleting "
+                              f"{progress_key(self.settings.slot)} and dropping the slot")
+        self.display = display = ProgressDisplay(progress)
+        queue = list(reversed(todo))
+
+        def worker() -> None:
+            with connect(self.settings.dsn) as conn:
+                conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                if snapshot_name is not None:
+                    with translated(self.settings.dsn):
+                        conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(
+                            sql.Literal(snapshot_name)))
+                while True:
+                    with self.lock:
+                        if not queue:
+                            break
+                        name, index = queue.pop()
+                    relation, types = relations[name]
+                    self._copy_chunk(conn, progress, relation, types, index)
+                conn.execute("COMMIT")
+
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="snapshot") as pool:
+            futures = [pool.submit(worker) for _ in range(min(self.workers, len(todo)) or 1)]
+            for future in futures:
+                future.result()
+        display.finish()
+        CheckpointStore(self.lake, self.settings.slot).save(progress.consistent_point)
+        progress.status = "done"
+        self.lake.write_bytes(progress_key(self.settings.slot), progress.to_json())
+        rows = {name: sum(plan.done.values()) for name, plan in progress.tables.items()}
+        log.info("snapshot_done", rows=sum(rows.values()), tables=len(rows))
+        return SnapshotResult(progress.consistent_point, rows, resumed)
+
+    def _copy_chunk(self, conn: psycopg.Connection[Any], progress: Progress, relation: Relation,
+                    types: list[ColumnType], index: int) -> int:
+        plan = progress.tables[relation.qualified_name]
+        query = select_query(relation, chunk_filter(relation, plan.chunks[index]))
+        with translated(self.settings.dsn):
+            columns = copy_text_columns(conn, query, len(relation.columns))
+        rows = len(columns[0]) if columns else 0
+        if rows:
+            batch = snapshot_batch(relation, types, columns, lsn=progress.consistent_point,
+                                   first_seq=SNAPSHOT_SEQ_BASE + index * CHUNK_SEQ_STRIDE,
+                                   ts_us=progress.snapshot_ts_us, label=f"r{index:06d}")
+            self.sink.write(batch)
+        with self.lock:
+            plan.done[str(index)] = rows
+            self.lake.write_bytes(progress_key(self.settings.slot), progress.to_json())
+            if self.display is not None:
+                self.display.chunk_done(relation.qualified_name, rows)
+        if self.after_chunk is not None:
+            self.after_chunk(relation.qualified_name, index)
+        return rows
