@@ -1,7 +1,8 @@
 """``python -m demo``: media-retail sales streamed into a parquet lake, end to end.
 
-Starts a throwaway PostgreSQL, seeds ``media_retail``, runs ``cdc stream``
-while sales traffic flows, stops it with SIGTERM and prints what landed.
+Starts a throwaway PostgreSQL, seeds ``media_retail``, backfills it with
+``cdc snapshot``, runs ``cdc stream`` while sales traffic flows, stops it with
+SIGTERM and prints what landed (snapshot rows apart from changes).
 Exits non-zero if the streamer fails, does not acknowledge everything, or the
 lake is missing changes the traffic made.
 """
@@ -94,25 +95,26 @@ def stream_traffic(admin: psycopg.Connection[TupleRow], dsn: str, args: argparse
     return report
 
 
-def create_database(cluster: LocalCluster, seed_value: int) -> str:
-    """Create and seed the demo database; return its DSN."""
+def create_database(cluster: LocalCluster, seed_value: int) -> tuple[str, dict[str, int]]:
+    """Create and seed the demo database; return its DSN and the rows seeded per table."""
     with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
     dsn = cluster.dsn(DATABASE)
     with psycopg.connect(dsn, autocommit=True) as conn:
         seeded = seed.load(conn, seed_value)
     print(f"seeded {DATABASE}: " + ", ".join(f"{t} {n}" for t, n in seeded.items()))
-    return dsn
+    return dsn, seeded
 
 
 def report_lake(summaries: list[summary.TableSummary], report: traffic.TrafficReport | None,
-                lake: Path) -> list[str]:
-    """Print what landed (against the traffic made, if streamed); return rows missing."""
+                lake: Path, seeded: dict[str, int]) -> list[str]:
+    """Print what landed (against the snapshot and traffic, if streamed); return rows missing."""
     if report is not None:
         for s in summaries:
             schema, _, table = s.name.partition(".")
             if schema == "public" and table in seed.TABLES:
                 s.made = report.made_in(table)
+                s.made["r"] = seeded.get(table, 0)
     print(f"\nlake {lake}\n{summary.render(summaries)}\n")
     missing, extra = summary.compare(summaries)
     for note in extra:
@@ -129,8 +131,11 @@ def run(args: argparse.Namespace) -> int:
     tables = [f"public.{t}" for t in seed.TABLES]
     with LocalCluster() as cluster:
         print(f"PostgreSQL running on 127.0.0.1:{cluster.port}", flush=True)
-        dsn = create_database(cluster, args.seed)
+        dsn, seeded = create_database(cluster, args.seed)
         with psycopg.connect(dsn, autocommit=True) as admin:
+            if not args.no_stream:
+                print("cdc snapshot: " + streamer.snapshot(dsn, args.lake, SLOT, PUBLICATION),
+                      flush=True)
             if args.no_stream:
                 report = traffic.run(dsn, seconds=args.seconds, seed=args.seed + 1,
                                      rate=args.rate)
@@ -141,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     kinds = ", ".join(f"{n} {kind}" for kind, n in report.kinds.most_common())
     print(f"\n{report.transactions} transactions in {report.seconds:.1f}s"
           + (f": {kinds}" if kinds else ""))
-    problems += report_lake(summaries, None if args.no_stream else report, args.lake)
+    problems += report_lake(summaries, None if args.no_stream else report, args.lake, seeded)
     print(f"demo took {time.monotonic() - started:.0f}s")
     if problems:
         raise DemoFailure("\n  ".join(["", *problems]))

@@ -65,6 +65,17 @@ def running(dsn: str, lake: Path, slot: str, publication: str,
                 proc.wait()
 
 
+def snapshot(dsn: str, lake: Path, slot: str, publication: str) -> str:
+    """Run ``cdc snapshot`` (it creates the slot); return its summary line."""
+    cmd = [sys.executable, "-m", "cdc", "snapshot", "--dsn", dsn, "--lake", str(lake),
+           "--slot", slot, "--publication", publication, "--log-level", "warning"]
+    result = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            check=False)
+    if result.returncode != 0:
+        raise DemoFailure(f"cdc snapshot exited {result.returncode}:\n{result.stderr[-2000:]}")
+    return result.stderr.strip().splitlines()[-1]
+
+
 def _one(conn: Connection, query: str, params: tuple[object, ...]) -> tuple[object, ...] | None:
     return conn.execute(query, params).fetchone()
 

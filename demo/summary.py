@@ -83,7 +83,7 @@ def render(summaries: Sequence[TableSummary]) -> str:
     traffic = any(s.made is not None for s in summaries)
     source = any(s.source_rows is not None for s in summaries)
     header = ["table", "files", "rows", *(OPS[op] for op in OPS), "toast*"]
-    header += ["traffic"] * traffic + ["source rows"] * source
+    header += ["expected"] * traffic + ["source rows"] * source
     body = []
     for s in summaries:
         cells = [s.name, s.files, s.rows, *(s.ops[op] for op in OPS), s.unchanged_toast]
@@ -104,7 +104,7 @@ def render(summaries: Sequence[TableSummary]) -> str:
     text = [line(header), rule, *(line(r) for r in body), rule, line(totals)]
     text.append("* toast: updates that carried an unchanged TOASTed column (_unchanged)")
     if traffic:
-        text.append("  traffic: row changes the demo made while the streamer ran")
+        text.append("  expected: rows seeded before the snapshot plus row changes the traffic made")
     return "\n".join(text)
 
 
