@@ -75,6 +75,13 @@ def stream(
     until_caught_up: Annotated[bool, typer.Option(
         "--until-caught-up", help="Drain the slot up to the WAL position at start, flush, "
         "acknowledge and exit 0 (for cron-style runs)")] = False,
+    metrics_port: Annotated[int | None, typer.Option(
+        help="Serve Prometheus metrics on this port  [env: CDC_METRICS_PORT; default: off]",
+        show_default=False)] = None,
+    heartbeat_seconds: Annotated[str | None, typer.Option(
+        help="When idle, write a logical message this often so a quiet database's slot "
+        "keeps advancing; 0 disables  [env: CDC_HEARTBEAT_SECONDS; default: 60s]",
+        show_default=False)] = None,
 ) -> None:
     """Stream changes from the slot into <lake>/raw/ until stopped (Ctrl-C / SIGTERM flush,
     acknowledge and exit 0).
@@ -89,7 +96,12 @@ def stream(
     settings = _settings(config, dsn=dsn, lake=lake, slot=slot, publication=publication,
                          tables=tables, plugin=plugin, log_format=log_format,
                          log_level=log_level, flush_rows=flush_rows, flush_bytes=flush_bytes,
-                         flush_seconds=flush_seconds)
+                         flush_seconds=flush_seconds, metrics_port=metrics_port,
+                         heartbeat_seconds=heartbeat_seconds)
+    if settings.metrics_port:
+        from cdc.metrics import serve
+
+        serve(settings.metrics_port)
     stats = run_stream(settings, open_lake(settings.lake), until_caught_up=until_caught_up)
     typer.echo(f"streamed {stats.changes} changes in {stats.transactions} transactions "
                f"into {stats.files} files", err=True)
@@ -157,6 +169,59 @@ def _lsn(lsn: int) -> str:
     return format_lsn(lsn)
 
 
+@app.command()
+def status(
+    dsn: Dsn = None, lake: LakeOpt = None, slot: SlotOpt = None, config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines")] = False,
+    max_lag_bytes: Annotated[str | None, typer.Option(
+        help="Exit 1 when the slot's unacknowledged WAL exceeds this, e.g. 1GB",
+        show_default=False)] = None,
+    max_lag_seconds: Annotated[str | None, typer.Option(
+        help="Exit 1 when the stream is further behind the source than this, e.g. 5m",
+        show_default=False)] = None,
+    max_compaction_lag_seconds: Annotated[str | None, typer.Option(
+        help="Exit 1 when a staged table is further behind raw than this, e.g. 15m",
+        show_default=False)] = None,
+) -> None:
+    """Show how far behind the slot, the raw layer and the staged tables are.
+
+    Slot: active or not, restart/confirmed LSNs, the server's WAL position, retained WAL,
+    wal_status and safe_wal_size. Lake: the checkpoint and each table's newest raw change and
+    staged watermark. With --max-lag-* thresholds it exits 1 with one line per breach (for
+    cron or a health check).
+    """
+    import json
+
+    from cdc.config import parse_duration, parse_size
+    from cdc.lake import open_lake
+    from cdc.monitor import check, collect, render
+
+    s = _settings(config, dsn=dsn, lake=lake, slot=slot)
+    report = collect(s.dsn, open_lake(s.lake), s.slot, staged=_staged_probe())
+    reasons = check(
+        report,
+        max_lag_bytes=parse_size(max_lag_bytes) if max_lag_bytes else None,
+        max_lag_seconds=parse_duration(max_lag_seconds) if max_lag_seconds else None,
+        max_compaction_lag_seconds=(parse_duration(max_compaction_lag_seconds)
+                                    if max_compaction_lag_seconds else None))
+    if as_json:
+        typer.echo(json.dumps({**report.to_dict(), "breaches": reasons}, indent=2))
+    else:
+        typer.echo(render(report))
+    for reason in reasons:
+        typer.echo(f"cdc: lag: {reason}", err=True)
+    if reasons:
+        raise typer.Exit(1)
+
+
+def _staged_probe() -> Any:
+    try:
+        from cdc.compact import staged_watermark
+    except ImportError:
+        return None
+    return staged_watermark
+
+
 @slot_app.command("create")
 def slot_create(dsn: Dsn = None, slot: SlotOpt = None, publication: PublicationOpt = None,
                 tables: TablesOpt = None, plugin: PluginOpt = None,
@@ -186,6 +251,48 @@ def slot_drop(dsn: Dsn = None, slot: SlotOpt = None, config: ConfigOpt = None) -
     with connect(s.dsn) as conn:
         dropped = Admin(conn, s.dsn).drop_slot(s.slot)
     typer.echo(f"slot {s.slot} {'dropped' if dropped else 'did not exist'}")
+
+
+@app.command()
+def compact(
+    lake: LakeOpt = None, slot: SlotOpt = None, config: ConfigOpt = None,
+    log_format: LogFormatOpt = None, log_level: LogLevelOpt = None,
+    tables: Annotated[str | None, typer.Option(
+        "--tables", help="Comma-separated schema.table list to compact (default: every table "
+        "in raw)", show_default=False)] = None,
+    key: Annotated[list[str] | None, typer.Option(
+        "--key", help="Key of a table without a primary key, schema.table=col1,col2 "
+        "(repeatable); without one such a table is staged as an append of its inserts",
+        show_default=False)] = None,
+    optimize_every: Annotated[int, typer.Option(
+        help="OPTIMIZE (compact small files) a staged table every N merges; 0: never")] = 10,
+    vacuum_retention_hours: Annotated[int, typer.Option(
+        help="VACUUM after OPTIMIZE deletes files removed longer ago than this")] = 168,
+) -> None:
+    """Merge raw changes into the staged Delta tables <lake>/staged/<schema>.<table>/ now.
+
+    Applies every change below the stream's checkpoint exactly once (the applied position is
+    recorded in each Delta commit), so running it again, or after a crash, is safe. Needs no
+    source connection: it reads only the lake.
+    """
+    from cdc.compact import CompactOptions, compact_lake, parse_keys
+    from cdc.config import parse_tables
+    from cdc.lake import open_lake
+
+    # compaction reads only the lake: a DSN is not needed (validation asks for one)
+    settings = _settings(config, dsn="-", lake=lake, slot=slot, log_format=log_format,
+                         log_level=log_level)
+    options = CompactOptions(optimize_every=optimize_every,
+                             vacuum_retention_hours=vacuum_retention_hours)
+    results = compact_lake(open_lake(settings.lake), settings.slot,
+                           parse_tables(tables) if tables else (), parse_keys(key or []),
+                           options=options)
+    if not results:
+        typer.echo(f"nothing to compact: slot {settings.slot} has no checkpoint in "
+                   f"{settings.lake} yet (cdc stream or cdc snapshot writes it)", err=True)
+    for r in results:
+        typer.echo(f"{r.table}: {r.changes} changes in {r.commits} commits, staged version "
+                   f"{r.version if r.version is not None else '-'}", err=True)
 
 
 def _version(value: bool) -> None:

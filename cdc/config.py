@@ -42,6 +42,8 @@ class Settings:
     status_seconds: float = 10.0
     progress_seconds: float = 10.0
     max_backoff_seconds: float = 30.0
+    heartbeat_seconds: float = 60.0  # 0 disables the logical-message heartbeat
+    metrics_port: int = 0  # 0: no metrics endpoint
     log_format: str = "console"
     log_level: str = "info"
 
@@ -85,6 +87,8 @@ _PARSERS: dict[str, Any] = {
     "status_seconds": parse_duration,
     "progress_seconds": parse_duration,
     "max_backoff_seconds": parse_duration,
+    "heartbeat_seconds": parse_duration,
+    "metrics_port": int,
 }
 FIELDS = tuple(f.name for f in fields(Settings))
 

@@ -53,6 +53,12 @@ class SlotError(SourceError):
     """The replication slot is missing, in use, of the wrong kind, or ahead of us."""
 
 
+class SlotBusy(SlotError):
+    """Another connection holds the slot; after a reconnect, often our own dropped one."""
+
+    transient = True
+
+
 class PublicationError(SourceError):
     """The publication is missing, empty, or names tables that do not exist."""
 
@@ -77,3 +83,7 @@ class LakeError(CdcError):
 
 class CheckpointError(LakeError):
     """A checkpoint is unreadable or would move backwards."""
+
+
+class CompactionError(LakeError):
+    """Raw changes cannot be merged into a staged Delta table (types, keys, a rival compactor)."""

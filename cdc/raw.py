@@ -35,12 +35,14 @@ def encode(table: pa.Table) -> bytes:
 
 
 class RawSink:
-    """Writes batches durably; returns the key of each file written."""
+    """Writes batches durably into the raw layout."""
 
     def __init__(self, lake: Lake) -> None:
         self.lake = lake
 
-    def write(self, batch: Batch) -> str:
+    def write(self, batch: Batch) -> tuple[str, int]:
+        """Write the batch durably; its key and size in bytes."""
         key = file_key(batch, datetime.now(UTC).strftime("%Y-%m-%d"))
-        self.lake.write_bytes(key, encode(batch.table))
-        return key
+        data = encode(batch.table)
+        self.lake.write_bytes(key, data)
+        return key, len(data)

@@ -24,7 +24,14 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import ExecStatus
 
-from cdc.errors import CdcError, ConnectionLost, PublicationError, SlotError, SourceError
+from cdc.errors import (
+    CdcError,
+    ConnectionLost,
+    PublicationError,
+    SlotBusy,
+    SlotError,
+    SourceError,
+)
 from cdc.events import Column, Lsn, Relation, format_lsn, parse_lsn
 from cdc.pgoutput import PG_EPOCH_OFFSET_US
 
@@ -61,7 +68,7 @@ def translate(exc: psycopg.Error, dsn: str) -> CdcError:
         return SourceError(f"{where}: {text}",
                            fix="set wal_level = logical in postgresql.conf and restart the server")
     if isinstance(exc, pgerrors.ObjectInUse):
-        return SlotError(f"{where}: {text}",
+        return SlotBusy(f"{where}: {text}",
                          fix="another consumer is reading this slot; stop it or use another --slot")
     if isinstance(exc, psycopg.OperationalError):
         if "password authentication failed" in text or "no password supplied" in text:
@@ -270,8 +277,12 @@ class ReplicationStream:
                        if result is not None else "no result")
             self.close()
             lowered = message.lower()
+            if "invalidated" in lowered or "can no longer get changes" in lowered:
+                raise SlotError(f"slot {slot!r} has been invalidated: {message}",
+                                fix="the server removed WAL it needed (max_slot_wal_keep_size); "
+                                "drop the slot (cdc slot drop) and take a new snapshot")
             if "is active for pid" in lowered:
-                raise SlotError(f"slot {slot!r}: {message}",
+                raise SlotBusy(f"slot {slot!r}: {message}",
                                 fix="another consumer is reading this slot; stop it or use "
                                 "another --slot")
             if "publication" in lowered and "does not exist" in lowered:

@@ -10,19 +10,22 @@ durable.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import struct
 import time
 from dataclasses import dataclass, field
 from types import FrameType
 
+import psycopg
+import pyarrow.compute as pc
 import structlog
 
-from cdc import pgoutput
+from cdc import metrics, pgoutput
 from cdc.batcher import Batch, Batcher, FlushLimits
 from cdc.checkpoint import CheckpointStore
 from cdc.config import Settings
-from cdc.errors import ConnectionLost, SlotError
+from cdc.errors import CdcError, SlotError
 from cdc.events import (
     Begin,
     Commit,
@@ -73,6 +76,42 @@ class Stopper:
             raise KeyboardInterrupt
         self.requested = True
         log.info("stop_requested", signal=signal.Signals(signum).name)
+
+
+class Heartbeat:
+    """Writes a logical decoding message to the source when the stream is idle.
+
+    On a quiet database whose server keeps writing elsewhere, the message gives
+    the slot something of its own to decode, so it keeps advancing (invariant 5).
+    Failures only log: a heartbeat must never stop the stream.
+    """
+
+    def __init__(self, dsn: str, interval: float) -> None:
+        self.dsn = dsn
+        self.interval = interval
+        self.next = time.monotonic() + interval
+        self.conn: psycopg.Connection[tuple[object, ...]] | None = None
+
+    def maybe_beat(self) -> None:
+        if self.interval <= 0 or time.monotonic() < self.next:
+            return
+        self.next = time.monotonic() + self.interval
+        try:
+            if self.conn is None or self.conn.closed:
+                self.conn = connect(self.dsn)
+            self.conn.execute("SELECT pg_logical_emit_message(false, 'cdc_heartbeat', "
+                              "now()::text)")
+        except (CdcError, psycopg.Error) as exc:
+            log.warning("heartbeat_failed", error=str(exc).splitlines()[0] if str(exc) else "",
+                        fix="grant EXECUTE on pg_logical_emit_message or set "
+                        "--heartbeat-seconds 0")
+            self.close()
+
+    def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self.conn.close()
+            self.conn = None
 
 
 class Streamer:
@@ -134,21 +173,19 @@ class Streamer:
                  until=format_lsn(target) if target is not None else None)
         delay = 1.0
         while True:
+            started = time.monotonic()
             try:
-                session = Session(self, target)
-                session.run()
+                Session(self, target).run()
                 return self.stats
-            except ConnectionLost as exc:
+            except CdcError as exc:
+                metrics.ERRORS.labels(type(exc).__name__).inc()
+                if not exc.transient:
+                    raise
                 if self.stopper.requested:
                     return self.stats
-                log.warning("connection_lost", error=str(exc), retry_in_s=delay)
-                self._sleep(delay)
-                delay = min(delay * 2, self.settings.max_backoff_seconds)
-            except SlotError as exc:
-                # the server may hold a dropped connection's slot for a moment
-                if "is active for pid" not in exc.message or self.stopper.requested:
-                    raise
-                log.warning("slot_busy", error=str(exc), retry_in_s=delay)
+                if time.monotonic() - started > 60:
+                    delay = 1.0  # it ran fine for a while: start backing off afresh
+                log.warning("reconnecting", error=str(exc), retry_in_s=delay)
                 self._sleep(delay)
                 delay = min(delay * 2, self.settings.max_backoff_seconds)
 
@@ -182,6 +219,7 @@ class Session:
         self.source = ReplicationStream(self.settings.dsn, self.settings.slot,
                                         self.settings.publication, start)
         self.next_status = 0.0
+        self.heartbeat = Heartbeat(self.settings.dsn, self.settings.heartbeat_seconds)
         self.next_progress = time.monotonic() + self.settings.progress_seconds
 
     def run(self) -> None:
@@ -189,6 +227,7 @@ class Session:
             self._loop()
         finally:
             self.source.close()
+            self.heartbeat.close()
 
     def _loop(self) -> None:
         source = self.source
@@ -258,6 +297,7 @@ class Session:
             self.in_tx = False
             self.last_commit_end = commit.end_lsn
             self.streamer.stats.transactions += 1
+            metrics.TRANSACTIONS.inc()
             if batcher.empty:
                 self.advance(commit.end_lsn, lazily=True)
         elif t is Relation:
@@ -309,12 +349,19 @@ class Session:
 
     def _write(self, batch: Batch) -> None:
         started = time.monotonic()
-        key = self.streamer.sink.write(batch)
+        key, nbytes = self.streamer.sink.write(batch)
+        seconds = time.monotonic() - started
         stats = self.streamer.stats
         stats.files += 1
         stats.rows_written += batch.table.num_rows
-        log.debug("file_written", table=batch.qualified_name, rows=batch.table.num_rows, key=key,
-                  seconds=round(time.monotonic() - started, 3))
+        table = batch.qualified_name
+        for item in pc.value_counts(batch.table["_op"]).to_pylist():
+            metrics.CHANGES.labels(table, item["values"]).inc(item["counts"])
+        metrics.RAW_BYTES.labels(table).inc(nbytes)
+        metrics.BATCHES.labels(table).inc()
+        metrics.FLUSH_SECONDS.observe(seconds)
+        log.debug("file_written", table=table, rows=batch.table.num_rows, key=key,
+                  bytes=nbytes, seconds=round(seconds, 3))
 
     def advance(self, lsn: Lsn, *, lazily: bool = False) -> None:
         """``lsn`` is safe: every change committed before it is durable in raw.
@@ -337,6 +384,15 @@ class Session:
         self.source.send_status(self.durable)
         self.acked = self.durable
         self.next_status = now + self.settings.status_seconds
+        metrics.ACKED_LSN.set(self.durable)
+        if self.server_wal_end:
+            metrics.SERVER_LSN.set(self.server_wal_end)
+            metrics.LAG_BYTES.set(max(self.server_wal_end - self.durable, 0))
+        idle = not self.in_tx and self.batcher.empty
+        metrics.LAG_SECONDS.set(0 if idle or not self.commit_ts
+                                else max(time.time() - self.commit_ts / 1e6, 0))
+        if idle:
+            self.heartbeat.maybe_beat()
 
     def progress(self) -> None:
         now = time.monotonic()

@@ -1,0 +1,261 @@
+"""Lag figures: the slot's LSNs from the server and the lake's watermarks.
+
+``collect`` gathers one :class:`Status`; ``check`` turns thresholds into the
+one-line reasons ``cdc status`` exits non-zero with. Nothing here writes.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from cdc.checkpoint import CheckpointStore
+from cdc.events import Lsn, format_lsn
+from cdc.lake import Lake
+from cdc.replication import Admin, connect
+
+_RAW_FILE = re.compile(
+    r"^raw/([^/]+)/load_date=[^/]+/([0-9A-F]{16})-([0-9A-F]{16})-[^/]+\.parquet$")
+#: below this, WAL between the slot and the server's position is noise (other dbs, heartbeats)
+IDLE_LAG_BYTES = 16 * 2**20
+LOW_SAFE_WAL_BYTES = 1 * 2**30
+
+
+@dataclass
+class SlotStatus:
+    name: str
+    exists: bool
+    active: bool = False
+    active_pid: int | None = None
+    plugin: str | None = None
+    restart_lsn: str | None = None
+    confirmed_flush_lsn: str | None = None
+    server_lsn: str | None = None
+    retained_wal_bytes: int | None = None
+    confirmed_lag_bytes: int | None = None
+    wal_status: str | None = None
+    safe_wal_size: int | None = None
+
+
+@dataclass
+class TableStatus:
+    table: str
+    raw_files: int
+    raw_last_commit_lsn: str | None
+    raw_last_commit_ts: str | None
+    staged_commit_lsn: str | None = None
+    staged_commit_ts: str | None = None
+    compaction_lag_seconds: float | None = None
+
+
+@dataclass
+class Status:
+    slot: SlotStatus
+    checkpoint_lsn: str | None
+    lag_seconds: float | None
+    last_acked_commit_ts: str | None
+    server_last_commit_ts: str | None
+    tables: list[TableStatus] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _iso(ts: datetime | None) -> str | None:
+    return ts.isoformat() if ts is not None else None
+
+
+def slot_status(admin: Admin, slot: str) -> tuple[SlotStatus, datetime | None]:
+    """The slot as the server sees it, and the server's last commit time (if tracked)."""
+    row: tuple[Any, ...] | None = admin.conn.execute(
+        "SELECT s.active, s.active_pid, s.plugin::text, s.restart_lsn::text, "
+        "s.confirmed_flush_lsn::text, pg_current_wal_lsn()::text, "
+        "pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint, "
+        "pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint, "
+        "s.wal_status, s.safe_wal_size FROM pg_replication_slots s WHERE s.slot_name = %s",
+        (slot,)).fetchone()
+    tracked = admin.conn.execute("SELECT current_setting('track_commit_timestamp')").fetchone()
+    server_ts: datetime | None = None
+    if tracked and tracked[0] == "on":
+        last: tuple[Any, ...] | None = admin.conn.execute(
+            "SELECT timestamp FROM pg_last_committed_xact()").fetchone()
+        server_ts = last[0] if last else None
+    if row is None:
+        return SlotStatus(slot, exists=False), server_ts
+    return SlotStatus(slot, True, bool(row[0]), *row[1:]), server_ts
+
+
+def raw_tables(lake: Lake) -> dict[str, tuple[int, Lsn, str]]:
+    """Per table: number of raw files, highest commit LSN, key of the file holding it."""
+    result: dict[str, tuple[int, Lsn, str]] = {}
+    for key in lake.list("raw/"):
+        match = _RAW_FILE.match(key)
+        if not match:
+            continue
+        table, last = match.group(1), int(match.group(3), 16)
+        count, best, best_key = result.get(table, (0, -1, ""))
+        if last > best:
+            best, best_key = last, key
+        result[table] = (count + 1, best, best_key)
+    return result
+
+
+def last_commit_ts(lake: Lake, key: str) -> datetime | None:
+    """Latest ``_commit_ts`` in one raw file, from its parquet statistics (no data read)."""
+    data = lake.read_bytes(key)
+    if data is None:
+        return None
+    meta = pq.ParquetFile(io.BytesIO(data)).metadata
+    column = meta.schema.to_arrow_schema().get_field_index("_commit_ts")
+    latest = None
+    for i in range(meta.num_row_groups):
+        stats = meta.row_group(i).column(column).statistics
+        if stats is not None and stats.has_min_max:
+            value = stats.max
+            if isinstance(value, datetime) and value.tzinfo is None:
+                value = value.replace(tzinfo=UTC)
+            latest = value if latest is None or value > latest else latest
+    return latest
+
+
+StagedProbe = Callable[[Lake, str], tuple[Lsn | None, datetime | None]]
+
+
+def collect(dsn: str, lake: Lake, slot: str, staged: StagedProbe | None = None,
+            now: datetime | None = None) -> Status:
+    now = now or datetime.now(UTC)
+    with connect(dsn) as conn:
+        slot_info, server_ts = slot_status(Admin(conn, dsn), slot)
+    checkpoint = CheckpointStore(lake, slot).load()
+    tables = []
+    acked_ts: datetime | None = None
+    for table, (files, last_lsn, key) in sorted(raw_tables(lake).items()):
+        ts = last_commit_ts(lake, key)
+        if ts is not None and (checkpoint is None or last_lsn < checkpoint):
+            acked_ts = ts if acked_ts is None or ts > acked_ts else acked_ts
+        entry = TableStatus(table, files, format_lsn(last_lsn), _iso(ts))
+        if staged is not None:
+            staged_lsn, staged_ts = staged(lake, table)
+            entry.staged_commit_lsn = format_lsn(staged_lsn) if staged_lsn is not None else None
+            entry.staged_commit_ts = _iso(staged_ts)
+            entry.compaction_lag_seconds = compaction_lag(last_lsn, ts, staged_lsn, staged_ts)
+        tables.append(entry)
+    status = Status(slot_info, format_lsn(checkpoint) if checkpoint is not None else None,
+                    lag_seconds(slot_info, acked_ts, server_ts, now), _iso(acked_ts),
+                    _iso(server_ts), tables)
+    status.warnings = warnings(status)
+    return status
+
+
+def compaction_lag(raw_lsn: Lsn, raw_ts: datetime | None, staged_lsn: Lsn | None,
+                   staged_ts: datetime | None) -> float | None:
+    """How far staged is behind raw, in source commit time (None: never compacted)."""
+    if staged_lsn is not None and staged_lsn >= raw_lsn:
+        return 0.0
+    if raw_ts is None or staged_ts is None:
+        return None
+    return max((raw_ts - staged_ts).total_seconds(), 0.0)
+
+
+def lag_seconds(slot: SlotStatus, acked_ts: datetime | None, server_ts: datetime | None,
+                now: datetime) -> float | None:
+    """Time behind the source: its last commit minus ours; 0 when nothing is pending."""
+    if not slot.exists:
+        return None
+    if server_ts is not None and acked_ts is not None:
+        return max((server_ts - acked_ts).total_seconds(), 0.0)
+    if (slot.confirmed_lag_bytes or 0) <= IDLE_LAG_BYTES:
+        return 0.0
+    return (now - acked_ts).total_seconds() if acked_ts is not None else None
+
+
+def warnings(status: Status) -> list[str]:
+    slot = status.slot
+    found = []
+    if not slot.exists:
+        found.append(f"slot {slot.name!r} does not exist")
+        return found
+    if slot.wal_status in ("unreserved", "lost"):
+        found.append(f"slot {slot.name!r} wal_status is {slot.wal_status!r}: "
+                     + ("it has been invalidated; drop it and take a new snapshot"
+                        if slot.wal_status == "lost" else
+                        "the server is about to remove WAL it needs; catch up now"))
+    if slot.safe_wal_size is not None and slot.safe_wal_size < LOW_SAFE_WAL_BYTES:
+        found.append(f"slot {slot.name!r} is {slot.safe_wal_size} bytes from losing WAL "
+                     "(safe_wal_size)")
+    if not slot.active:
+        found.append(f"slot {slot.name!r} is not being read (no cdc stream running)")
+    return found
+
+
+def check(status: Status, *, max_lag_bytes: int | None = None,
+          max_lag_seconds: float | None = None,
+          max_compaction_lag_seconds: float | None = None) -> list[str]:
+    """One line per exceeded threshold (empty: healthy)."""
+    slot = status.slot
+    reasons = []
+    if not slot.exists and (max_lag_bytes is not None or max_lag_seconds is not None):
+        reasons.append(f"slot {slot.name!r} does not exist")
+    if max_lag_bytes is not None and (slot.confirmed_lag_bytes or 0) > max_lag_bytes:
+        reasons.append(f"slot {slot.name!r} lags {slot.confirmed_lag_bytes} bytes "
+                       f"(max {max_lag_bytes})")
+    if (max_lag_seconds is not None and status.lag_seconds is not None
+            and status.lag_seconds > max_lag_seconds):
+        reasons.append(f"stream lags {status.lag_seconds:.0f} s (max {max_lag_seconds:.0f} s)")
+    if max_compaction_lag_seconds is not None:
+        for table in status.tables:
+            lag = table.compaction_lag_seconds
+            if lag is not None and lag > max_compaction_lag_seconds:
+                reasons.append(f"{table.table}: staged lags raw by {lag:.0f} s "
+                               f"(max {max_compaction_lag_seconds:.0f} s)")
+    if slot.wal_status == "lost":
+        reasons.append(f"slot {slot.name!r} has been invalidated (wal_status lost)")
+    return reasons
+
+
+def render(status: Status) -> str:
+    """A readable report for a terminal."""
+    s = status.slot
+    lines = [f"slot {s.name}: " + ("missing" if not s.exists else
+             f"{'active (pid ' + str(s.active_pid) + ')' if s.active else 'inactive'}, "
+             f"plugin {s.plugin}, wal_status {s.wal_status}")]
+    if s.exists:
+        lines += [
+            f"  server WAL     {s.server_lsn}",
+            f"  confirmed      {s.confirmed_flush_lsn}   lag {_bytes(s.confirmed_lag_bytes)}",
+            f"  restart        {s.restart_lsn}   retains {_bytes(s.retained_wal_bytes)}",
+            "  safe_wal_size  "
+            + (_bytes(s.safe_wal_size) if s.safe_wal_size is not None else "unlimited"),
+        ]
+    lag = "unknown" if status.lag_seconds is None else f"{status.lag_seconds:.1f} s"
+    lines.append(f"checkpoint {status.checkpoint_lsn or '-'}; time lag {lag}")
+    if status.tables:
+        header = ("table", "files", "raw commit lsn", "raw commit time", "staged lsn",
+                  "compaction lag")
+        rows = [(t.table, str(t.raw_files), t.raw_last_commit_lsn or "-",
+                 (t.raw_last_commit_ts or "-")[:19], t.staged_commit_lsn or "-",
+                 "-" if t.compaction_lag_seconds is None else f"{t.compaction_lag_seconds:.0f} s")
+                for t in status.tables]
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        for r in [header, *rows]:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    lines += [f"warning: {w}" for w in status.warnings]
+    return "\n".join(lines)
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
