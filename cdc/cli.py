@@ -26,29 +26,29 @@ slot_app = typer.Typer(help="Create or drop the replication slot and publication
 app.add_typer(slot_app, name="slot")
 
 Dsn = Annotated[str | None, typer.Option(
-    "--dsn", help="Source database, e.g. postgresql://user@host:5432/db  [env: CDC_DSN]",
+    "--dsn", help="Source database, e.g. postgresql://user@host:5432/db (env: CDC_DSN)",
     show_default=False)]
 LakeOpt = Annotated[str | None, typer.Option(
-    "--lake", help="Lake root: a local folder  [env: CDC_LAKE; default: ./lake]",
+    "--lake", help="Lake root: a local folder (env: CDC_LAKE; default: ./lake)",
     show_default=False)]
 SlotOpt = Annotated[str | None, typer.Option(
-    "--slot", help="Replication slot name  [env: CDC_SLOT; default: cdc]", show_default=False)]
+    "--slot", help="Replication slot name (env: CDC_SLOT; default: cdc)", show_default=False)]
 PublicationOpt = Annotated[str | None, typer.Option(
-    "--publication", help="Publication name; created when missing  [env: CDC_PUBLICATION; "
-    "default: cdc]", show_default=False)]
+    "--publication", help="Publication name; created when missing (env: CDC_PUBLICATION; "
+    "default: cdc)", show_default=False)]
 TablesOpt = Annotated[str | None, typer.Option(
     "--tables", help="Comma-separated schema.table list for a new publication (default: all "
-    "tables)  [env: CDC_TABLES]", show_default=False)]
+    "tables) (env: CDC_TABLES)", show_default=False)]
 PluginOpt = Annotated[str | None, typer.Option(
-    "--plugin", help="Output plugin  [env: CDC_PLUGIN; default: pgoutput]", show_default=False)]
+    "--plugin", help="Output plugin (env: CDC_PLUGIN; default: pgoutput)", show_default=False)]
 ConfigOpt = Annotated[str | None, typer.Option(
-    "--config", help="TOML config file  [env: CDC_CONFIG; default: ./cdc.toml if present]",
+    "--config", help="TOML config file (env: CDC_CONFIG; default: ./cdc.toml if present)",
     show_default=False)]
 LogFormatOpt = Annotated[str | None, typer.Option(
-    "--log-format", help="console or json  [env: CDC_LOG_FORMAT; default: console]",
+    "--log-format", help="console or json (env: CDC_LOG_FORMAT; default: console)",
     show_default=False)]
 LogLevelOpt = Annotated[str | None, typer.Option(
-    "--log-level", help="debug, info, warning, error  [env: CDC_LOG_LEVEL; default: info]",
+    "--log-level", help="debug, info, warning, error (env: CDC_LOG_LEVEL; default: info)",
     show_default=False)]
 
 
@@ -64,23 +64,23 @@ def stream(
     publication: PublicationOpt = None, tables: TablesOpt = None, plugin: PluginOpt = None,
     config: ConfigOpt = None, log_format: LogFormatOpt = None, log_level: LogLevelOpt = None,
     flush_rows: Annotated[int | None, typer.Option(
-        help="Flush when this many changes are buffered  [env: CDC_FLUSH_ROWS; default: 200000]",
+        help="Flush when this many changes are buffered (env: CDC_FLUSH_ROWS; default: 200000)",
         show_default=False)] = None,
     flush_bytes: Annotated[str | None, typer.Option(
-        help="Flush when this much change data is buffered, e.g. 64MB  [env: CDC_FLUSH_BYTES; "
-        "default: 64MiB]", show_default=False)] = None,
+        help="Flush when this much change data is buffered, e.g. 64MB (env: CDC_FLUSH_BYTES; "
+        "default: 64MiB)", show_default=False)] = None,
     flush_seconds: Annotated[str | None, typer.Option(
-        help="Flush when the oldest buffered change is this old, e.g. 10s  "
-        "[env: CDC_FLUSH_SECONDS; default: 10s]", show_default=False)] = None,
+        help="Flush when the oldest buffered change is this old, e.g. 10s "
+        "(env: CDC_FLUSH_SECONDS; default: 10s)", show_default=False)] = None,
     until_caught_up: Annotated[bool, typer.Option(
         "--until-caught-up", help="Drain the slot up to the WAL position at start, flush, "
         "acknowledge and exit 0 (for cron-style runs)")] = False,
     metrics_port: Annotated[int | None, typer.Option(
-        help="Serve Prometheus metrics on this port  [env: CDC_METRICS_PORT; default: off]",
+        help="Serve Prometheus metrics on this port (env: CDC_METRICS_PORT; default: off)",
         show_default=False)] = None,
     heartbeat_seconds: Annotated[str | None, typer.Option(
         help="When idle, write a logical message this often so a quiet database's slot "
-        "keeps advancing; 0 disables  [env: CDC_HEARTBEAT_SECONDS; default: 60s]",
+        "keeps advancing; 0 disables (env: CDC_HEARTBEAT_SECONDS; default: 60s)",
         show_default=False)] = None,
 ) -> None:
     """Stream changes from the slot into <lake>/raw/ until stopped (Ctrl-C / SIGTERM flush,
