@@ -161,14 +161,15 @@ def snapshot_batch(relation: Relation, types: Sequence[ColumnType],
                    label: str) -> Batch:
     """Rows read at ``lsn`` as a raw batch of ``_op = 'r'`` rows."""
     n = len(columns[0]) if columns else 0
+    # constant columns built in Arrow, not from Python lists: this runs under the GIL
     table = raw_table(
         relation, types, columns,
-        ops=pa.array(["r"] * n, pa.string()),
-        lsns=pa.array([lsn] * n, pa.int64()),
-        commit_lsns=pa.array([lsn] * n, pa.int64()),
-        seqs=pa.array(range(first_seq, first_seq + n), pa.int64()),
-        xids=pa.array([0] * n, pa.int64()),
-        commit_ts=pa.array([ts_us] * n, pa.int64()),
+        ops=pa.repeat(pa.scalar("r", pa.string()), n),
+        lsns=pa.repeat(pa.scalar(lsn, pa.int64()), n),
+        commit_lsns=pa.repeat(pa.scalar(lsn, pa.int64()), n),
+        seqs=pa.arange(first_seq, first_seq + n),
+        xids=pa.repeat(pa.scalar(0, pa.int64()), n),
+        commit_ts=pa.repeat(pa.scalar(ts_us, pa.int64()), n),
         unchanged=pa.nulls(n, pa.list_(pa.string())),
     )
     return Batch(relation, table, lsn, lsn, first_seq, label=label)
