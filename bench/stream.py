@@ -7,6 +7,7 @@ measured in the same run on the same machine.
 
     python bench/stream.py        # 1M inserts, 250k updates, 5k small tx, 50k deletes
     python bench/stream.py --rows 200000 --updates 50000 --small-tx 2000 --deletes 10000
+    python bench/stream.py --rounds 3        # three slot pairs, medians (less noise)
     python bench/stream.py --dsn postgresql://postgres@127.0.0.1:5432/postgres
 
 Workload (in this order, each its own transaction unless said otherwise):
@@ -14,6 +15,10 @@ one INSERT of ``--rows`` rows, one UPDATE of ``--updates`` rows, ``--small-tx``
 transactions of one change each (alternating insert / update), one DELETE of
 ``--deletes`` rows. Every change is one raw row, so the lake must hold exactly
 rows + updates + small-tx + deletes rows.
+
+Both consumers need a core each next to the walsender's; on a small machine
+other load moves the numbers by tens of percent: use ``--rounds`` and compare
+the CPU seconds too.
 
 Targets: cdc rate ≥ 0.9 x pg_recvlogical's, cdc peak RSS ≤ 512 MB.
 """
@@ -26,6 +31,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,14 +43,18 @@ from pathlib import Path
 
 import psycopg
 import pyarrow.parquet as pq
-from psycopg import sql
 
 SLOT_CDC = "bench_cdc"
 SLOT_RECV = "bench_recv"
+SLOT_PATTERN = "^bench_(cdc|recv)(_[0-9]+)?$"
 PUBLICATION = "bench_pub"
 TABLE = "bench"
 TARGET_RATIO = 0.9
 TARGET_RSS_MB = 512.0
+GNU_TIME = Path("/usr/bin/time")
+#: a consumer and the walsender need two cores at most; past this share of the machine's
+#: CPU, other processes were competing and the times measure the contention
+SATURATED = 0.9
 
 SCHEMA_SQL = f"""
 CREATE TABLE {TABLE} (
@@ -101,15 +111,30 @@ $$
 
 DELETE_SQL = f"DELETE FROM {TABLE} WHERE id > %(low)s AND id <= %(high)s"
 
+Conn = psycopg.Connection[tuple[object, ...]]
+
 
 @dataclass
 class Measured:
-    """One child process: wall seconds, its own peak RSS, exit code and stderr."""
+    """One child process: wall and CPU seconds, its own peak RSS, exit code, stderr."""
 
     seconds: float
+    cpu_seconds: float
     max_rss_kib: int
     returncode: int
     stderr: str
+    machine_busy_seconds: float | None = None  # CPU seconds of every process meanwhile
+
+    @property
+    def rss_mb(self) -> float:
+        return self.max_rss_kib / 1024
+
+    @property
+    def machine_busy(self) -> float | None:
+        """Share of all the machine's cores busy meanwhile (this child included), 0..1."""
+        if self.machine_busy_seconds is None or self.seconds <= 0:
+            return None
+        return self.machine_busy_seconds / (self.seconds * (os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -122,32 +147,61 @@ class Expected:
     def total(self) -> int:
         return self.inserts + self.updates + self.deletes
 
+    @property
+    def by_op(self) -> dict[str, int]:
+        ops = {"c": self.inserts, "u": self.updates, "d": self.deletes}
+        return {op: n for op, n in ops.items() if n}
+
+
+@dataclass
+class Round:
+    recv: Measured
+    cdc: Measured
+    lake_rows: int
+    lake_files: int
+
+
+def machine_busy() -> float | None:
+    """CPU seconds all processes have used since boot (Linux /proc/stat), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    # user nice system idle iowait irq softirq steal: processes' time plus steal
+    user, nice, system, _idle, _iowait, _irq, _softirq, steal = (int(v) for v in fields[1:9])
+    return (user + nice + system + steal) / os.sysconf("SC_CLK_TCK")
+
 
 def run_measured(cmd: Sequence[str]) -> Measured:
-    """Run ``cmd``; its wall time and its own peak RSS.
+    """Run ``cmd``; its wall time, CPU time and its own peak RSS.
 
     ``wait4``'s ``ru_maxrss`` of a child forked from this process never reads below
     this process' RSS (Linux keeps the pre-exec high-water mark: ``/bin/true`` reads
     ~65 MB here), so the peak comes from GNU time, a small process that forks the
     command itself; ``wait4`` is the fallback where it is missing.
     """
-    gnu_time = Path("/usr/bin/time")
-    with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r") as rss:
+    with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r") as report:
         full = list(cmd)
-        if gnu_time.exists():
-            full = [str(gnu_time), "-f", "%M", "-o", rss.name, *full]
+        if GNU_TIME.exists():
+            full = [str(GNU_TIME), "-f", "%M %U %S", "-o", report.name, *full]
+        busy_before = machine_busy()
         started = time.perf_counter()
         proc = subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - started
+        busy_after = machine_busy()
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
         err.seek(0)
         text = err.read().decode(errors="replace")
         max_rss_kib = usage.ru_maxrss
-        lines = rss.read().split()
-        if gnu_time.exists() and lines and lines[-1].isdigit():
-            max_rss_kib = int(lines[-1])
-    return Measured(seconds, max_rss_kib, proc.returncode, text)
+        lines = report.read().strip().splitlines()
+        if lines and len(fields := lines[-1].split()) == 3 and fields[0].isdigit():
+            max_rss_kib = int(fields[0])
+    # CPU: wait4 counts the child and its reaped descendants (GNU time's command)
+    busy = None if busy_before is None or busy_after is None else busy_after - busy_before
+    return Measured(seconds, usage.ru_utime + usage.ru_stime, max_rss_kib, proc.returncode,
+                    text, busy)
 
 
 @contextlib.contextmanager
@@ -162,38 +216,43 @@ def server(dsn: str | None) -> Iterator[str]:
         yield cluster.dsn()
 
 
-def drop_slots(conn: psycopg.Connection[tuple[object, ...]]) -> None:
-    conn.execute(
-        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-        "WHERE slot_name = ANY(%s)",
-        ([SLOT_CDC, SLOT_RECV],),
-    )
+def slot_pairs(rounds: int) -> list[tuple[str, str]]:
+    """(pg_recvlogical slot, cdc slot) of each round."""
+    pairs = [(SLOT_RECV, SLOT_CDC)]
+    pairs += [(f"{SLOT_RECV}_{i}", f"{SLOT_CDC}_{i}") for i in range(2, rounds + 1)]
+    return pairs
 
 
-def prepare(conn: psycopg.Connection[tuple[object, ...]]) -> int:
-    """Table, publication and both slots; the LSN at which the slots start."""
+def drop_slots(conn: Conn) -> None:
+    conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                 "WHERE slot_name ~ %s", (SLOT_PATTERN,))
+
+
+def prepare(conn: Conn, rounds: int) -> int:
+    """Table, publication and every round's slots; the LSN at which the slots start."""
     drop_slots(conn)
     conn.execute(f"DROP PUBLICATION IF EXISTS {PUBLICATION}")
     conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
     conn.execute(SCHEMA_SQL)
     conn.execute(f"CREATE PUBLICATION {PUBLICATION} FOR ALL TABLES")
-    for slot in (SLOT_CDC, SLOT_RECV):
-        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
-    row = conn.execute(
-        "SELECT max(confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots "
-        "WHERE slot_name = ANY(%s)", ([SLOT_CDC, SLOT_RECV],)).fetchone()
+    for pair in slot_pairs(rounds):
+        for slot in pair:
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+    row = conn.execute("SELECT max(confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots "
+                       "WHERE slot_name ~ %s", (SLOT_PATTERN,)).fetchone()
     assert row is not None
-    return int(row[0])  # type: ignore[call-overload]
+    assert isinstance(row[0], int)
+    return row[0]
 
 
-def workload(conn: psycopg.Connection[tuple[object, ...]], args: argparse.Namespace) -> Expected:
+def workload(conn: Conn, args: argparse.Namespace) -> Expected:
     """Run the workload; the changes it produced, by kind."""
-    steps: list[tuple[str, float]] = []
+    steps: list[str] = []
 
-    def step(name: str, query: str | sql.Composable, params: dict[str, int] | None = None) -> None:
+    def step(name: str, query: str, params: dict[str, int] | None = None) -> None:
         started = time.perf_counter()
-        conn.execute(query, params)  # type: ignore[arg-type]
-        steps.append((name, time.perf_counter() - started))
+        conn.execute(query, params)
+        steps.append(f"{name} {time.perf_counter() - started:.1f}s")
 
     step("insert", INSERT_SQL, {"rows": args.rows})
     step("update", UPDATE_SQL, {"updates": args.updates})
@@ -201,17 +260,19 @@ def workload(conn: psycopg.Connection[tuple[object, ...]], args: argparse.Namesp
         step("small-tx", SMALL_TX_SQL.format(n=int(args.small_tx), base=int(args.rows),
                                              nrows=int(args.rows)))
     step("delete", DELETE_SQL, {"low": args.rows - args.deletes, "high": args.rows})
-    print("workload: " + ", ".join(f"{name} {secs:.1f}s" for name, secs in steps), flush=True)
+    print("workload: " + ", ".join(steps), flush=True)
     small_inserts = (args.small_tx + 1) // 2
     return Expected(inserts=args.rows + small_inserts,
                     updates=args.updates + args.small_tx - small_inserts,
                     deletes=args.deletes)
 
 
-def current_lsn(conn: psycopg.Connection[tuple[object, ...]]) -> tuple[int, str]:
-    row = conn.execute("SELECT pg_current_wal_lsn() - '0/0', pg_current_wal_lsn()::text").fetchone()
+def current_lsn(conn: Conn) -> tuple[int, str]:
+    row = conn.execute("SELECT (pg_current_wal_lsn() - '0/0')::bigint, "
+                       "pg_current_wal_lsn()::text").fetchone()
     assert row is not None
-    return int(row[0]), str(row[1])  # type: ignore[call-overload]
+    assert isinstance(row[0], int)
+    return row[0], str(row[1])
 
 
 def lake_rows(lake: Path) -> tuple[int, Counter[str], int]:
@@ -229,8 +290,147 @@ def rate(changes: int, seconds: float) -> float:
     return changes / seconds if seconds > 0 else 0.0
 
 
+def recv_command(dsn: str, slot: str, end_lsn: str) -> list[str]:
+    pg_recvlogical = shutil.which("pg_recvlogical") or "/usr/bin/pg_recvlogical"
+    return [pg_recvlogical, "-d", dsn, "--slot", slot, "--start",
+            "-o", "proto_version=1", "-o", f"publication_names={PUBLICATION}",
+            "--endpos", end_lsn, "-f", "/dev/null", "--no-loop"]
+
+
+def cdc_command(dsn: str, slot: str, lake: Path, args: argparse.Namespace) -> list[str]:
+    cmd = [sys.executable, "-m", "cdc", "stream", "--dsn", dsn, "--lake", str(lake),
+           "--slot", slot, "--publication", PUBLICATION, "--until-caught-up",
+           "--log-level", "warning"]
+    if args.flush_rows is not None:
+        cmd += ["--flush-rows", str(args.flush_rows)]
+    if args.cdc_wrapper:
+        cmd = [*shlex.split(args.cdc_wrapper), *cmd]
+    return cmd
+
+
+def others(m: Measured) -> str:
+    busy = m.machine_busy
+    return "" if busy is None else f" (machine CPU {busy:.0%} busy)"
+
+
+def busy_runs(rounds: Sequence[Round]) -> list[str]:
+    """Runs during which the machine's CPUs were (nearly) saturated."""
+    return [f"round {i} {name} ({m.machine_busy:.0%})"
+            for i, r in enumerate(rounds, start=1) for name, m in (("pg_recvlogical", r.recv),
+                                                                  ("cdc", r.cdc))
+            if m.machine_busy is not None and m.machine_busy >= SATURATED]
+
+
+def run_round(dsn: str, slots: tuple[str, str], end_lsn: str, lake: Path,
+              args: argparse.Namespace, expected: Expected, failures: list[str]) -> Round:
+    """Drain one slot pair: pg_recvlogical first, then cdc into ``lake``; check the lake."""
+    recv_slot, cdc_slot = slots
+    recv = run_measured(recv_command(dsn, recv_slot, end_lsn))
+    if recv.returncode != 0:
+        failures.append(f"pg_recvlogical exited {recv.returncode}: {recv.stderr.strip()[-500:]}")
+    print(f"  pg_recvlogical ({recv_slot}): {recv.seconds:.2f}s{others(recv)}", flush=True)
+    cdc = run_measured(cdc_command(dsn, cdc_slot, lake, args))
+    if cdc.returncode != 0:
+        failures.append(f"cdc stream exited {cdc.returncode}: {cdc.stderr.strip()[-2000:]}")
+    print(f"  cdc stream ({cdc_slot}): {cdc.seconds:.2f}s{others(cdc)}  "
+          f"[{cdc.stderr.strip()[-120:]}]", flush=True)
+    written, ops, nfiles = lake_rows(lake)
+    if written != expected.total or dict(ops) != expected.by_op:
+        failures.append(f"MISMATCH ({cdc_slot}): the lake holds {written} rows {dict(ops)}, "
+                        f"expected {expected.total} {expected.by_op}")
+    return Round(recv, cdc, written, nfiles)
+
+
+def stream_all(dsn: str, args: argparse.Namespace, lake_root: Path,
+               failures: list[str]) -> tuple[Expected, float, list[Round]]:
+    """Prepare, run the workload, then drain every slot pair."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        start_lsn = prepare(conn, args.rounds)
+        try:
+            expected = workload(conn, args)
+            end_lsn, end_lsn_text = current_lsn(conn)
+            wal_mb = (end_lsn - start_lsn) / 2**20
+            print(f"changes expected: {expected.total} ({expected.inserts} inserts, "
+                  f"{expected.updates} updates, {expected.deletes} deletes); "
+                  f"WAL {wal_mb:.0f} MB up to {end_lsn_text}", flush=True)
+            rounds = []
+            for i, slots in enumerate(slot_pairs(args.rounds), start=1):
+                print(f"round {i}/{args.rounds}", flush=True)
+                lake = lake_root / f"round{i}"
+                rounds.append(run_round(dsn, slots, end_lsn_text, lake, args, expected,
+                                        failures))
+                if not args.keep_lake:
+                    shutil.rmtree(lake, ignore_errors=True)
+        finally:
+            if args.dsn:  # do not leave slots pinning WAL on a real server
+                with contextlib.suppress(psycopg.Error):
+                    drop_slots(conn)
+    return expected, wal_mb, rounds
+
+
+def report(args: argparse.Namespace, expected: Expected, wal_mb: float, rounds: list[Round],
+           failures: list[str]) -> dict[str, object]:
+    """Print the human report; the machine-readable summary."""
+    n = expected.total
+    recv_s = statistics.median(r.recv.seconds for r in rounds)
+    cdc_s = statistics.median(r.cdc.seconds for r in rounds)
+    recv_rate, cdc_rate = rate(n, recv_s), rate(n, cdc_s)
+    ratio = cdc_rate / recv_rate if recv_rate else 0.0
+    rss_mb = max(r.cdc.rss_mb for r in rounds)
+    cdc_cpu = statistics.median(r.cdc.cpu_seconds for r in rounds)
+    recv_cpu = statistics.median(r.recv.cpu_seconds for r in rounds)
+    ok_ratio, ok_rss = ratio >= TARGET_RATIO, rss_mb <= TARGET_RSS_MB
+    med = " (median)" if len(rounds) > 1 else ""
+
+    print()
+    print(f"streaming benchmark: {len(rounds)} round(s), each pg_recvlogical then cdc on its "
+          "own slot of the same changes")
+    print(f"  changes                {n:>12,}   (lake rows {rounds[-1].lake_rows:,} in "
+          f"{rounds[-1].lake_files} files)")
+    print(f"  WAL decoded            {wal_mb:>12.0f} MB")
+    if len(rounds) > 1:
+        for i, r in enumerate(rounds, start=1):
+            print(f"  round {i}: pg_recvlogical {r.recv.seconds:6.2f} s, cdc {r.cdc.seconds:6.2f} s"
+                  f" (CPU {r.cdc.cpu_seconds:5.2f} s), ratio {r.recv.seconds / r.cdc.seconds:.2f}")
+    print(f"  pg_recvlogical{med:9s} {recv_s:>12.2f} s   {recv_rate:>10,.0f} changes/s   "
+          f"CPU {recv_cpu:.2f} s")
+    print(f"  cdc stream{med:13s} {cdc_s:>12.2f} s   {cdc_rate:>10,.0f} changes/s   "
+          f"CPU {cdc_cpu:.2f} s ({cdc_cpu / n * 1e6:.1f} µs/change)")
+    print(f"  ratio (cdc / recv)     {ratio:>12.2f}     target ≥ {TARGET_RATIO}  "
+          f"{'OK' if ok_ratio else 'MISSED'}")
+    print(f"  cdc peak RSS           {rss_mb:>12.0f} MB    target ≤ {TARGET_RSS_MB:.0f} MB  "
+          f"{'OK' if ok_rss else 'MISSED'}")
+    busy = busy_runs(rounds)
+    if busy:
+        print(f"  WARNING: the machine's CPUs were saturated during {', '.join(busy)}: other "
+              "processes competed with the consumer and the walsender, so those times are "
+              "not comparable; run again on a quiet machine")
+    for failure in failures:
+        print(f"\n!!!!!!!! {failure}", file=sys.stderr)
+    return {
+        "bench": "stream", "rows": args.rows, "updates": args.updates,
+        "small_tx": args.small_tx, "deletes": args.deletes, "flush_rows": args.flush_rows,
+        "rounds": len(rounds), "changes": n, "lake_rows": [r.lake_rows for r in rounds],
+        "lake_files": [r.lake_files for r in rounds], "wal_mb": round(wal_mb, 1),
+        "recv_seconds": round(recv_s, 3), "recv_changes_per_s": round(recv_rate),
+        "recv_cpu_seconds": round(recv_cpu, 2),
+        "cdc_seconds": round(cdc_s, 3), "cdc_changes_per_s": round(cdc_rate),
+        "cdc_cpu_seconds": round(cdc_cpu, 2), "cdc_rss_mb": round(rss_mb, 1),
+        "recv_seconds_all": [round(r.recv.seconds, 3) for r in rounds],
+        "cdc_seconds_all": [round(r.cdc.seconds, 3) for r in rounds],
+        "cdc_cpu_seconds_all": [round(r.cdc.cpu_seconds, 2) for r in rounds],
+        "machine_busy_all": [[round(m.machine_busy, 2) if m.machine_busy is not None else None
+                              for m in (r.recv, r.cdc)] for r in rounds],
+        "busy_machine": bool(busy),
+        "ratio": round(ratio, 3), "target_ratio": TARGET_RATIO, "target_rss_mb": TARGET_RSS_MB,
+        "ratio_ok": ok_ratio, "rss_ok": ok_rss, "counts_ok": not failures,
+    }
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p = argparse.ArgumentParser(
+        description="cdc stream vs pg_recvlogical on the same pgoutput changes",
+        epilog="The first lines of bench/stream.py explain the workload and the targets.")
     p.add_argument("--rows", type=int, default=1_000_000,
                    help="rows inserted by the one big INSERT transaction (default 1000000)")
     p.add_argument("--updates", type=int, default=250_000,
@@ -241,120 +441,41 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="rows deleted by the one big DELETE transaction (default 50000)")
     p.add_argument("--dsn", default=None,
                    help="use this server instead of a throwaway local cluster; its table "
-                   f"{TABLE!r}, publication {PUBLICATION!r} and slots {SLOT_CDC!r}, "
-                   f"{SLOT_RECV!r} are replaced (the server should be otherwise idle)")
+                   f"{TABLE!r}, publication {PUBLICATION!r} and slots {SLOT_RECV!r}, "
+                   f"{SLOT_CDC!r} (and _N) are replaced, then the slots dropped; the "
+                   "server should be otherwise idle (the publication is FOR ALL TABLES)")
     p.add_argument("--flush-rows", type=int, default=None,
                    help="passed to cdc stream --flush-rows")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="slot pairs to drain (all hold the same changes); the report gives "
+                   "medians (default 1)")
     p.add_argument("--cdc-wrapper", default=None,
                    help="command prefix for the cdc run, e.g. 'py-spy record -o p.txt -f raw "
-                   "--' (its time and RSS then include the wrapper)")
+                   "--' (its time then includes the wrapper's overhead)")
     p.add_argument("--keep-lake", default=None, metavar="DIR",
-                   help="write the lake here and keep it (default: a temporary folder)")
+                   help="write the lakes under DIR/roundN and keep them (default: a temporary "
+                   "folder, removed)")
     args = p.parse_args(argv)
-    if args.rows < 1 or min(args.updates, args.small_tx, args.deletes) < 0:
-        p.error("--rows must be ≥ 1 and the other counts ≥ 0")
+    if args.rows < 1 or args.rounds < 1 or min(args.updates, args.small_tx, args.deletes) < 0:
+        p.error("--rows and --rounds must be ≥ 1 and the other counts ≥ 0")
     if args.updates > args.rows or args.deletes > args.rows:
         p.error("--updates and --deletes cannot exceed --rows")
     return args
 
 
-def stream_both(dsn: str, args: argparse.Namespace, lake_dir: Path,
-                failures: list[str]) -> tuple[Expected, float, Measured, Measured]:
-    """Prepare, run the workload, then drain both slots: pg_recvlogical first, then cdc."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        start_lsn = prepare(conn)
-        try:
-            expected = workload(conn, args)
-            end_lsn, end_lsn_text = current_lsn(conn)
-            wal_mb = (end_lsn - start_lsn) / 2**20
-            print(f"changes expected: {expected.total} ({expected.inserts} inserts, "
-                  f"{expected.updates} updates, {expected.deletes} deletes); "
-                  f"WAL {wal_mb:.0f} MB up to {end_lsn_text}", flush=True)
-
-            pg_recvlogical = shutil.which("pg_recvlogical") or "/usr/bin/pg_recvlogical"
-            recv = run_measured([
-                pg_recvlogical, "-d", dsn, "--slot", SLOT_RECV, "--start",
-                "-o", "proto_version=1", "-o", f"publication_names={PUBLICATION}",
-                "--endpos", end_lsn_text, "-f", "/dev/null", "--no-loop",
-            ])
-            if recv.returncode != 0:
-                failures.append(f"pg_recvlogical exited {recv.returncode}: "
-                                f"{recv.stderr.strip()[-500:]}")
-            print(f"pg_recvlogical: {recv.seconds:.2f}s", flush=True)
-
-            cdc_cmd = [
-                sys.executable, "-m", "cdc", "stream", "--dsn", dsn, "--lake", str(lake_dir),
-                "--slot", SLOT_CDC, "--publication", PUBLICATION, "--until-caught-up",
-                "--log-level", "warning",
-            ]
-            if args.flush_rows is not None:
-                cdc_cmd += ["--flush-rows", str(args.flush_rows)]
-            if args.cdc_wrapper:
-                cdc_cmd = [*shlex.split(args.cdc_wrapper), *cdc_cmd]
-            cdc = run_measured(cdc_cmd)
-            if cdc.returncode != 0:
-                failures.append(f"cdc stream exited {cdc.returncode}: "
-                                f"{cdc.stderr.strip()[-2000:]}")
-            print(f"cdc stream: {cdc.seconds:.2f}s ({cdc.stderr.strip()[-200:]})", flush=True)
-        finally:
-            if args.dsn:  # do not leave slots pinning WAL on a real server
-                with contextlib.suppress(psycopg.Error):
-                    drop_slots(conn)
-    return expected, wal_mb, recv, cdc
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    lake_dir = Path(args.keep_lake) if args.keep_lake else Path(
+    lake_root = Path(args.keep_lake) if args.keep_lake else Path(
         tempfile.mkdtemp(prefix="cdc-bench-lake-"))
     failures: list[str] = []
     try:
         with server(args.dsn) as dsn:
-            expected, wal_mb, recv, cdc = stream_both(dsn, args, lake_dir, failures)
-        written, ops, nfiles = lake_rows(lake_dir)
-        want_ops = {"c": expected.inserts, "u": expected.updates, "d": expected.deletes}
-        want_ops = {op: n for op, n in want_ops.items() if n}
-        if written != expected.total or dict(ops) != want_ops:
-            failures.append(f"MISMATCH: the lake holds {written} rows {dict(ops)}, expected "
-                            f"{expected.total} {want_ops}")
+            expected, wal_mb, rounds = stream_all(dsn, args, lake_root, failures)
     finally:
         if not args.keep_lake:
-            shutil.rmtree(lake_dir, ignore_errors=True)
-    recv_rate = rate(expected.total, recv.seconds)
-    cdc_rate = rate(expected.total, cdc.seconds)
-    ratio = cdc_rate / recv_rate if recv_rate else 0.0
-    rss_mb = cdc.max_rss_kib / 1024
-    ok_ratio = ratio >= TARGET_RATIO
-    ok_rss = rss_mb <= TARGET_RSS_MB
-
-    print()
-    print("streaming benchmark (same changes in both slots; pg_recvlogical first)")
-    print(f"  changes                {expected.total:>12,}   (lake rows {written:,} in "
-          f"{nfiles} files)")
-    print(f"  WAL decoded            {wal_mb:>12.0f} MB")
-    print(f"  pg_recvlogical         {recv.seconds:>12.2f} s   {recv_rate:>10,.0f} changes/s   "
-          f"peak RSS {recv.max_rss_kib / 1024:.0f} MB")
-    print(f"  cdc stream             {cdc.seconds:>12.2f} s   {cdc_rate:>10,.0f} changes/s   "
-          f"peak RSS {rss_mb:.0f} MB")
-    print(f"  ratio (cdc / recv)     {ratio:>12.2f}     target ≥ {TARGET_RATIO}  "
-          f"{'OK' if ok_ratio else 'MISSED'}")
-    print(f"  cdc peak RSS           {rss_mb:>12.0f} MB    target ≤ {TARGET_RSS_MB:.0f} MB  "
-          f"{'OK' if ok_rss else 'MISSED'}")
-    for failure in failures:
-        print(f"\n!!!!!!!! {failure}", file=sys.stderr)
-    print(json.dumps({
-        "bench": "stream",
-        "rows": args.rows, "updates": args.updates, "small_tx": args.small_tx,
-        "deletes": args.deletes, "flush_rows": args.flush_rows,
-        "changes": expected.total, "lake_rows": written, "lake_files": nfiles,
-        "wal_mb": round(wal_mb, 1),
-        "recv_seconds": round(recv.seconds, 3), "recv_changes_per_s": round(recv_rate),
-        "recv_rss_mb": round(recv.max_rss_kib / 1024, 1),
-        "cdc_seconds": round(cdc.seconds, 3), "cdc_changes_per_s": round(cdc_rate),
-        "cdc_rss_mb": round(rss_mb, 1), "ratio": round(ratio, 3),
-        "target_ratio": TARGET_RATIO, "target_rss_mb": TARGET_RSS_MB,
-        "ratio_ok": ok_ratio, "rss_ok": ok_rss, "counts_ok": not failures,
-    }))
+            shutil.rmtree(lake_root, ignore_errors=True)
+    summary = report(args, expected, wal_mb, rounds, failures)
+    print(json.dumps(summary))
     return 1 if failures else 0
 
 

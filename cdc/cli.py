@@ -265,7 +265,8 @@ def compact(
         "(repeatable); without one such a table is staged as an append of its inserts",
         show_default=False)] = None,
     optimize_every: Annotated[int, typer.Option(
-        help="OPTIMIZE (compact small files) a staged table every N merges; 0: never")] = 10,
+        help="OPTIMIZE (compact small files) and VACUUM a staged table every N commits; "
+        "0: never")] = 10,
     vacuum_retention_hours: Annotated[int, typer.Option(
         help="VACUUM after OPTIMIZE deletes files removed longer ago than this")] = 168,
 ) -> None:

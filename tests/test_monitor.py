@@ -133,8 +133,11 @@ class TestMetrics:
                 except OSError:
                     return ""
 
-            text = wait_for(lambda: (lambda t: t if 'op="d"' in t else "")(scrape()),
-                            what="delete counted in metrics")
+            def scraped_delete() -> str:
+                text = scrape()
+                return text if 'op="d"' in text else ""
+
+            text = wait_for(scraped_delete, what="delete counted in metrics")
         finally:
             assert stop(proc) == 0
         assert 'cdc_changes_written_total{op="c",table="public.t"} 5.0' in text

@@ -1,0 +1,206 @@
+"""Compaction benchmark: MERGE 100k raw changes into staged tables of 1M and 10M rows.
+
+No PostgreSQL: the lake is built directly, with the raw layout and schema the stream
+writes (plus a checkpoint), in a temporary folder. Per table size:
+
+1. load: N snapshot-style rows (``_op = 'r'``, negative ``_seq``, labelled files of
+   ``--file-rows``) compacted into a new staged table (reported, not the target);
+2. merge: ``--changes`` changes in transactions of 1000 (80% updates, 15% inserts of new
+   keys, 5% deletes), raw files of ``--file-rows``, compacted into that table. This is
+   what is measured: seconds, changes/s and the process' peak RSS during the merge.
+
+``--pattern random`` spreads the updated and deleted keys uniformly over the table (the
+worst case for copy-on-write: every data file holds some of them); ``recent`` draws them
+from the newest 2 x ``--changes`` keys (orders, sessions: recent rows change), the same
+hot set at every table size. Raw input is written by one process and compacted by
+another, so the peak RSS reported is the compaction's own (VmHWM, reset before it starts).
+Target: the 10M merge takes ≤ 2x the 1M merge.
+
+    python bench/compact.py                                   # 1M and 10M, both patterns
+    python bench/compact.py --sizes 1000000 --pattern random --keep /tmp/lake
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cdc.batcher import META_SCHEMA
+from cdc.checkpoint import CheckpointStore
+from cdc.compact import CompactOptions, compact_lake
+from cdc.lake import LocalLake
+from cdc.raw import encode
+
+TABLE = "public.bench"
+SLOT = "bench"
+LOAD_LSN = 0x1_0000_0000
+TX_CHANGES = 1000
+TARGET_RATIO = 2.0
+SCHEMA = pa.schema(
+    [pa.field("id", pa.int64(), metadata={"pg_type": "bigint", "pg_key": "1"}),
+     pa.field("name", pa.string(), metadata={"pg_type": "text", "pg_key": "0"}),
+     pa.field("amount", pa.decimal128(12, 2), metadata={"pg_type": "numeric(12,2)",
+                                                        "pg_key": "0"}),
+     pa.field("qty", pa.int32(), metadata={"pg_type": "integer", "pg_key": "0"}),
+     pa.field("updated_at", pa.timestamp("us", tz="UTC"),
+              metadata={"pg_type": "timestamp with time zone", "pg_key": "0"}),
+     *META_SCHEMA],
+    metadata={"cdc_table": TABLE, "cdc_key": "id"})
+
+
+def raw_rows(ids: pa.Array, ops: pa.Array, commit_lsns: pa.Array, seqs: pa.Array) -> pa.Table:
+    """Raw rows with values derived from the key (deletes carry only the key)."""
+    n = len(ids)
+    deleted = pc.equal(ops, "d")
+    blank = pa.nulls(n)
+    stamp = pc.cast(pc.add(pc.multiply(ids, 1_000_000), 1_700_000_000_000_000),
+                    pa.timestamp("us", tz="UTC"))
+    columns = [
+        ids,
+        pc.if_else(deleted, blank.cast(pa.string()),
+                   pc.binary_join_element_wise("name-", pc.cast(ids, pa.string()), "")),
+        pc.if_else(deleted, blank.cast(pa.decimal128(12, 2)),
+                   pc.cast(pc.cast(pc.divide(pc.cast(pc.remainder(ids, 10_000_000), pa.float64()),
+                                             100.0), pa.float64()), pa.decimal128(12, 2))),
+        pc.if_else(deleted, blank.cast(pa.int32()), pc.cast(pc.remainder(ids, 1000), pa.int32())),
+        pc.if_else(deleted, blank.cast(stamp.type), stamp),
+        ops, commit_lsns, commit_lsns, seqs, pa.array([1] * n, pa.int64()),
+        pc.cast(commit_lsns, pa.timestamp("us", tz="UTC")), pa.nulls(n, pa.list_(pa.string())),
+    ]
+    return pa.Table.from_arrays(columns, schema=SCHEMA)
+
+
+def write_raw(lake: LocalLake, table: pa.Table, name: str) -> None:
+    lake.write_bytes(f"raw/{TABLE}/load_date=2026-01-01/{name}.parquet", encode(table))
+
+
+def build_load(lake: LocalLake, rows: int, file_rows: int) -> None:
+    """``rows`` snapshot rows at LOAD_LSN in labelled files, and the checkpoint at it."""
+    for index, start in enumerate(range(0, rows, file_rows)):
+        n = min(file_rows, rows - start)
+        ids = pc.add(pc.cumulative_sum(pa.nulls(n, pa.int64()).fill_null(1)), start)
+        seqs = pc.add(ids, -(2**62))
+        table = raw_rows(ids, pa.array(["r"] * n), pa.array([LOAD_LSN] * n, pa.int64()), seqs)
+        write_raw(lake, table, f"{LOAD_LSN:016X}-{LOAD_LSN:016X}-r{index:06d}")
+    CheckpointStore(lake, SLOT).save(LOAD_LSN + 1)  # the stream has moved past the snapshot
+
+
+def build_changes(lake: LocalLake, rows: int, changes: int, file_rows: int, pattern: str,
+                  seed: int) -> None:
+    """``changes`` changes after the load in transactions of TX_CHANGES; checkpoint after."""
+    rng = random.Random(seed)
+    inserts, deletes = changes * 15 // 100, changes * 5 // 100
+    updates = changes - inserts - deletes
+    low = 1 if pattern == "random" else max(1, rows - 2 * changes + 1)
+    touched = rng.sample(range(low, rows + 1), min(updates + deletes, rows - low + 1))
+    plan = ([("u", k) for k in touched[:updates]] + [("d", k) for k in touched[updates:]]
+            + [("c", rows + 1 + i) for i in range(inserts)])
+    rng.shuffle(plan)
+    lsns = [LOAD_LSN + 0x100 * (1 + i // TX_CHANGES) for i in range(len(plan))]
+    seqs = [i % TX_CHANGES for i in range(len(plan))]
+    for start in range(0, len(plan), file_rows):
+        part = slice(start, start + file_rows)
+        table = raw_rows(pa.array([k for _, k in plan[part]], pa.int64()),
+                         pa.array([op for op, _ in plan[part]]),
+                         pa.array(lsns[part], pa.int64()), pa.array(seqs[part], pa.int64()))
+        write_raw(lake, table, f"{lsns[part][0]:016X}-{lsns[part][-1]:016X}-{seqs[part][0]}")
+    CheckpointStore(lake, SLOT).save(lsns[-1] + 1)
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak_rss() -> None:
+    """Start the high-water mark afresh (Linux: writing 5 to clear_refs resets VmHWM)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def phase(args: argparse.Namespace) -> dict[str, Any]:
+    """One phase in this process: build raw input (``build-*``), or compact and measure."""
+    lake = LocalLake(args.lake)
+    if args.phase == "build-load":
+        build_load(lake, args.rows, args.file_rows)
+        return {}
+    if args.phase == "build-merge":
+        build_changes(lake, args.rows, args.changes, args.file_rows, args.pattern, args.seed)
+        return {}
+    reset_peak_rss()
+    started = time.perf_counter()
+    [result] = compact_lake(lake, SLOT, options=CompactOptions(optimize_every=0))
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "changes": result.changes, "commits": result.commits,
+            "rss_mb": peak_rss_mb(), "version": result.version}
+
+
+def run_phase(lake: Path, name: str, rows: int, args: argparse.Namespace,
+              pattern: str) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--phase", name, "--lake", str(lake), "--rows", str(rows),
+           "--changes", str(args.changes), "--file-rows", str(args.file_rows),
+           "--pattern", pattern, "--seed", str(args.seed)]
+    subprocess.run([*cmd[:3], f"build-{name}", *cmd[4:]], check=True, capture_output=True)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="1000000,10000000",
+                        help="staged table sizes in rows (comma-separated)")
+    parser.add_argument("--changes", type=int, default=100_000)
+    parser.add_argument("--file-rows", type=int, default=200_000,
+                        help="rows per raw file (the stream's --flush-rows default)")
+    parser.add_argument("--pattern", choices=("random", "recent", "both"), default="both")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--keep", help="build the lakes under this folder and keep them")
+    parser.add_argument("--phase", choices=("load", "merge", "build-load", "build-merge"),
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--lake", help=argparse.SUPPRESS)
+    parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.phase:
+        print(json.dumps(phase(args)))
+        return
+    sizes = [int(s) for s in args.sizes.split(",")]
+    patterns = ["random", "recent"] if args.pattern == "both" else [args.pattern]
+    print(f"{args.changes} changes (80% updates, 15% inserts, 5% deletes) in transactions of "
+          f"{TX_CHANGES}, raw files of {args.file_rows} rows, seed {args.seed}")
+    root = Path(args.keep or tempfile.mkdtemp(prefix="cdc-bench-compact-"))
+    for pattern in patterns:
+        merges: dict[int, float] = {}
+        for rows in sizes:
+            lake = root / f"{pattern}-{rows}"
+            load = run_phase(lake, "load", rows, args, pattern)
+            merge = run_phase(lake, "merge", rows, args, pattern)
+            merges[rows] = merge["seconds"]
+            print(f"{pattern:>6} {rows:>10,} rows: load {load['seconds']:6.1f} s "
+                  f"({rows / load['seconds']:,.0f} rows/s, peak RSS {load['rss_mb']:.0f} MB); "
+                  f"merge {merge['changes']:,} changes {merge['seconds']:6.2f} s "
+                  f"({merge['changes'] / merge['seconds']:,.0f} changes/s, {merge['commits']} "
+                  f"commits, peak RSS {merge['rss_mb']:.0f} MB)", flush=True)
+        if len(sizes) == 2:
+            ratio = merges[sizes[1]] / merges[sizes[0]]
+            verdict = "meets" if ratio <= TARGET_RATIO else "misses"
+            print(f"{pattern:>6} merge time {sizes[1]:,} / {sizes[0]:,} rows: {ratio:.2f}x "
+                  f"({verdict} the target of ≤ {TARGET_RATIO:.0f}x)")
+    if not args.keep:
+        subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,420 @@
+"""Raw changes → staged Delta tables (``staged/<schema>.<table>/``), exactly once.
+
+Each staged table equals its source table as of its watermark. A run applies only changes
+below the stream's durable checkpoint: (``_commit_lsn``, ``_seq``) < (checkpoint, 0) are
+known complete. The watermark ``w`` is stored in the same Delta commit as the data (app
+transaction ``cdc-compact``, version ``w``) and means "every change below (w + 1, 0) is
+applied", so the next slice is [(w + 1, 0), (checkpoint, 0)): a crash before a commit
+changes nothing, a crash after it leaves the new watermark, and a re-run picks up exactly
+the rest. The watermark is re-read and checked before every commit.
+
+Raw files are chosen by name (``<first hex16>-<last hex16>-<first_seq>.parquet``) and read
+in bounded chunks (see ``_read_chunk``). Per chunk (``staged.py``): drop replayed copies,
+start after the last truncate (the chunk's later changes then overwrite the table), fill
+unchanged TOAST values from the key's earlier change, keep the last change per key, and
+resolve it against the staged row of that key — an older change never overwrites a newer
+row, a value still unchanged keeps the staged one. Then one commit deletes the staged rows
+of the changed keys and inserts their new versions. Tables without a key get an append of
+their inserts.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import structlog
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+
+from cdc.checkpoint import CheckpointStore
+from cdc.errors import CdcError, CompactionError, ConfigError
+from cdc.events import Lsn, format_lsn
+from cdc.lake import Lake
+from cdc.staged import (
+    DELETED,
+    KEEP,
+    Pos,
+    against_staged,
+    between,
+    dedupe,
+    latest_per_key,
+    staged_columns,
+    unify,
+)
+
+log = structlog.get_logger("cdc.compact")
+
+APP_ID = "cdc-compact"
+_FILE = re.compile(r"^([0-9A-F]{16})-([0-9A-F]{16})-(.+)\.parquet$")
+_SEQ = re.compile(r"^-?\d+$")
+_INSERT = "__cdc_insert"
+_locks: dict[str, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+#: called at named fault points (``before_commit``, ``after_commit``, ``after_maintenance``)
+#: with the step and the table; tests raise from it to simulate a crash there
+Fault = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class CompactOptions:
+    """Chunk size (memory bound) and table maintenance; defaults suit most lakes."""
+
+    chunk_rows: int = 1_000_000
+    chunk_bytes: int = 512 * 2**20
+    optimize_every: int = 10  # commits between OPTIMIZE (small-file compaction) runs
+    vacuum_retention_hours: int = 168  # files removed longer ago than this are deleted
+    checkpoint_interval: int = 10  # Delta log checkpoint every N versions (new tables)
+
+
+@dataclass(frozen=True)
+class TableResult:
+    table: str
+    changes: int  # changes in the applied slice (replayed copies dropped)
+    commits: int
+    watermark: Lsn | None  # every change below (watermark + 1, 0) is in staged
+    version: int | None  # Delta version after the run (None: no staged table yet)
+    seconds: float
+
+
+_MIN = -(2**63)
+
+
+@dataclass(frozen=True)
+class RawFile:
+    key: str
+    first_lsn: Lsn
+    last_lsn: Lsn
+    #: None for a backfill file named by a label: its rows are all at ``first_lsn``, read
+    #: rows of distinct keys whose order among themselves does not matter
+    first_seq: int | None
+
+    @property
+    def first(self) -> Pos:
+        return (self.first_lsn, _MIN if self.first_seq is None else self.first_seq)
+
+
+def staged_location(lake: Lake, table: str) -> tuple[str, dict[str, str] | None]:
+    """The Delta table URI of ``table`` in ``lake`` and the storage options to open it."""
+    return f"{lake.uri.rstrip('/')}/staged/{table}", None
+
+
+def staged_watermark(lake: Lake, table: str) -> tuple[Lsn | None, datetime | None]:
+    """A staged table's watermark and the newest source commit time among its rows.
+
+    Every change below (watermark + 1, 0) is in the table; (None, None) before its first
+    compaction. Read from the Delta log only (file statistics), never from the data.
+    """
+    uri, storage = staged_location(lake, table)
+    try:
+        if not DeltaTable.is_deltatable(uri, storage):
+            return None, None
+        dt = DeltaTable(uri, storage_options=storage)
+        files = pa.table(dt.get_add_actions(flatten=True))
+    except Exception as exc:  # delta-rs raises DeltaError and plain Exception
+        raise CompactionError(f"staged table {uri} is unreadable: {str(exc).splitlines()[0]}",
+                              fix="check the lake's permissions, or rebuild the table") from exc
+    newest = pc.max(files["max._commit_ts"]) if "max._commit_ts" in files.column_names else None
+    return dt.transaction_version(APP_ID), newest.as_py() if newest is not None else None
+
+
+def parse_keys(values: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """``["public.t=a,b"]`` → ``{"public.t": ("a", "b")}``."""
+    keys: dict[str, tuple[str, ...]] = {}
+    for value in values:
+        table, sep, cols = value.partition("=")
+        columns = tuple(c.strip() for c in cols.split(",") if c.strip())
+        if not sep or "." not in table or not columns:
+            raise ConfigError(f"--key {value!r} is not schema.table=col1,col2",
+                              fix="write e.g. --key public.events=id or --key s.t=a,b")
+        keys[table.strip()] = columns
+    return keys
+
+
+def raw_files(lake: Lake) -> dict[str, list[RawFile]]:
+    """Raw files per table, in log order (by their first change)."""
+    tables: dict[str, list[RawFile]] = {}
+    for key in lake.list("raw/"):
+        parts = key.split("/")
+        match = _FILE.match(parts[-1])
+        if len(parts) == 4 and match:
+            first, last, tail = match.groups()
+            tables.setdefault(parts[1], []).append(RawFile(
+                key, int(first, 16), int(last, 16), int(tail) if _SEQ.match(tail) else None))
+    for files in tables.values():
+        files.sort(key=lambda f: (f.first, f.key))
+    return tables
+
+
+def compact_lake(lake: Lake, slot: str, tables: Sequence[str] = (),
+                 keys: Mapping[str, tuple[str, ...]] | None = None, *,
+                 options: CompactOptions | None = None,
+                 fault: Fault | None = None) -> list[TableResult]:
+    """Compact every table (or ``tables``) up to the slot's checkpoint; safe beside streaming.
+
+    Returns one result per table; an empty list when the slot has no checkpoint yet.
+    """
+    bound = CheckpointStore(lake, slot).load()  # before listing: files below it exist
+    if bound is None:
+        log.info("nothing_to_compact", reason="no checkpoint yet", slot=slot, lake=lake.uri)
+        return []
+    files = raw_files(lake)
+    results = []
+    for table in tables or sorted(files):
+        compactor = _TableCompactor(lake, table, (keys or {}).get(table),
+                                    options or CompactOptions(), fault)
+        results.append(compactor.run(files.get(table, []), bound))
+    return results
+
+
+class _TableCompactor:
+    def __init__(self, lake: Lake, table: str, key: tuple[str, ...] | None,
+                 options: CompactOptions, fault: Fault | None) -> None:
+        self.lake, self.table, self.key_override = lake, table, key
+        self.options, self.fault = options, fault
+        self.uri, self.storage = staged_location(lake, table)
+
+    def run(self, files: list[RawFile], bound: Lsn) -> TableResult:
+        started = time.monotonic()
+        with _lock(self.uri):
+            try:
+                dt, changes, commits = self._compact(files, bound)
+            except CdcError:
+                raise
+            except Exception as exc:  # delta-rs raises DeltaError and plain Exception
+                raise CompactionError(f"compacting {self.table} into {self.uri} failed: "
+                                      f"{str(exc).splitlines()[0]}",
+                                      fix="fix the cause and run cdc compact again; "
+                                      "applied changes are never applied twice") from exc
+        result = TableResult(self.table, changes, commits,
+                             dt.transaction_version(APP_ID) if dt else None,
+                             dt.version() if dt else None, round(time.monotonic() - started, 3))
+        log.info("compacted", **{**asdict(result), "watermark": format_lsn(result.watermark)
+                                 if result.watermark is not None else None})
+        return result
+
+    def _open(self) -> DeltaTable | None:
+        if not DeltaTable.is_deltatable(self.uri, self.storage):
+            return None
+        return DeltaTable(self.uri, storage_options=self.storage)
+
+    def _compact(self, files: list[RawFile], bound: Lsn) -> tuple[DeltaTable | None, int, int]:
+        dt = self._open()
+        before = dt.version() if dt else 0
+        watermark = dt.transaction_version(APP_ID) if dt else None
+        cursor: Pos = (-1, _MIN) if watermark is None else (watermark + 1, 0)
+        end: Pos = (bound, 0)
+        consumed: set[str] = set()
+        changes = commits = 0
+        while cursor < end:
+            todo = [f for f in files if f.key not in consumed and f.last_lsn >= cursor[0]
+                    and f.first < end]
+            if not todo:
+                break
+            rows, upper, done, clean = self._read_chunk(todo, cursor, end)
+            consumed |= done
+            if rows.num_rows:
+                advance = clean and upper[0] - 1 > (-1 if watermark is None else watermark)
+                dt = self._apply(dt, rows, watermark, upper[0] - 1 if advance else None)
+                watermark = upper[0] - 1 if advance else watermark
+                changes += rows.num_rows
+                commits += 1
+                self._step("after_commit")
+            cursor = upper
+        if dt is not None and commits:
+            self._maintain(dt, before)
+            self._step("after_maintenance")
+        return dt, changes, commits
+
+    def _step(self, name: str) -> None:
+        if self.fault is not None:
+            self.fault(name, self.table)
+
+    def _read_chunk(self, todo: list[RawFile], cursor: Pos,
+                    end: Pos) -> tuple[pa.Table, Pos, set[str], bool]:
+        """Read files up to the chunk limits; the changes in [cursor, upper) in order.
+
+        Returns them (deduplicated), ``upper``, the files read completely, and whether the
+        cut is clean: every change below (upper's LSN, 0) is then applied, so the watermark
+        moves. All files after the next one start at or after its first change, so a chunk
+        may end before it. Keyed tables may end inside a transaction or a backfill (re-doing
+        part of it after a crash is harmless: the merge is guarded); before a labelled
+        backfill file the chunk takes the labelled files of that LSN read so far whole (not
+        clean). Appends are not idempotent: keyless tables end only at (LSN, 0) boundaries.
+        """
+        read: list[tuple[RawFile, pa.Table]] = []
+        rows = nbytes = 0
+        upper, clean, group = end, True, None
+        for i, f in enumerate(todo):
+            data = self.lake.read_bytes(f.key)
+            if data is None:
+                raise CompactionError(f"raw file {f.key} vanished while compacting {self.table}",
+                                      fix="run cdc compact again")
+            part = between(pq.read_table(pa.BufferReader(data)), cursor, end)
+            read.append((f, part))
+            rows, nbytes = rows + part.num_rows, nbytes + part.nbytes
+            full = rows >= self.options.chunk_rows or nbytes >= self.options.chunk_bytes
+            if not full or i + 1 == len(todo):
+                continue
+            nxt, keyed = todo[i + 1], bool(self._key(part.schema))
+            if nxt.first_seq is None:
+                upper, clean, group = (nxt.first_lsn, _MIN), False, nxt.first_lsn
+            else:
+                upper = nxt.first if keyed else (nxt.first_lsn, 0)
+                clean, group = upper[1] >= 0, None
+            whole = any(g.first_seq is None and g.first_lsn == group for g, _ in read)
+            if (keyed or clean) and (upper > cursor or whole):
+                break
+            upper, clean, group = end, True, None
+        applied: list[pa.Table] = []
+        done: set[str] = set()
+        for f, part in read:
+            whole = f.first_seq is None and f.first_lsn == group
+            below = part if whole else between(part, cursor, upper)
+            if below.num_rows == part.num_rows:
+                done.add(f.key)
+            applied.append(below)
+        return dedupe(unify(applied, self.table)), upper, done, clean
+
+    def _key(self, schema: pa.Schema) -> tuple[str, ...]:
+        """The named key, or the primary key recorded in the raw schema (may be empty)."""
+        recorded = (schema.metadata or {}).get(b"cdc_key", b"").decode()
+        return self.key_override or tuple(k for k in recorded.split(",") if k)
+
+    # -- applying a chunk ------------------------------------------------------------------------
+
+    def _apply(self, dt: DeltaTable | None, rows: pa.Table, expected: Lsn | None,
+               watermark: Lsn | None) -> DeltaTable:
+        """One Delta commit of ``rows``, recording ``watermark`` (None: leave it)."""
+        key = self._key(rows.schema)
+        truncates = pc.indices_nonzero(pc.equal(rows["_op"], "t"))
+        truncated = len(truncates) > 0
+        if truncated:  # the table is empty at the last truncate; later changes apply
+            rows = rows.slice(truncates[-1].as_py() + 1)
+        if key:
+            state, keep = latest_per_key(rows, key, self.table)
+        else:
+            state, keep = rows.filter(pc.is_in(rows["_op"], pa.array(["c", "r"]))), []
+        target = pa.schema(dt.schema().to_arrow()) if dt is not None else None
+        state = staged_columns(state, target, self.table)
+        commit = CommitProperties(app_transactions=None if watermark is None
+                                  else [Transaction(APP_ID, watermark)])
+        if dt is None or truncated:  # the table's whole content is in hand
+            inserts, removals = state, None
+            if key:
+                inserts = state.filter(pc.invert(state[DELETED])).drop_columns([DELETED, *keep])
+        elif key:
+            staged = self._staged_rows(dt, state, key, keep)
+            removals, inserts = against_staged(state, staged, key, keep)
+        else:
+            inserts, removals = state, None
+        self._step("before_commit")
+        if dt is not None:  # the watermark must not have moved since we read it
+            dt.update_incremental()
+            if dt.transaction_version(APP_ID) != expected:
+                raise CompactionError(
+                    f"staged table {self.table} was compacted by someone else meanwhile "
+                    f"(watermark {expected} → {dt.transaction_version(APP_ID)})",
+                    fix="run a single compactor per lake (cdc compact or cdc stream "
+                    "--compact-every, not both)")
+        if key:
+            inserts = inserts.sort_by([(k, "ascending") for k in key])  # keeps keys clustered
+        if dt is not None and removals is not None and removals.num_rows:
+            self._replace(dt, removals, inserts, key, commit)
+            return dt
+        mode: Literal["append", "overwrite"] = "overwrite" if dt is None or truncated else "append"
+        write_deltalake(self.uri, inserts, mode=mode, schema_mode="merge",
+                        storage_options=self.storage, commit_properties=commit,
+                        description=self._description(key) if dt is None else None,
+                        configuration=self._configuration() if dt is None else None)
+        return DeltaTable(self.uri, storage_options=self.storage)
+
+    def _staged_rows(self, dt: DeltaTable, state: pa.Table, key: tuple[str, ...],
+                     keep: list[str]) -> pa.Table:
+        """Key, position and kept columns of the staged rows whose keys ``state`` touches.
+
+        The filter has each key column's range, so files outside it are skipped by their
+        statistics; for composite keys it selects a superset that the join then narrows.
+        """
+        dataset = dt.to_pyarrow_dataset()
+        wanted = [*key, "_commit_lsn", "_seq",
+                  *(c[len(KEEP):] for c in keep if c[len(KEEP):] in dataset.schema.names)]
+        where = None
+        for k in key:
+            values = pc.unique(state[k])
+            bounds = pc.min_max(values)
+            term = ((pc.field(k) >= bounds["min"]) & (pc.field(k) <= bounds["max"])
+                    & pc.field(k).isin(values))
+            where = term if where is None else where & term
+        return dataset.to_table(columns=wanted, filter=where)
+
+    def _replace(self, dt: DeltaTable, removals: pa.Table, inserts: pa.Table,
+                 key: tuple[str, ...], commit: CommitProperties) -> None:
+        """Delete the staged rows of ``removals``' keys and insert ``inserts``, in one commit.
+
+        A MERGE of this shape (matched: unconditional delete; not matched: insert) rather
+        than matched-update: deltalake 1.6.0-1.6.1 reject a matched update or conditional
+        delete with a false "multiple source rows" error once a target file is read in more
+        than one batch (delta-rs #4475, fixed in 1.6.2); unconditional deletes are exempt.
+        Guard and TOAST values were resolved against the staged rows already.
+        """
+        gone = removals.append_column(_INSERT, _constant(False, removals.num_rows))
+        new = inserts.append_column(_INSERT, _constant(True, inserts.num_rows))
+        source = pa.concat_tables([new, gone], promote_options="default")
+        match = " AND ".join(f"t.{_q(k)} = s.{_q(k)}" for k in key)
+        columns = {_q(c): f"s.{_q(c)}" for c in inserts.column_names}
+        target = set(pa.schema(dt.schema().to_arrow()).names)
+        (dt.merge(source, f"{match} AND NOT s.{_INSERT}", source_alias="s", target_alias="t",
+                  streamed_exec=False, merge_schema=bool(set(inserts.column_names) - target),
+                  commit_properties=commit)
+         .when_matched_delete()
+         .when_not_matched_insert(columns, f"s.{_INSERT}")
+         .execute())
+
+    def _description(self, key: tuple[str, ...]) -> str:
+        if key:
+            return (f"cdc staged table: current state of {self.table} (key {', '.join(key)}) "
+                    "merged from raw changes")
+        return (f"cdc staged table: {self.table} has no primary key, so this table is an append "
+                "of its inserted rows (updates and deletes cannot be matched); name a key with "
+                f"cdc compact --key {self.table}=col1,col2 to merge instead")
+
+    def _configuration(self) -> dict[str, str | None]:
+        return {"delta.checkpointInterval": str(self.options.checkpoint_interval)}
+
+    def _maintain(self, dt: DeltaTable, before: int) -> None:
+        """OPTIMIZE (bin-pack small files), then VACUUM past the retention, each time the
+        table's version crosses a multiple of ``optimize_every`` (stateless, crash-safe:
+        at worst one round is skipped)."""
+        every = self.options.optimize_every
+        if every <= 0 or dt.version() // every == before // every:
+            return
+        metrics = dt.optimize.compact()
+        dt.vacuum(retention_hours=self.options.vacuum_retention_hours, dry_run=False,
+                  enforce_retention_duration=False)
+        log.info("optimized", table=self.table, files_removed=metrics.get("numFilesRemoved"),
+                 files_added=metrics.get("numFilesAdded"), version=dt.version())
+
+
+def _lock(uri: str) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault(uri, threading.Lock())
+
+
+def _constant(value: bool, n: int) -> pa.Array:
+    return pa.nulls(n, pa.bool_()).fill_null(value)
+
+
+def _q(name: str) -> str:
+    if "`" in name:
+        raise CompactionError(f"column name {name!r} contains a backtick",
+                              fix="rename the column at the source")
+    return f"`{name}`"
