@@ -47,13 +47,17 @@ ConfigOpt = Annotated[str | None, typer.Option(
 LogFormatOpt = Annotated[str | None, typer.Option(
     "--log-format", help="console or json (env: CDC_LOG_FORMAT; default: console)",
     show_default=False)]
+KeyOpt = Annotated[list[str] | None, typer.Option(
+    "--key", help="Key of a table without a primary key, schema.table=col1,col2 (repeatable; "
+    "env: CDC_KEYS, ;-separated); without one such a table is staged as an append of its "
+    "inserts", show_default=False)]
 LogLevelOpt = Annotated[str | None, typer.Option(
     "--log-level", help="debug, info, warning, error (env: CDC_LOG_LEVEL; default: info)",
     show_default=False)]
 
 
-def _settings(config: str | None, **flags: Any) -> Settings:
-    settings = load_settings(flags, config)
+def _settings(config: str | None, *, need_dsn: bool = True, **flags: Any) -> Settings:
+    settings = load_settings(flags, config, need_dsn=need_dsn)
     configure(settings.log_format, settings.log_level)
     return settings
 
@@ -78,6 +82,10 @@ def stream(
     metrics_port: Annotated[int | None, typer.Option(
         help="Serve Prometheus metrics on this port (env: CDC_METRICS_PORT; default: off)",
         show_default=False)] = None,
+    compact_every: Annotated[str | None, typer.Option(
+        help="Compact raw into the staged Delta tables this often, in the background; 0 "
+        "disables (env: CDC_COMPACT_EVERY; default: 60s)", show_default=False)] = None,
+    key: KeyOpt = None,
     heartbeat_seconds: Annotated[str | None, typer.Option(
         help="When idle, write a logical message this often so a quiet database's slot "
         "keeps advancing; 0 disables (env: CDC_HEARTBEAT_SECONDS; default: 60s)",
@@ -97,7 +105,8 @@ def stream(
                          tables=tables, plugin=plugin, log_format=log_format,
                          log_level=log_level, flush_rows=flush_rows, flush_bytes=flush_bytes,
                          flush_seconds=flush_seconds, metrics_port=metrics_port,
-                         heartbeat_seconds=heartbeat_seconds)
+                         heartbeat_seconds=heartbeat_seconds, compact_every=compact_every,
+                         keys=key)
     if settings.metrics_port:
         from cdc.metrics import serve
 
@@ -260,10 +269,7 @@ def compact(
     tables: Annotated[str | None, typer.Option(
         "--tables", help="Comma-separated schema.table list to compact (default: every table "
         "in raw)", show_default=False)] = None,
-    key: Annotated[list[str] | None, typer.Option(
-        "--key", help="Key of a table without a primary key, schema.table=col1,col2 "
-        "(repeatable); without one such a table is staged as an append of its inserts",
-        show_default=False)] = None,
+    key: KeyOpt = None,
     optimize_every: Annotated[int, typer.Option(
         help="OPTIMIZE (compact small files) and VACUUM a staged table every N commits; "
         "0: never")] = 10,
@@ -277,17 +283,14 @@ def compact(
     source connection: it reads only the lake.
     """
     from cdc.compact import CompactOptions, compact_lake, parse_keys
-    from cdc.config import parse_tables
     from cdc.lake import open_lake
 
-    # compaction reads only the lake: a DSN is not needed (validation asks for one)
-    settings = _settings(config, dsn="-", lake=lake, slot=slot, log_format=log_format,
-                         log_level=log_level)
+    settings = _settings(config, need_dsn=False, lake=lake, slot=slot, tables=tables,
+                         keys=key, log_format=log_format, log_level=log_level)
     options = CompactOptions(optimize_every=optimize_every,
                              vacuum_retention_hours=vacuum_retention_hours)
-    results = compact_lake(open_lake(settings.lake), settings.slot,
-                           parse_tables(tables) if tables else (), parse_keys(key or []),
-                           options=options)
+    results = compact_lake(open_lake(settings.lake), settings.slot, settings.tables,
+                           parse_keys(settings.keys), options=options)
     if not results:
         typer.echo(f"nothing to compact: slot {settings.slot} has no checkpoint in "
                    f"{settings.lake} yet (cdc stream or cdc snapshot writes it)", err=True)

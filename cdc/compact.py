@@ -418,3 +418,44 @@ def _q(name: str) -> str:
         raise CompactionError(f"column name {name!r} contains a backtick",
                               fix="rename the column at the source")
     return f"`{name}`"
+
+
+class CompactionLoop:
+    """Runs ``compact_lake`` every ``interval`` seconds on a background thread.
+
+    The stream keeps reading meanwhile: compaction only reads raw files below the
+    checkpoint and writes staged tables, so the two never wait on each other. A failed
+    run is logged and retried at the next interval; the stream is not stopped by it.
+    """
+
+    def __init__(self, lake: Lake, slot: str, interval: float,
+                 keys: Mapping[str, tuple[str, ...]] | None = None) -> None:
+        self.lake = lake
+        self.slot = slot
+        self.interval = interval
+        self.keys = keys
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="compaction", daemon=True)
+
+    def start(self) -> CompactionLoop:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        from cdc import metrics
+
+        while not self.stopping.wait(self.interval):
+            try:
+                for result in compact_lake(self.lake, self.slot, keys=self.keys):
+                    metrics.COMPACTION_RUNS.labels(result.table).inc()
+                    metrics.COMPACTION_SECONDS.observe(result.seconds)
+            except CdcError as exc:
+                metrics.ERRORS.labels(type(exc).__name__).inc()
+                log.warning("compaction_failed", error=str(exc))
+            except Exception as exc:  # a compaction bug must not kill the stream
+                metrics.ERRORS.labels(type(exc).__name__).inc()
+                log.exception("compaction_crashed", error=str(exc))

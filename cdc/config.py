@@ -43,6 +43,8 @@ class Settings:
     progress_seconds: float = 10.0
     max_backoff_seconds: float = 30.0
     heartbeat_seconds: float = 60.0  # 0 disables the logical-message heartbeat
+    compact_every: float = 60.0  # seconds between compactions inside cdc stream; 0: never
+    keys: tuple[str, ...] = ()  # schema.table=col1,col2 for tables without a primary key
     metrics_port: int = 0  # 0: no metrics endpoint
     log_format: str = "console"
     log_level: str = "info"
@@ -79,6 +81,12 @@ def parse_tables(value: object) -> tuple[str, ...]:
     return tuple(str(t).strip() for t in items if str(t).strip())
 
 
+def parse_keys(value: object) -> tuple[str, ...]:
+    """Key overrides: a list, or ``;``-separated ``schema.table=col1,col2`` items."""
+    items = value if isinstance(value, list | tuple) else str(value).split(";")
+    return tuple(str(k).strip() for k in items if str(k).strip())
+
+
 _PARSERS: dict[str, Any] = {
     "tables": parse_tables,
     "flush_rows": int,
@@ -89,6 +97,8 @@ _PARSERS: dict[str, Any] = {
     "max_backoff_seconds": parse_duration,
     "heartbeat_seconds": parse_duration,
     "metrics_port": int,
+    "compact_every": parse_duration,
+    "keys": parse_keys,
 }
 FIELDS = tuple(f.name for f in fields(Settings))
 
@@ -120,8 +130,13 @@ def load_settings(
     flags: Mapping[str, Any] | None = None,
     config_file: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
+    *,
+    need_dsn: bool = True,
 ) -> Settings:
-    """Merge file, environment and flags (``None`` flags are unset) and validate."""
+    """Merge file, environment and flags (``None`` flags are unset) and validate.
+
+    ``need_dsn=False`` for commands that read only the lake (``cdc compact``).
+    """
     env = os.environ if env is None else env
     config_file = config_file or env.get("CDC_CONFIG") or None
     merged: dict[str, Any] = _read_file(Path(config_file) if config_file else None)
@@ -140,11 +155,11 @@ def load_settings(
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{name}: {exc}",
                               fix=f"fix --{name.replace('_', '-')} / CDC_{name.upper()}") from exc
-    return validate(Settings(**values))
+    return validate(Settings(**values), need_dsn=need_dsn)
 
 
-def validate(s: Settings) -> Settings:
-    if not s.dsn:
+def validate(s: Settings, *, need_dsn: bool = True) -> Settings:
+    if need_dsn and not s.dsn:
         raise ConfigError("no source database given",
                           fix="pass --dsn postgresql://user@host/db or set CDC_DSN")
     for what in ("slot", "publication"):

@@ -35,9 +35,6 @@ COMPACTION_RUNS = Counter("cdc_compaction_runs", "Compaction runs, by table", ["
 COMPACTION_SECONDS = Histogram("cdc_compaction_seconds", "Duration of one table's compaction",
                                registry=REGISTRY,
                                buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
-COMPACTION_LAG_SECONDS = Gauge("cdc_compaction_lag_seconds",
-                               "Seconds since staged last caught up with raw, by table",
-                               ["table"], registry=REGISTRY)
 ERRORS = Counter("cdc_errors", "Errors by kind (exception class)", ["kind"], registry=REGISTRY)
 
 

@@ -24,6 +24,7 @@ import structlog
 from cdc import metrics, pgoutput
 from cdc.batcher import Batch, Batcher, FlushLimits
 from cdc.checkpoint import CheckpointStore
+from cdc.compact import CompactionLoop, parse_keys
 from cdc.config import Settings
 from cdc.errors import CdcError, SlotError
 from cdc.events import (
@@ -171,6 +172,16 @@ class Streamer:
                  slot=self.settings.slot, publication=self.settings.publication,
                  start_lsn=format_lsn(start),
                  until=format_lsn(target) if target is not None else None)
+        compactor = (CompactionLoop(self.lake, self.settings.slot, self.settings.compact_every,
+                                    parse_keys(self.settings.keys)).start()
+                     if self.settings.compact_every > 0 else None)
+        try:
+            return self._stream(target)
+        finally:
+            if compactor is not None:
+                compactor.stop()
+
+    def _stream(self, target: Lsn | None) -> StreamStats:
         delay = 1.0
         while True:
             started = time.monotonic()

@@ -125,7 +125,7 @@ def settings(source: SourceDb, lake_dir: Path) -> Settings:
     """Stream settings for the test's database: small status interval, quick flushes."""
     return Settings(dsn=source.dsn, lake=str(lake_dir), slot=source.slot,
                     publication=source.publication, flush_seconds=1.0, status_seconds=1.0,
-                    progress_seconds=30.0, max_backoff_seconds=2.0)
+                    progress_seconds=30.0, max_backoff_seconds=2.0, compact_every=0.0)
 
 
 def with_settings(settings: Settings, **changes: Any) -> Settings:

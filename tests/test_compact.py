@@ -414,6 +414,28 @@ class TestMaintenanceAndConcurrency:
         assert_staged_equals_source(source, settings, "t")
 
 
+    def test_cdc_stream_compacts_in_the_background_while_it_streams(
+        self, source: SourceDb, settings: Settings, lake_dir: Path
+    ) -> None:
+        """--compact-every: staged catches up with the source without a separate command."""
+        source.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        every = with_settings(settings, compact_every=0.5, flush_seconds=0.2, status_seconds=0.2)
+        with streaming_in_thread(every):
+            wait_for(source.slot_confirmed_lsn, what="slot creation")
+            source.execute("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 100) g")
+            source.execute("DELETE FROM t WHERE id <= 10")
+            staged = str(lake_dir / "staged" / "public.t")
+
+            def staged_rows() -> int:
+                try:
+                    return int(DeltaTable(staged).to_pyarrow_table().num_rows == 90)
+                except Exception:  # not created yet
+                    return 0
+
+            wait_for(staged_rows, timeout=60, what="staged table with 90 rows")
+        assert_staged_equals_source(source, settings, "t")
+
+
 class TestReadersAndCommand:
     def test_duckdb_reads_a_staged_table_offline(
         self, source: SourceDb, settings: Settings
