@@ -308,7 +308,7 @@ def cdc_command(dsn: str, slot: str, lake: Path, args: argparse.Namespace) -> li
     return cmd
 
 
-def others(m: Measured) -> str:
+def busy_note(m: Measured) -> str:
     busy = m.machine_busy
     return "" if busy is None else f" (machine CPU {busy:.0%} busy)"
 
@@ -328,11 +328,11 @@ def run_round(dsn: str, slots: tuple[str, str], end_lsn: str, lake: Path,
     recv = run_measured(recv_command(dsn, recv_slot, end_lsn))
     if recv.returncode != 0:
         failures.append(f"pg_recvlogical exited {recv.returncode}: {recv.stderr.strip()[-500:]}")
-    print(f"  pg_recvlogical ({recv_slot}): {recv.seconds:.2f}s{others(recv)}", flush=True)
+    print(f"  pg_recvlogical ({recv_slot}): {recv.seconds:.2f}s{busy_note(recv)}", flush=True)
     cdc = run_measured(cdc_command(dsn, cdc_slot, lake, args))
     if cdc.returncode != 0:
         failures.append(f"cdc stream exited {cdc.returncode}: {cdc.stderr.strip()[-2000:]}")
-    print(f"  cdc stream ({cdc_slot}): {cdc.seconds:.2f}s{others(cdc)}  "
+    print(f"  cdc stream ({cdc_slot}): {cdc.seconds:.2f}s{busy_note(cdc)}  "
           f"[{cdc.stderr.strip()[-120:]}]", flush=True)
     written, ops, nfiles = lake_rows(lake)
     if written != expected.total or dict(ops) != expected.by_op:

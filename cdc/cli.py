@@ -71,8 +71,8 @@ def stream(
         help="Flush when this many changes are buffered (env: CDC_FLUSH_ROWS; default: 200000)",
         show_default=False)] = None,
     flush_bytes: Annotated[str | None, typer.Option(
-        help="Flush when this much change data is buffered, e.g. 64MB (env: CDC_FLUSH_BYTES; "
-        "default: 64MiB)", show_default=False)] = None,
+        help="Flush when the buffered changes take about this much memory, e.g. 64MB "
+        "(env: CDC_FLUSH_BYTES; default: 128MiB)", show_default=False)] = None,
     flush_seconds: Annotated[str | None, typer.Option(
         help="Flush when the oldest buffered change is this old, e.g. 10s "
         "(env: CDC_FLUSH_SECONDS; default: 10s)", show_default=False)] = None,

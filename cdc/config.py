@@ -37,7 +37,7 @@ class Settings:
     tables: tuple[str, ...] = ()
     plugin: str = "pgoutput"
     flush_rows: int = 200_000
-    flush_bytes: int = 64 * 2**20
+    flush_bytes: int = 128 * 2**20  # estimated memory of buffered changes
     flush_seconds: float = 10.0
     status_seconds: float = 10.0
     progress_seconds: float = 10.0

@@ -14,7 +14,8 @@ import contextlib
 import signal
 import struct
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from types import FrameType
 
 import psycopg
@@ -28,12 +29,14 @@ from cdc.compact import CompactionLoop, parse_keys
 from cdc.config import Settings
 from cdc.errors import CdcError, SlotError
 from cdc.events import (
+    UNCHANGED,
     Begin,
     Commit,
     Delete,
     Insert,
     Lsn,
     Relation,
+    Row,
     Truncate,
     TypeInfo,
     Update,
@@ -41,7 +44,7 @@ from cdc.events import (
 )
 from cdc.lake import Lake
 from cdc.raw import RawSink
-from cdc.replication import Admin, ReplicationStream, connect, describe
+from cdc.replication import Admin, ReplicationStream, connect, describe, translated
 from cdc.snapshot import snapshot_in_progress
 
 log = structlog.get_logger("cdc.stream")
@@ -51,6 +54,7 @@ _keepalive = struct.Struct("!Qq?")
 XLOGDATA = 0x77  # 'w'
 KEEPALIVE = 0x6B  # 'k'
 READ_TIMEOUT = 0.5
+VALUE_OVERHEAD = 57  # sys.getsizeof("") + a list slot (CPython 3.11, 64-bit)
 
 
 @dataclass
@@ -79,6 +83,68 @@ class Stopper:
         log.info("stop_requested", signal=signal.Signals(signum).name)
 
 
+def update_rows(relation: Relation, update: Update) -> list[tuple[str, Row]]:
+    """The raw rows of one Update: a delete of the old key first when the key changed.
+
+    With an old key tuple ('K') the server says the key changed. With a full old tuple
+    ('O', REPLICA IDENTITY FULL) we compare the key columns, and take unchanged TOASTed
+    values from the old tuple, which holds them in full.
+    """
+    new, old = update.new, update.old
+    if old is None:
+        return [("u", new)]
+    if update.old_is_key:
+        return [("d", old), ("u", new)]
+    if UNCHANGED in new:
+        new = tuple(o if n is UNCHANGED else n for n, o in zip(new, old, strict=True))
+    keys = [i for i, c in enumerate(relation.columns) if c.is_key]
+    if keys and any(old[i] != new[i] for i in keys):
+        return [("d", old), ("u", new)]
+    return [("u", new)]
+
+
+def with_key(relation: Relation, key: Sequence[str]) -> Relation:
+    """The relation with exactly ``key``'s columns flagged as key columns."""
+    columns = tuple(replace(c, is_key=c.name in key) for c in relation.columns)
+    return replace(relation, columns=columns)
+
+
+class SideConnection:
+    """A lazily (re)opened normal connection beside the replication one."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.conn: psycopg.Connection[tuple[object, ...]] | None = None
+
+    def get(self) -> psycopg.Connection[tuple[object, ...]]:
+        if self.conn is None or self.conn.closed:
+            self.conn = connect(self.dsn)
+        return self.conn
+
+    def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self.conn.close()
+            self.conn = None
+
+
+class Catalog:
+    """Catalog facts the replication stream does not carry."""
+
+    def __init__(self, side: SideConnection) -> None:
+        self.side = side
+
+    def primary_key(self, oid: int) -> tuple[str, ...]:
+        """The primary key columns of a table (empty when it has none)."""
+        conn = self.side.get()
+        with translated(self.side.dsn):
+            rows = conn.execute(
+                "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a "
+                "ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+                "WHERE i.indrelid = %s AND i.indisprimary ORDER BY a.attnum", (oid,)).fetchall()
+        return tuple(str(r[0]) for r in rows)
+
+
 class Heartbeat:
     """Writes a logical decoding message to the source when the stream is idle.
 
@@ -87,32 +153,23 @@ class Heartbeat:
     Failures only log: a heartbeat must never stop the stream.
     """
 
-    def __init__(self, dsn: str, interval: float) -> None:
-        self.dsn = dsn
+    def __init__(self, side: SideConnection, interval: float) -> None:
+        self.side = side
         self.interval = interval
         self.next = time.monotonic() + interval
-        self.conn: psycopg.Connection[tuple[object, ...]] | None = None
 
     def maybe_beat(self) -> None:
         if self.interval <= 0 or time.monotonic() < self.next:
             return
         self.next = time.monotonic() + self.interval
         try:
-            if self.conn is None or self.conn.closed:
-                self.conn = connect(self.dsn)
-            self.conn.execute("SELECT pg_logical_emit_message(false, 'cdc_heartbeat', "
-                              "now()::text)")
+            self.side.get().execute("SELECT pg_logical_emit_message(false, 'cdc_heartbeat', "
+                                    "now()::text)")
         except (CdcError, psycopg.Error) as exc:
             log.warning("heartbeat_failed", error=str(exc).splitlines()[0] if str(exc) else "",
                         fix="grant EXECUTE on pg_logical_emit_message or set "
                         "--heartbeat-seconds 0")
-            self.close()
-
-    def close(self) -> None:
-        if self.conn is not None:
-            with contextlib.suppress(psycopg.Error):
-                self.conn.close()
-            self.conn = None
+            self.side.close()
 
 
 class Streamer:
@@ -230,7 +287,9 @@ class Session:
         self.source = ReplicationStream(self.settings.dsn, self.settings.slot,
                                         self.settings.publication, start)
         self.next_status = 0.0
-        self.heartbeat = Heartbeat(self.settings.dsn, self.settings.heartbeat_seconds)
+        self.side = SideConnection(self.settings.dsn)
+        self.heartbeat = Heartbeat(self.side, self.settings.heartbeat_seconds)
+        self.catalog = Catalog(self.side)
         self.next_progress = time.monotonic() + self.settings.progress_seconds
 
     def run(self) -> None:
@@ -238,7 +297,7 @@ class Session:
             self._loop()
         finally:
             self.source.close()
-            self.heartbeat.close()
+            self.side.close()
 
     def _loop(self) -> None:
         source = self.source
@@ -289,10 +348,8 @@ class Session:
             self._add(ins.relation_oid, "c", ins.new, lsn, nbytes)
         elif t is Update:
             upd: Update = event  # type: ignore[assignment]
-            if upd.old is not None and upd.old_is_key:
-                # the key changed: the old key's row is gone
-                self._add(upd.relation_oid, "d", upd.old, lsn, nbytes)
-            self._add(upd.relation_oid, "u", upd.new, lsn, nbytes)
+            for op, row in update_rows(self.relations[upd.relation_oid], upd):
+                self._add(upd.relation_oid, op, row, lsn, nbytes)
         elif t is Delete:
             dele: Delete = event  # type: ignore[assignment]
             self._add(dele.relation_oid, "d", dele.old, lsn, nbytes)
@@ -313,6 +370,9 @@ class Session:
                 self.advance(commit.end_lsn, lazily=True)
         elif t is Relation:
             rel: Relation = event  # type: ignore[assignment]
+            if rel.replica_identity == "f":
+                # under REPLICA IDENTITY FULL pgoutput flags every column as key
+                rel = with_key(rel, self.catalog.primary_key(rel.oid))
             known = self.relations.get(rel.oid)
             if known is not None and known != rel:
                 batch = batcher.cut_table(rel.oid)  # its schema changes: close its file
@@ -332,6 +392,8 @@ class Session:
     def _add(self, oid: int, op: str, row: tuple[object, ...] | None, lsn: Lsn,
              nbytes: int) -> None:
         relation = self.relations[oid]
+        # buffered memory: the message plus a Python str object and list slot per value
+        nbytes += VALUE_OVERHEAD * len(relation.columns)
         self.batcher.add(self.batcher.buffer_for(relation), op, row, nbytes,  # type: ignore[arg-type]
                          lsn, self.commit_lsn, self.seq, self.xid, self.commit_ts)
         self.seq += 1

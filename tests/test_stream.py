@@ -174,19 +174,31 @@ class TestChangesInRaw:
             ("c", 1, "a"), ("d", 1, None), ("u", 2, "a")]
         assert replay(rows) == {2: {"id": 2, "v": "a"}}
 
-    def test_replica_identity_full_delete_carries_every_column(
+    def test_replica_identity_full_keeps_the_primary_key_and_whole_old_rows(
         self, source: SourceDb, settings: Settings, lake_dir: Path
     ) -> None:
-        """Under REPLICA IDENTITY FULL a delete carries the whole old row."""
-        source.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        """Under FULL: the key stays the primary key, key changes delete the old key,
+        unchanged TOASTed values come from the old row, deletes carry every column."""
+        import pyarrow.parquet as pq
+
+        source.execute("CREATE TABLE t (id int PRIMARY KEY, v text, body text)")
         source.execute("ALTER TABLE t REPLICA IDENTITY FULL")
+        source.execute("ALTER TABLE t ALTER body SET STORAGE EXTERNAL")
         prepare(settings)
-        source.execute("INSERT INTO t VALUES (1, 'a')")
+        big = "b" * 50_000
+        source.execute("INSERT INTO t VALUES (1, 'a', %s)", (big,))
+        source.execute("UPDATE t SET v = 'a2' WHERE id = 1")
+        source.execute("UPDATE t SET id = 5 WHERE id = 1")
         source.execute("DELETE FROM t")
         stream_until_caught_up(settings)
 
         rows = read_raw(lake_dir, "public.t")
-        assert [(r["_op"], r["id"], r["v"]) for r in rows] == [("c", 1, "a"), ("d", 1, "a")]
+        assert [(r["_op"], r["id"], r["v"]) for r in rows] == [
+            ("c", 1, "a"), ("u", 1, "a2"), ("d", 1, "a2"), ("u", 5, "a2"), ("d", 5, "a2")]
+        assert all(r["body"] == big for r in rows)  # never NULL, never "unchanged"
+        assert all(r["_unchanged"] is None for r in rows)
+        schema = pq.read_schema(raw_files(lake_dir, "public.t")[0])
+        assert schema.metadata[b"cdc_key"] == b"id"
 
     def test_a_column_added_mid_stream_starts_a_new_file_with_the_new_schema(
         self, source: SourceDb, settings: Settings, lake_dir: Path
