@@ -2,7 +2,8 @@
 
 Starts a throwaway PostgreSQL, seeds ``media_retail``, backfills it with
 ``cdc snapshot``, runs ``cdc stream`` while sales traffic flows, stops it with
-SIGTERM and prints what landed (snapshot rows apart from changes).
+SIGTERM and prints what landed (snapshot rows apart from changes); then
+compacts raw into staged Delta tables and queries them with DuckDB.
 Exits non-zero if the streamer fails, does not acknowledge everything, or the
 lake is missing changes the traffic made.
 """
@@ -23,7 +24,7 @@ from psycopg.rows import TupleRow
 
 from cdc.errors import CdcError
 from cdc.sandbox import LocalCluster
-from demo import DemoFailure, seed, streamer, summary, traffic
+from demo import DemoFailure, seed, staged, streamer, summary, traffic
 
 DATABASE = "media_retail"
 SLOT = PUBLICATION = "cdc_demo"
@@ -143,10 +144,13 @@ def run(args: argparse.Namespace) -> int:
                 report = stream_traffic(admin, dsn, args, problems)
             summaries = summary.read_lake(args.lake, tables)
             summary.count_source(admin, summaries, tables)
-    kinds = ", ".join(f"{n} {kind}" for kind, n in report.kinds.most_common())
-    print(f"\n{report.transactions} transactions in {report.seconds:.1f}s"
-          + (f": {kinds}" if kinds else ""))
-    problems += report_lake(summaries, None if args.no_stream else report, args.lake, seeded)
+            kinds = ", ".join(f"{n} {kind}" for kind, n in report.kinds.most_common())
+            print(f"\n{report.transactions} transactions in {report.seconds:.1f}s"
+                  + (f": {kinds}" if kinds else ""))
+            problems += report_lake(summaries, None if args.no_stream else report, args.lake,
+                                    seeded)
+            if not args.no_stream:
+                problems += staged.run(args.lake, SLOT, admin)
     print(f"demo took {time.monotonic() - started:.0f}s")
     if problems:
         raise DemoFailure("\n  ".join(["", *problems]))
