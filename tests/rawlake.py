@@ -105,6 +105,26 @@ def run_cdc(args: list[str], timeout: float = 120) -> subprocess.CompletedProces
                           timeout=timeout, stdin=subprocess.DEVNULL, check=False)
 
 
+#: a small parent process: a child's ru_maxrss starts at its parent's RSS at fork time,
+#: so measuring cdc forked from the (large) pytest process would count pytest's memory
+_MEASURE = (
+    "import os, sys, subprocess\n"
+    "proc = subprocess.Popen(sys.argv[1:])\n"
+    "_, status, usage = os.wait4(proc.pid, 0)\n"
+    "sys.stderr.write(f'peak_rss_kib={usage.ru_maxrss}\\n')\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
+def run_cdc_measured(settings: Settings, *extra: str) -> tuple[int, str, float]:
+    """Run `cdc stream` to completion; (exit code, stderr, peak RSS in MB)."""
+    result = subprocess.run([sys.executable, "-c", _MEASURE, *cdc_command(settings, *extra)],
+                            capture_output=True, text=True, timeout=600,
+                            stdin=subprocess.DEVNULL, check=False)
+    peak = [line for line in result.stderr.splitlines() if line.startswith("peak_rss_kib=")]
+    return result.returncode, result.stderr, int(peak[-1].split("=")[1]) / 1024 if peak else -1
+
+
 def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 60) -> int:
     proc.send_signal(sig)
     return proc.wait(timeout=timeout)
