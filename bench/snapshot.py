@@ -42,12 +42,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 import pyarrow.parquet as pq
+from workload import insert_sql, rate, schema_sql, server
 
 TABLE = "bench_snap"
 SLOT = "bench_snap"
@@ -55,29 +56,8 @@ PUBLICATION = "bench_snap"
 TARGET_RATIO = 0.7
 PSQL = "/usr/bin/psql"
 
-SCHEMA_SQL = f"""
-CREATE TABLE {TABLE} (
-    id bigint PRIMARY KEY,
-    name text,
-    price numeric(10,2),
-    qty integer,
-    created_at timestamptz,
-    active boolean,
-    payload jsonb
-)
-"""
-
-INSERT_SQL = f"""
-INSERT INTO {TABLE}
-SELECT g,
-       'name-' || g,
-       mod(g, 100000) / 100.0,
-       mod(g, 1000)::integer,
-       timestamptz '2024-01-01 00:00:00+00' + g * interval '1 second',
-       mod(g, 2) = 0,
-       jsonb_build_object('id', g, 'tag', 'tag-' || mod(g, 17), 'score', mod(g, 101))
-FROM generate_series(1, %(rows)s) AS g
-"""
+SCHEMA_SQL = schema_sql(TABLE)
+INSERT_SQL = insert_sql(TABLE)
 
 Conn = psycopg.Connection[tuple[object, ...]]
 
@@ -183,18 +163,6 @@ def run_measured(cmd: Sequence[str], server_cpu: ServerCpu) -> Measured:
                     proc.returncode, text, server, busy)
 
 
-@contextlib.contextmanager
-def server(dsn: str | None) -> Iterator[str]:
-    """The DSN of the server to use: ``dsn`` as given, or a throwaway LocalCluster."""
-    if dsn:
-        yield dsn
-        return
-    from cdc.sandbox import LocalCluster
-
-    with LocalCluster() as cluster:
-        yield cluster.dsn()
-
-
 def drop_slot_and_publication(conn: Conn) -> None:
     conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
                  "WHERE slot_name = %s", (SLOT,))
@@ -220,9 +188,6 @@ def lake_rows(lake: Path) -> tuple[int, int]:
     files = sorted((lake / "raw").rglob("*.parquet"))
     return sum(pq.read_metadata(path).num_rows for path in files), len(files)
 
-
-def rate(rows: int, seconds: float) -> float:
-    return rows / seconds if seconds > 0 else 0.0
 
 
 def copy_command(dsn: str) -> list[str]:

@@ -37,12 +37,13 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 import pyarrow.parquet as pq
+from workload import insert_sql, rate, schema_sql, server
 
 SLOT_CDC = "bench_cdc"
 SLOT_RECV = "bench_recv"
@@ -56,29 +57,8 @@ GNU_TIME = Path("/usr/bin/time")
 #: CPU, other processes were competing and the times measure the contention
 SATURATED = 0.9
 
-SCHEMA_SQL = f"""
-CREATE TABLE {TABLE} (
-    id bigint PRIMARY KEY,
-    name text,
-    price numeric(10,2),
-    qty integer,
-    created_at timestamptz,
-    active boolean,
-    payload jsonb
-)
-"""
-
-INSERT_SQL = f"""
-INSERT INTO {TABLE}
-SELECT g,
-       'name-' || g,
-       mod(g, 100000) / 100.0,
-       mod(g, 1000)::integer,
-       timestamptz '2024-01-01 00:00:00+00' + g * interval '1 second',
-       mod(g, 2) = 0,
-       jsonb_build_object('id', g, 'tag', 'tag-' || mod(g, 17), 'score', mod(g, 101))
-FROM generate_series(1, %(rows)s) AS g
-"""
+SCHEMA_SQL = schema_sql(TABLE)
+INSERT_SQL = insert_sql(TABLE)
 
 UPDATE_SQL = f"""
 UPDATE {TABLE}
@@ -204,18 +184,6 @@ def run_measured(cmd: Sequence[str]) -> Measured:
                     text, busy)
 
 
-@contextlib.contextmanager
-def server(dsn: str | None) -> Iterator[str]:
-    """The DSN of the server to use: ``dsn`` as given, or a throwaway LocalCluster."""
-    if dsn:
-        yield dsn
-        return
-    from cdc.sandbox import LocalCluster
-
-    with LocalCluster() as cluster:
-        yield cluster.dsn()
-
-
 def slot_pairs(rounds: int) -> list[tuple[str, str]]:
     """(pg_recvlogical slot, cdc slot) of each round."""
     pairs = [(SLOT_RECV, SLOT_CDC)]
@@ -285,9 +253,6 @@ def lake_rows(lake: Path) -> tuple[int, Counter[str], int]:
         ops.update(pq.read_table(path, columns=["_op"]).column("_op").to_pylist())
     return total, ops, len(files)
 
-
-def rate(changes: int, seconds: float) -> float:
-    return changes / seconds if seconds > 0 else 0.0
 
 
 def recv_command(dsn: str, slot: str, end_lsn: str) -> list[str]:
