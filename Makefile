@@ -16,7 +16,7 @@ deps: $(STAMP)
 	bash scripts/ensure-postgres.sh
 
 demo: deps
-	$(PY) -m demo $(DEMO_ARGS)
+	$(PY) -m demo $(if $(filter s3,$(LAKE)),--s3) $(DEMO_ARGS)
 
 test: deps
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from cdc.events import UNCHANGED, Lsn, Op, Relation, Row
-from cdc.pgtypes import ColumnType, column_type, convert_column
+from cdc.pgtypes import ColumnType, PgType, TypeFacts, column_type, convert_column
 
 #: metadata columns of every raw file, after the source columns (DESIGN.md section 2)
 META_SCHEMA = pa.schema(
@@ -60,10 +60,11 @@ class Batch:
 class TableBuffer:
     """Buffered changes of one table, one list per column."""
 
-    def __init__(self, relation: Relation, type_names: dict[int, str]) -> None:
+    def __init__(self, relation: Relation, type_names: dict[int, str],
+                 type_facts: TypeFacts | None = None) -> None:
         self.relation = relation
         self.types: list[ColumnType] = [
-            column_type(c.type_oid, c.type_modifier, type_names.get(c.type_oid))
+            column_type(c.type_oid, c.type_modifier, type_names.get(c.type_oid), type_facts)
             for c in relation.columns
         ]
         self._clear()
@@ -161,6 +162,8 @@ class Batcher:
     limits: FlushLimits
     buffers: dict[int, TableBuffer] = field(default_factory=dict)
     type_names: dict[int, str] = field(default_factory=dict)
+    #: catalog facts of the non-built-in column types (domains, arrays, enums)
+    type_facts: dict[int, PgType] = field(default_factory=dict)
     rows: int = 0
     bytes: int = 0
     oldest: float | None = None
@@ -168,7 +171,8 @@ class Batcher:
     def buffer_for(self, relation: Relation) -> TableBuffer:
         buf = self.buffers.get(relation.oid)
         if buf is None:
-            buf = self.buffers[relation.oid] = TableBuffer(relation, self.type_names)
+            buf = self.buffers[relation.oid] = TableBuffer(relation, self.type_names,
+                                                           self.type_facts)
         return buf
 
     def add(self, buffer: TableBuffer, op: Op | str, row: Row | None, nbytes: int, lsn: Lsn,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -11,6 +11,9 @@ from cdc import __version__
 from cdc.config import Settings, load_settings
 from cdc.errors import CdcError, ConfigError
 from cdc.log import configure, scrub
+
+if TYPE_CHECKING:
+    from cdc.lake import Lake
 
 app = typer.Typer(
     help="Stream a live PostgreSQL database into an analytics lake (raw parquet history "
@@ -29,8 +32,12 @@ Dsn = Annotated[str | None, typer.Option(
     "--dsn", help="Source database, e.g. postgresql://user@host:5432/db (env: CDC_DSN)",
     show_default=False)]
 LakeOpt = Annotated[str | None, typer.Option(
-    "--lake", help="Lake root: a local folder (env: CDC_LAKE; default: ./lake)",
-    show_default=False)]
+    "--lake", help="Lake root: a local folder or s3://bucket/prefix (env: CDC_LAKE; default: "
+    "./lake)", show_default=False)]
+S3EndpointOpt = Annotated[str | None, typer.Option(
+    "--s3-endpoint", help="S3-compatible endpoint for an s3:// lake, e.g. "
+    "http://127.0.0.1:9000 for MinIO; plain HTTP only when named here (env: CDC_S3_ENDPOINT, "
+    "else AWS_ENDPOINT_URL; default: AWS S3)", show_default=False)]
 SlotOpt = Annotated[str | None, typer.Option(
     "--slot", help="Replication slot name (env: CDC_SLOT; default: cdc)", show_default=False)]
 PublicationOpt = Annotated[str | None, typer.Option(
@@ -56,6 +63,13 @@ LogLevelOpt = Annotated[str | None, typer.Option(
     show_default=False)]
 
 
+def _open_lake(settings: Settings) -> Lake:
+    from cdc.lake import open_lake
+
+    return open_lake(settings.lake, s3_endpoint=settings.s3_endpoint,
+                     s3_max_attempts=settings.s3_max_attempts)
+
+
 def _settings(config: str | None, *, need_dsn: bool = True, **flags: Any) -> Settings:
     settings = load_settings(flags, config, need_dsn=need_dsn)
     configure(settings.log_format, settings.log_level)
@@ -67,6 +81,7 @@ def stream(
     dsn: Dsn = None, lake: LakeOpt = None, slot: SlotOpt = None,
     publication: PublicationOpt = None, tables: TablesOpt = None, plugin: PluginOpt = None,
     config: ConfigOpt = None, log_format: LogFormatOpt = None, log_level: LogLevelOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
     flush_rows: Annotated[int | None, typer.Option(
         help="Flush when this many changes are buffered (env: CDC_FLUSH_ROWS; default: 200000)",
         show_default=False)] = None,
@@ -98,7 +113,6 @@ def stream(
     A position is acknowledged to the slot only after everything up to it is durable in
     the lake and recorded in <lake>/_cdc/checkpoints/.
     """
-    from cdc.lake import open_lake
     from cdc.stream import stream as run_stream
 
     settings = _settings(config, dsn=dsn, lake=lake, slot=slot, publication=publication,
@@ -106,12 +120,12 @@ def stream(
                          log_level=log_level, flush_rows=flush_rows, flush_bytes=flush_bytes,
                          flush_seconds=flush_seconds, metrics_port=metrics_port,
                          heartbeat_seconds=heartbeat_seconds, compact_every=compact_every,
-                         keys=key)
+                         keys=key, s3_endpoint=s3_endpoint)
     if settings.metrics_port:
         from cdc.metrics import serve
 
         serve(settings.metrics_port)
-    stats = run_stream(settings, open_lake(settings.lake), until_caught_up=until_caught_up)
+    stats = run_stream(settings, _open_lake(settings), until_caught_up=until_caught_up)
     typer.echo(f"streamed {stats.changes} changes in {stats.transactions} transactions "
                f"into {stats.files} files", err=True)
 
@@ -121,6 +135,7 @@ def snapshot(
     dsn: Dsn = None, lake: LakeOpt = None, slot: SlotOpt = None,
     publication: PublicationOpt = None, tables: TablesOpt = None, plugin: PluginOpt = None,
     config: ConfigOpt = None, log_format: LogFormatOpt = None, log_level: LogLevelOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
     mode: Annotated[str, typer.Option(
         help="consistent: every published table at one instant, tied to a new slot so "
         "`cdc stream` continues exactly where it ends. updated_at: rows whose updated_at "
@@ -145,12 +160,11 @@ def snapshot(
     It cannot see deletes and sees only the last version of a row between runs: use it only
     where logical replication is not available.
     """
-    from cdc.lake import open_lake
 
     settings = _settings(config, dsn=dsn, lake=lake, slot=slot, publication=publication,
                          tables=tables, plugin=plugin, log_format=log_format,
-                         log_level=log_level)
-    target = open_lake(settings.lake)
+                         log_level=log_level, s3_endpoint=s3_endpoint)
+    target = _open_lake(settings)
     if mode == "consistent":
         from cdc.snapshot import ConsistentSnapshot
 
@@ -181,6 +195,7 @@ def _lsn(lsn: int) -> str:
 @app.command()
 def status(
     dsn: Dsn = None, lake: LakeOpt = None, slot: SlotOpt = None, config: ConfigOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines")] = False,
     max_lag_bytes: Annotated[str | None, typer.Option(
         help="Exit 1 when the slot's unacknowledged WAL exceeds this, e.g. 1GB",
@@ -202,11 +217,10 @@ def status(
     import json
 
     from cdc.config import parse_duration, parse_size
-    from cdc.lake import open_lake
     from cdc.monitor import check, collect, render
 
-    s = _settings(config, dsn=dsn, lake=lake, slot=slot)
-    report = collect(s.dsn, open_lake(s.lake), s.slot, staged=_staged_probe())
+    s = _settings(config, dsn=dsn, lake=lake, slot=slot, s3_endpoint=s3_endpoint)
+    report = collect(s.dsn, _open_lake(s), s.slot, staged=_staged_probe())
     reasons = check(
         report,
         max_lag_bytes=parse_size(max_lag_bytes) if max_lag_bytes else None,
@@ -266,6 +280,7 @@ def slot_drop(dsn: Dsn = None, slot: SlotOpt = None, config: ConfigOpt = None) -
 def compact(
     lake: LakeOpt = None, slot: SlotOpt = None, config: ConfigOpt = None,
     log_format: LogFormatOpt = None, log_level: LogLevelOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
     tables: Annotated[str | None, typer.Option(
         "--tables", help="Comma-separated schema.table list to compact (default: every table "
         "in raw)", show_default=False)] = None,
@@ -283,13 +298,13 @@ def compact(
     source connection: it reads only the lake.
     """
     from cdc.compact import CompactOptions, compact_lake, parse_keys
-    from cdc.lake import open_lake
 
     settings = _settings(config, need_dsn=False, lake=lake, slot=slot, tables=tables,
-                         keys=key, log_format=log_format, log_level=log_level)
+                         keys=key, log_format=log_format, log_level=log_level,
+                         s3_endpoint=s3_endpoint)
     options = CompactOptions(optimize_every=optimize_every,
                              vacuum_retention_hours=vacuum_retention_hours)
-    results = compact_lake(open_lake(settings.lake), settings.slot, settings.tables,
+    results = compact_lake(_open_lake(settings), settings.slot, settings.tables,
                            parse_keys(settings.keys), options=options)
     if not results:
         typer.echo(f"nothing to compact: slot {settings.slot} has no checkpoint in "
@@ -297,6 +312,53 @@ def compact(
     for r in results:
         typer.echo(f"{r.table}: {r.changes} changes in {r.commits} commits, staged version "
                    f"{r.version if r.version is not None else '-'}", err=True)
+
+
+@app.command()
+def query(
+    sql: Annotated[str, typer.Argument(
+        help="SQL (DuckDB dialect) over the lake's views: staged tables as <schema>.<table> "
+        "(e.g. public.invoice), raw change history as raw_<schema>.<table> "
+        "(e.g. raw_public.invoice, with _op, _commit_lsn, ... and load_date)",
+        show_default=False)],
+    lake: LakeOpt = None, config: ConfigOpt = None, s3_endpoint: S3EndpointOpt = None,
+    output: Annotated[str, typer.Option(
+        "--format", help="table (DuckDB's rendering), csv (with a header) or json (one "
+        "object per line)")] = "table",
+) -> None:
+    """Run SQL over the lake with DuckDB, offline (no extension download, no source database).
+
+    Example: cdc query "SELECT _op, count(*) FROM raw_public.invoice GROUP BY 1".
+    Bad SQL or an unknown table exits 2 with one line naming the fix.
+    """
+    from cdc.query import query_main
+
+    settings = _settings(config, need_dsn=False, lake=lake, s3_endpoint=s3_endpoint)
+    query_main(_open_lake(settings), sql, output)
+
+
+ddl_app = typer.Typer(help="Print DDL that lets other engines read the lake.",
+                      no_args_is_help=True)
+app.add_typer(ddl_app, name="ddl")
+
+
+@ddl_app.command("athena")
+def ddl_athena(
+    lake: LakeOpt = None, config: ConfigOpt = None, s3_endpoint: S3EndpointOpt = None,
+    database: Annotated[str, typer.Option(
+        help="Athena (Glue) database the tables go into")] = "cdc",
+    location: Annotated[str | None, typer.Option(
+        help="Where the lake is in S3, s3://bucket/prefix (default: --lake when it is an "
+        "s3:// lake)", show_default=False)] = None,
+) -> None:
+    """Print CREATE EXTERNAL TABLE statements for Athena: every raw table (parquet,
+    partition projection on load_date, no crawler needed) as raw_<schema>__<table> and
+    every staged Delta table as <schema>__<table>.
+    """
+    from cdc.athena import athena_ddl
+
+    settings = _settings(config, need_dsn=False, lake=lake, s3_endpoint=s3_endpoint)
+    typer.echo(athena_ddl(_open_lake(settings), database, location), nl=False)
 
 
 def _version(value: bool) -> None:

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import structlog
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake.exceptions import TableNotFoundError
 
 from cdc.checkpoint import CheckpointStore
 from cdc.errors import CdcError, CompactionError, ConfigError
@@ -103,8 +104,30 @@ class RawFile:
 
 
 def staged_location(lake: Lake, table: str) -> tuple[str, dict[str, str] | None]:
-    """The Delta table URI of ``table`` in ``lake`` and the storage options to open it."""
-    return f"{lake.uri.rstrip('/')}/staged/{table}", None
+    """The Delta table URI of ``table`` in ``lake`` and the storage options to open it.
+
+    On S3: ``s3://bucket/prefix/staged/<table>`` with options for the lake's endpoint,
+    region and credentials, and conditional PUT for safe concurrent commits.
+    """
+    from cdc.s3lake import S3Lake
+
+    uri = f"{lake.uri.rstrip('/')}/staged/{table}"
+    if isinstance(lake, S3Lake):
+        return uri, lake.delta_storage_options()
+    return uri, None
+
+
+def open_staged(uri: str, storage: dict[str, str] | None) -> DeltaTable | None:
+    """The Delta table at ``uri``, or None when there is none yet.
+
+    Not ``DeltaTable.is_deltatable``: in deltalake 1.6 it holds the GIL during its I/O,
+    which stalls every other thread (the stream beside a background compaction) for the
+    length of an S3 round trip, and deadlocks against an in-process S3 server.
+    """
+    try:
+        return DeltaTable(uri, storage_options=storage)
+    except TableNotFoundError:
+        return None
 
 
 def staged_watermark(lake: Lake, table: str) -> tuple[Lsn | None, datetime | None]:
@@ -115,9 +138,9 @@ def staged_watermark(lake: Lake, table: str) -> tuple[Lsn | None, datetime | Non
     """
     uri, storage = staged_location(lake, table)
     try:
-        if not DeltaTable.is_deltatable(uri, storage):
+        dt = open_staged(uri, storage)
+        if dt is None:
             return None, None
-        dt = DeltaTable(uri, storage_options=storage)
         files = pa.table(dt.get_add_actions(flatten=True))
     except Exception as exc:  # delta-rs raises DeltaError and plain Exception
         raise CompactionError(f"staged table {uri} is unreadable: {str(exc).splitlines()[0]}",
@@ -202,9 +225,7 @@ class _TableCompactor:
         return result
 
     def _open(self) -> DeltaTable | None:
-        if not DeltaTable.is_deltatable(self.uri, self.storage):
-            return None
-        return DeltaTable(self.uri, storage_options=self.storage)
+        return open_staged(self.uri, self.storage)
 
     def _compact(self, files: list[RawFile], bound: Lsn) -> tuple[DeltaTable | None, int, int]:
         dt = self._open()

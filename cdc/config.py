@@ -18,7 +18,7 @@ from typing import Any
 from cdc.errors import ConfigError
 
 DEFAULT_CONFIG_FILE = "cdc.toml"
-PLUGINS = ("pgoutput",)
+PLUGINS = ("pgoutput", "wal2json")
 _NAME = re.compile(r"^[a-z0-9_]{1,63}$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", re.IGNORECASE)
@@ -32,6 +32,8 @@ _DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 class Settings:
     dsn: str = ""
     lake: str = "./lake"
+    s3_endpoint: str = ""  # S3-compatible endpoint URL; else AWS_ENDPOINT_URL, else AWS
+    s3_max_attempts: int = 10  # attempts per S3 request (adaptive retries) before LakeError
     slot: str = "cdc"
     publication: str = "cdc"
     tables: tuple[str, ...] = ()
@@ -97,6 +99,7 @@ _PARSERS: dict[str, Any] = {
     "max_backoff_seconds": parse_duration,
     "heartbeat_seconds": parse_duration,
     "metrics_port": int,
+    "s3_max_attempts": int,
     "compact_every": parse_duration,
     "keys": parse_keys,
 }
@@ -172,6 +175,11 @@ def validate(s: Settings, *, need_dsn: bool = True) -> Settings:
     if s.flush_rows < 1 or s.flush_bytes < 1 or s.flush_seconds <= 0:
         raise ConfigError("flush limits must be positive",
                           fix="check --flush-rows, --flush-bytes and --flush-seconds")
+    if s.s3_endpoint and not s.s3_endpoint.startswith(("http://", "https://")):
+        raise ConfigError("the S3 endpoint is not an http(s) URL",
+                          fix="pass e.g. --s3-endpoint https://minio.internal:9000")
+    if s.s3_max_attempts < 1:
+        raise ConfigError("s3_max_attempts must be at least 1", fix="fix CDC_S3_MAX_ATTEMPTS")
     if s.log_format not in ("console", "json"):
         raise ConfigError(f"log format {s.log_format!r} is not known", fix="use console or json")
     return s

@@ -105,7 +105,8 @@ class UpdatedAtExport:
                               fix="add a primary key or leave the table out of --tables")
         order = [column, *keys]
         positions = [names.index(c) for c in order]
-        types = [column_type(c.type_oid, c.type_modifier, type_names.get(c.type_oid))
+        facts = admin.type_facts(relation)
+        types = [column_type(c.type_oid, c.type_modifier, type_names.get(c.type_oid), facts)
                  for c in relation.columns]
         stored = self.lake.read_bytes(watermark_key(name))
         mark: list[str] | None = json.loads(stored)["after"] if stored else None

@@ -102,11 +102,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def open_lake(uri: str) -> Lake:
-    """A lake from its URI: a local path, or ``s3://bucket/prefix`` (not yet supported)."""
+def open_lake(uri: str, *, s3_endpoint: str = "", s3_max_attempts: int = 10) -> Lake:
+    """A lake from its URI: a local path, or ``s3://bucket/prefix`` (``cdc.s3lake``).
+
+    ``s3_endpoint`` names an S3-compatible endpoint (else ``AWS_ENDPOINT_URL``, else AWS).
+    """
     if uri.startswith("s3://"):
-        raise ConfigError(f"lake {uri!r}: S3 lakes are not supported yet",
-                          fix="use a local folder for --lake")
+        from cdc.s3lake import S3Lake
+
+        return S3Lake(uri, endpoint=s3_endpoint or None, max_attempts=s3_max_attempts)
     if "://" in uri:
         raise ConfigError(f"lake {uri!r} has an unknown scheme",
                           fix="use a local folder or s3://bucket/prefix")

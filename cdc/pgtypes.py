@@ -1,45 +1,92 @@
 """PostgreSQL types → Arrow types, and whole-column conversion of text values.
 
 Named ``pgtypes`` rather than ``types`` so it never shadows the standard
-library module. Values arrive as the server's text output (the replication
-session runs with ``DateStyle=ISO`` and ``TimeZone=UTC``); each column is
-converted at flush time in one vectorised Arrow cast, never value by value.
-Types without a mapping here land as their text form; the Postgres type is
-always recorded in the parquet field metadata (``pg_type``).
+library module. Values arrive as the server's text output (the replication and
+snapshot sessions run with ``DateStyle=ISO``, ``TimeZone=UTC``,
+``IntervalStyle=postgres``, ``extra_float_digits=3``, ``bytea_output=hex``);
+each column is converted at flush time with whole-column Arrow compute
+functions, never value by value on the common path. Types without an exact
+Arrow mapping land as their text form; the declared Postgres type is always
+recorded in the parquet field metadata (``pg_type``).
+
+The mapping (README "The lake" documents it for users):
+
+* ``smallint``/``integer``/``bigint``/``oid`` → int16/int32/int64/int64
+* ``numeric(p, s)`` with 0 <= s <= p → decimal128(p, s), decimal256 past 38 digits
+  (staged: text past 38 digits); a ``NaN`` in such a column cannot be a decimal and
+  fails the batch with ConversionError (never rounded, never NULLed)
+* unconstrained ``numeric`` (and ``numeric(p, s)`` with s < 0 or s > p) → exact text,
+  ``NaN``/``Infinity``/``-Infinity`` kept: no Arrow decimal holds every value of it
+* ``real``/``double precision`` → float32/float64 (NaN and ±Infinity kept)
+* ``date`` → date32; ``timestamp`` → timestamp[us]; ``timestamptz`` → timestamp[us, UTC].
+  ``infinity``/``-infinity`` → the DuckDB sentinels (int32/int64 max and -max), which
+  DuckDB reads back as ±infinity; BC and five-digit years are converted exactly.
+  Staged Delta tables cannot hold those sentinels: there they become
+  9999-12-31 (23:59:59.999999) and 0001-01-01 (00:00:00), see :func:`for_delta`.
+* ``time`` → time64[us] (staged: its text ``HH:MM:SS.ffffff``, Delta has no time type)
+* ``boolean`` → bool; ``bytea`` → binary
+* arrays of a mapped type (one dimension, lower bound 1) → list<element type>
+* domains → their base type; enums, ``money``, ``timetz``, ``interval``, ``uuid``,
+  ``json``/``jsonb``, ``xml``, ``inet``/``cidr``/``macaddr``, composites, ranges and
+  anything else → their text form (string)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import binascii
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import date
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cdc.errors import ConversionError
+from cdc.errors import CompactionError, ConversionError
 
-BOOL, BYTEA, INT8, INT2, INT4, TEXT, OID = 16, 17, 20, 21, 23, 25, 26
-JSON, FLOAT4, FLOAT8, BPCHAR, VARCHAR = 114, 700, 701, 1042, 1043
-DATE, TIME, TIMESTAMP, TIMESTAMPTZ, NUMERIC, UUID, JSONB = 1082, 1083, 1114, 1184, 1700, 2950, 3802
+BOOL, BYTEA, CHAR, NAME, INT8, INT2, INT4, TEXT, OID = 16, 17, 18, 19, 20, 21, 23, 25, 26
+JSON, XML, FLOAT4, FLOAT8, MONEY, MACADDR, INET, CIDR = 114, 142, 700, 701, 790, 829, 869, 650
+MACADDR8, BPCHAR, VARCHAR = 774, 1042, 1043
+DATE, TIME, TIMESTAMP, TIMESTAMPTZ, INTERVAL, TIMETZ = 1082, 1083, 1114, 1184, 1186, 1266
+NUMERIC, UUID, JSONB = 1700, 2950, 3802
 
 _NAMES = {
-    BOOL: "boolean", BYTEA: "bytea", INT8: "bigint", INT2: "smallint", INT4: "integer",
-    TEXT: "text", OID: "oid", JSON: "json", FLOAT4: "real", FLOAT8: "double precision",
-    BPCHAR: "character", VARCHAR: "character varying", DATE: "date",
-    TIME: "time without time zone", TIMESTAMP: "timestamp without time zone",
-    TIMESTAMPTZ: "timestamp with time zone", NUMERIC: "numeric", UUID: "uuid",
+    BOOL: "boolean", BYTEA: "bytea", CHAR: '"char"', NAME: "name", INT8: "bigint",
+    INT2: "smallint", INT4: "integer", TEXT: "text", OID: "oid", JSON: "json", XML: "xml",
+    FLOAT4: "real", FLOAT8: "double precision", MONEY: "money", MACADDR: "macaddr",
+    MACADDR8: "macaddr8", INET: "inet", CIDR: "cidr", BPCHAR: "character",
+    VARCHAR: "character varying", DATE: "date", TIME: "time without time zone",
+    TIMESTAMP: "timestamp without time zone", TIMESTAMPTZ: "timestamp with time zone",
+    INTERVAL: "interval", TIMETZ: "time with time zone", NUMERIC: "numeric", UUID: "uuid",
     JSONB: "jsonb",
+}
+
+#: built-in array types → their element type (others are looked up in the catalog)
+ARRAYS = {
+    1000: BOOL, 1001: BYTEA, 1002: CHAR, 1003: NAME, 1005: INT2, 1007: INT4, 1009: TEXT,
+    1014: BPCHAR, 1015: VARCHAR, 1016: INT8, 1021: FLOAT4, 1022: FLOAT8, 1028: OID,
+    1115: TIMESTAMP, 1182: DATE, 1183: TIME, 1185: TIMESTAMPTZ, 1187: INTERVAL, 1231: NUMERIC,
+    1270: TIMETZ, 2951: UUID, 199: JSON, 3807: JSONB, 143: XML, 1041: INET, 651: CIDR,
+    1040: MACADDR, 775: MACADDR8, 791: MONEY,
 }
 
 _CASTS: dict[int, pa.DataType] = {
     INT2: pa.int16(), INT4: pa.int32(), INT8: pa.int64(), OID: pa.int64(),
-    FLOAT4: pa.float32(), FLOAT8: pa.float64(), DATE: pa.date32(),
-    TIMESTAMP: pa.timestamp("us"), TIMESTAMPTZ: pa.timestamp("us", tz="UTC"),
+    FLOAT4: pa.float32(), FLOAT8: pa.float64(),
 }
 
 #: numeric wider than this has no decimal128; it lands as decimal256
 _DECIMAL128_MAX_PRECISION = 38
 _DECIMAL256_MAX_PRECISION = 76
+
+#: ±infinity of date / timestamp columns in raw (DuckDB's own encoding of ±infinity)
+DATE_INFINITY = 2**31 - 1
+TIMESTAMP_INFINITY = 2**63 - 1
+#: what staged Delta tables hold instead (Delta's writers cannot handle the sentinels)
+DELTA_DATE_MAX, DELTA_DATE_MIN = 2932896, -719162  # 9999-12-31, 0001-01-01
+DELTA_TIMESTAMP_MAX = 253402300799999999  # 9999-12-31 23:59:59.999999
+DELTA_TIMESTAMP_MIN = -62135596800000000  # 0001-01-01 00:00:00
 
 Converter = Callable[[pa.Array], pa.Array]
 
@@ -53,6 +100,59 @@ class ColumnType:
     convert: Converter
 
 
+@dataclass(frozen=True)
+class PgType:
+    """Catalog facts about a type that is not built in (see :func:`load_type_facts`)."""
+
+    oid: int
+    name: str  # schema-qualified unless in pg_catalog
+    category: str  # pg_type.typcategory: A array, E enum, C composite, ...
+    base_oid: int = 0  # a domain's base type
+    base_typmod: int = -1
+    elem_oid: int = 0  # an array's element type
+
+
+TypeFacts = Mapping[int, PgType]
+
+TYPE_FACTS_QUERY = (
+    "SELECT t.oid::int, CASE WHEN n.nspname = 'pg_catalog' THEN format_type(t.oid, NULL) "
+    "ELSE quote_ident(n.nspname) || '.' || quote_ident(t.typname) END, t.typcategory::text, "
+    "t.typbasetype::int, t.typtypmod, t.typelem::int "
+    "FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE t.oid = ANY(%s)"
+)
+
+
+def is_builtin(type_oid: int) -> bool:
+    """True for types this module maps without a catalog lookup."""
+    return type_oid in _NAMES or type_oid in ARRAYS
+
+
+def load_type_facts(fetch: Callable[[list[int]], Iterable[Sequence[Any]]],
+                    oids: Iterable[int], known: TypeFacts | None = None) -> dict[int, PgType]:
+    """Facts of the non-built-in ``oids`` and of the base/element types they refer to.
+
+    ``fetch(oids)`` runs :data:`TYPE_FACTS_QUERY` with the list and returns its rows.
+    """
+    have: dict[int, PgType] = dict(known or {})
+    found: dict[int, PgType] = {}
+    todo = {o for o in oids if not is_builtin(o) and o not in have}
+    for _ in range(8):  # domains over arrays of domains ...: a few rounds at most
+        if not todo:
+            break
+        rows = fetch(sorted(todo))
+        todo = set()
+        for r in rows:
+            facts = PgType(int(r[0]), str(r[1]), str(r[2]), int(r[3]), int(r[4]), int(r[5]))
+            found[facts.oid] = have[facts.oid] = facts
+            for ref in (facts.base_oid, facts.elem_oid):
+                if ref and not is_builtin(ref) and ref not in have:
+                    todo.add(ref)
+    return found
+
+
+# -- converters ------------------------------------------------------------------------------
+
+
 def _cast_to(arrow_type: pa.DataType) -> Converter:
     def convert(values: pa.Array) -> pa.Array:
         return pc.cast(values, arrow_type)
@@ -60,19 +160,196 @@ def _cast_to(arrow_type: pa.DataType) -> Converter:
     return convert
 
 
+def _per_chunk(convert: Converter, arrow_type: pa.DataType) -> Converter:
+    def run(values: pa.Array) -> pa.Array:
+        if isinstance(values, pa.ChunkedArray):
+            return pa.chunked_array([convert(c) for c in values.chunks], arrow_type)
+        return convert(values)
+
+    return run
+
+
 def _to_bool(values: pa.Array) -> pa.Array:
     return pc.equal(values, "t")
 
 
-def _to_bytea(values: pa.Array) -> pa.Array:
-    # bytea's text output is hex: \x0a1b...
-    return pa.array(
-        [None if v is None else bytes.fromhex(v[2:]) for v in values.to_pylist()], pa.binary()
-    )
+def _bytea_chunk(values: pa.Array) -> pa.Array:
+    # bytea's text output is hex: \x0a1b...; decode the whole data buffer in one call
+    n = len(values)
+    if n in (0, values.null_count):
+        return pa.nulls(n, pa.binary())
+    valid = values.drop_null()
+    if not pc.all(pc.starts_with(valid, "\\x")).as_py() or \
+            pc.any(pc.equal(pc.bit_wise_and(pc.utf8_length(valid), 1), 1)).as_py():
+        raise ValueError("bytea text is not in hex format (\\x...)")
+    hexes = pc.utf8_slice_codeunits(values, 2)
+    hexes = pa.concat_arrays([hexes]) if hexes.offset else hexes
+    validity, offsets_buf, data = hexes.buffers()
+    offsets = pa.Array.from_buffers(pa.int32(), n + 1, [None, offsets_buf])
+    start, end = offsets[0].as_py(), offsets[n].as_py()
+    raw = binascii.unhexlify(memoryview(data)[start:end]) if end > start else b""
+    halved = pc.divide(pc.subtract(offsets, start), 2).cast(pa.int32())
+    return pa.Array.from_buffers(pa.binary(), n, [validity, halved.buffers()[1],
+                                                  pa.py_buffer(raw)], values.null_count)
 
 
 def _as_text(values: pa.Array) -> pa.Array:
     return values
+
+
+# -- dates and timestamps ----------------------------------------------------------------------
+
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+_TEMPORAL = re.compile(
+    r"(\d+)-(\d\d)-(\d\d)(?: (\d\d):(\d\d):(\d\d)(?:\.(\d{1,6}))?"
+    r"(?:([+-])(\d\d)(?::(\d\d)(?::(\d\d))?)?)?)?( BC)?")
+
+
+def _days(year: int, month: int, day: int) -> int:
+    """Days since 1970-01-01 in the proleptic Gregorian calendar, any (astronomical) year."""
+    cycles = 0
+    if not 1 <= year <= 9999:
+        cycles = (year - 2000) // 400  # the calendar repeats every 400 years (146097 days)
+        year -= 400 * cycles
+    return date(year, month, day).toordinal() - _EPOCH_ORDINAL + cycles * 146097
+
+
+def _parse_temporal(text: str, *, timestamp: bool) -> int:
+    """One date (days) or timestamp (µs) value the fast cast cannot take: infinity, BC, 5-digit
+    years."""
+    limit = TIMESTAMP_INFINITY if timestamp else DATE_INFINITY
+    if text == "infinity":
+        return limit
+    if text == "-infinity":
+        return -limit
+    m = _TEMPORAL.fullmatch(text)
+    if m is None:
+        raise ValueError(f"unrecognised {'timestamp' if timestamp else 'date'} text {text!r}")
+    year = int(m[1])
+    if m[12]:
+        year = 1 - year  # 1 BC is year 0
+    days = _days(year, int(m[2]), int(m[3]))
+    if not timestamp:
+        result = days
+    else:
+        seconds = days * 86400 + int(m[4] or 0) * 3600 + int(m[5] or 0) * 60 + int(m[6] or 0)
+        if m[8]:
+            offset = int(m[9]) * 3600 + int(m[10] or 0) * 60 + int(m[11] or 0)
+            seconds -= offset if m[8] == "+" else -offset
+        result = seconds * 1_000_000 + int((m[7] or "").ljust(6, "0"))
+    if not -limit < result < limit:
+        raise ValueError(f"{text!r} is outside the range Arrow can hold")
+    return result
+
+
+_PLAIN_TEMPORAL = r"^\d{4}-\d\d-\d\d"
+
+
+def _temporal(arrow_type: pa.DataType, *, timestamp: bool, placeholder: str) -> Converter:
+    storage = pa.int64() if timestamp else pa.int32()
+
+    def convert(values: pa.Array) -> pa.Array:
+        try:  # the common case: one cast (Arrow rejects infinity, BC and five-digit years)
+            return pc.cast(values, arrow_type)
+        except pa.ArrowInvalid:
+            pass
+        special = pc.or_(pc.invert(pc.match_substring_regex(values, _PLAIN_TEMPORAL)),
+                         pc.ends_with(values, " BC")).fill_null(False)
+        if not pc.any(special).as_py():
+            return pc.cast(values, arrow_type)  # raises: a value is malformed
+        plain = pc.cast(pc.if_else(special, placeholder, values), arrow_type)
+        odd = [_parse_temporal(v, timestamp=timestamp) for v in values.filter(special).to_pylist()]
+        exact = pc.replace_with_mask(plain.cast(storage), special, pa.array(odd, storage))
+        return exact.cast(arrow_type)
+
+    return _per_chunk(convert, arrow_type)
+
+
+def _time_chunk(values: pa.Array) -> pa.Array:
+    # HH:MM:SS[.ffffff] → microseconds since midnight (24:00:00 is a valid time)
+    if len(values) and not pc.all(pc.match_substring_regex(
+            values.drop_null(), r"^\d\d:\d\d:\d\d(\.\d{1,6})?$")).as_py():
+        raise ValueError("time text is not HH:MM:SS[.ffffff]")
+
+    def part(start: int, stop: int) -> pa.Array:
+        return pc.cast(pc.utf8_slice_codeunits(values, start, stop), pa.int64())
+
+    fraction = pc.cast(pc.utf8_slice_codeunits(
+        pc.utf8_rpad(pc.utf8_slice_codeunits(values, 8), 7, "0"), 1, 7), pa.int64())
+    seconds = pc.add(pc.multiply(pc.add(pc.multiply(part(0, 2), 60), part(3, 5)), 60),
+                     part(6, 8))
+    return pc.add(pc.multiply(seconds, 1_000_000), fraction).cast(pa.time64("us"))
+
+
+# -- arrays ------------------------------------------------------------------------------------
+
+_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
+_UNESCAPE = re.compile(r"\\(.)", re.DOTALL)
+
+
+def parse_array(text: str) -> list[str | None]:
+    """The elements of a one-dimensional Postgres array in text output form (``{a,"b c",NULL}``).
+
+    Unquoted ``NULL`` is SQL NULL; quoted elements have ``\\"`` and ``\\\\`` unescaped.
+    Multi-dimensional arrays and explicit bounds (``[0:1]={...}``) raise ValueError.
+    """
+    if not (text.startswith("{") and text.endswith("}")):
+        raise ValueError(f"not a one-dimensional array with default bounds: {text[:80]!r}")
+    body = text[1:-1]
+    if not body:
+        return []
+    if '"' not in body:
+        if "{" in body:
+            raise ValueError(f"multi-dimensional arrays are not supported: {text[:80]!r}")
+        return [None if item == "NULL" else item for item in body.split(",")]
+    items: list[str | None] = []
+    pos, n = 0, len(body)
+    while True:
+        if body.startswith('"', pos):
+            m = _QUOTED.match(body, pos)
+            if m is None:
+                raise ValueError(f"unterminated quote in array {text[:80]!r}")
+            items.append(_UNESCAPE.sub(r"\1", m[1]))
+            pos = m.end()
+        else:
+            end = body.find(",", pos)
+            end = n if end < 0 else end
+            item = body[pos:end]
+            if "{" in item or '"' in item:
+                raise ValueError(f"multi-dimensional arrays are not supported: {text[:80]!r}")
+            items.append(None if item == "NULL" else item)
+            pos = end
+        if pos == n:
+            return items
+        if body[pos] != ",":
+            raise ValueError(f"malformed array text {text[:80]!r}")
+        pos += 1
+
+
+def _array(element: ColumnType) -> Converter:
+    arrow_type = pa.list_(element.arrow_type)
+
+    def convert(values: pa.Array) -> pa.Array:
+        offsets = [0]
+        flat: list[str | None] = []
+        nulls = []
+        for text in values.to_pylist():
+            if text is None:
+                nulls.append(True)
+            else:
+                nulls.append(False)
+                flat.extend(parse_array(text))
+            offsets.append(len(flat))
+        elements = element.convert(pa.array(flat, pa.string()))
+        if isinstance(elements, pa.ChunkedArray):
+            elements = elements.combine_chunks()
+        return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), elements, type=arrow_type,
+                                        mask=pa.array(nulls, pa.bool_()))
+
+    return _per_chunk(convert, arrow_type)
+
+
+# -- the mapping -------------------------------------------------------------------------------
 
 
 def numeric_precision_scale(type_modifier: int) -> tuple[int, int] | None:
@@ -80,28 +357,65 @@ def numeric_precision_scale(type_modifier: int) -> tuple[int, int] | None:
     if type_modifier < 4:
         return None
     packed = type_modifier - 4
-    return (packed >> 16) & 0xFFFF, packed & 0xFFFF
+    scale = ((packed & 0x7FF) ^ 1024) - 1024  # 11-bit signed since PostgreSQL 15
+    return (packed >> 16) & 0xFFFF, scale
 
 
-def column_type(type_oid: int, type_modifier: int, type_name: str | None = None) -> ColumnType:
-    """The raw-layer representation of a Postgres column type."""
-    name = _NAMES.get(type_oid) or type_name or f"oid:{type_oid}"
+_DATE = ColumnType("date", pa.date32(),
+                   _temporal(pa.date32(), timestamp=False, placeholder="1970-01-01"))
+_TIMESTAMP = _temporal(pa.timestamp("us"), timestamp=True, placeholder="1970-01-01 00:00:00")
+_TIMESTAMPTZ = _temporal(pa.timestamp("us", tz="UTC"), timestamp=True,
+                         placeholder="1970-01-01 00:00:00+00")
+
+
+def column_type(type_oid: int, type_modifier: int, type_name: str | None = None,
+                facts: TypeFacts | None = None) -> ColumnType:
+    """The raw-layer representation of a Postgres column type.
+
+    ``facts`` resolves types that are not built in: domains map as their base type,
+    arrays as lists of their element type; anything unknown lands as text.
+    """
+    known = (facts or {}).get(type_oid)
+    name = _NAMES.get(type_oid) or (known.name if known else None) or type_name \
+        or f"oid:{type_oid}"
     if type_oid in _CASTS:
         arrow_type = _CASTS[type_oid]
         return ColumnType(name, arrow_type, _cast_to(arrow_type))
     if type_oid == BOOL:
         return ColumnType(name, pa.bool_(), _to_bool)
     if type_oid == BYTEA:
-        return ColumnType(name, pa.binary(), _to_bytea)
+        return ColumnType(name, pa.binary(), _per_chunk(_bytea_chunk, pa.binary()))
+    if type_oid == DATE:
+        return _DATE
+    if type_oid == TIMESTAMP:
+        return ColumnType(name, pa.timestamp("us"), _TIMESTAMP)
+    if type_oid == TIMESTAMPTZ:
+        return ColumnType(name, pa.timestamp("us", tz="UTC"), _TIMESTAMPTZ)
+    if type_oid == TIME:
+        return ColumnType(name, pa.time64("us"), _per_chunk(_time_chunk, pa.time64("us")))
     if type_oid == NUMERIC:
         ps = numeric_precision_scale(type_modifier)
-        if ps is not None and ps[0] <= _DECIMAL256_MAX_PRECISION:
+        if ps is not None and ps[0] <= _DECIMAL256_MAX_PRECISION and 0 <= ps[1] <= ps[0]:
             precision, scale = ps
             name = f"numeric({precision},{scale})"
             arrow_type = (pa.decimal128(precision, scale)
                           if precision <= _DECIMAL128_MAX_PRECISION
                           else pa.decimal256(precision, scale))
             return ColumnType(name, arrow_type, _cast_to(arrow_type))
+    element_oid = ARRAYS.get(type_oid) or (known.elem_oid if known and known.category == "A"
+                                           else 0)
+    element_facts = (facts or {}).get(element_oid)
+    if element_facts is not None and element_facts.category == "G":
+        element_oid = 0  # geometric: box[] separates elements with ';', kept as text
+    if element_oid:
+        element = column_type(element_oid, type_modifier, None, facts)
+        name = f"{element.pg_type}[]"
+        return ColumnType(name, pa.list_(element.arrow_type), _array(element))
+    if known is not None and known.base_oid:  # a domain: stored as its base type
+        base = column_type(known.base_oid,
+                           type_modifier if type_modifier != -1 else known.base_typmod, None,
+                           facts)
+        return ColumnType(name, base.arrow_type, base.convert)
     return ColumnType(name, pa.string(), _as_text)
 
 
@@ -116,11 +430,15 @@ def convert_column(
         return ctype.convert(text)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
         bad = _first_bad_value(text, ctype)
+        hint = ""
+        if bad is not None and "NaN" in bad and ctype.pg_type.startswith("numeric("):
+            hint = (f"a NaN cannot be stored in a decimal column: ALTER {table}.{column} to "
+                    "unconstrained numeric (stored exactly as text) or remove the NaN; ")
         raise ConversionError(
             f"cannot convert value {bad!r} of {table}.{column} ({ctype.pg_type}) "
             f"to {ctype.arrow_type}: {exc}",
-            fix="nothing past this change was acknowledged; report the value "
-            "(full type fidelity for such values is planned)",
+            fix=f"{hint}nothing past this change was acknowledged; after fixing the source "
+            "value or column type, restart the stream",
         ) from exc
 
 
@@ -131,3 +449,94 @@ def _first_bad_value(text: pa.Array, ctype: ColumnType) -> str | None:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
             return str(value)[:80]
     return None
+
+
+# -- staged (Delta) ----------------------------------------------------------------------------
+
+
+def delta_type(arrow_type: pa.DataType) -> pa.DataType:
+    """The type a raw column has in a staged Delta table (see :func:`for_delta`)."""
+    if pa.types.is_list(arrow_type):
+        return pa.list_(delta_type(arrow_type.value_type))
+    if pa.types.is_timestamp(arrow_type):
+        return pa.timestamp(arrow_type.unit, tz="UTC")
+    if pa.types.is_decimal256(arrow_type) or pa.types.is_time(arrow_type):
+        return pa.string()
+    return arrow_type
+
+
+def for_delta(column: pa.Array | pa.ChunkedArray,
+              name: str = "a column") -> pa.Array | pa.ChunkedArray:
+    """A raw column as Delta can hold it.
+
+    Naive ``timestamp`` becomes UTC-zoned (Delta's ``timestampNtz`` needs reader 3 / writer
+    7, which several engines cannot read); ``numeric`` wider than 38 digits and ``time``
+    become text (Delta has neither); the ±infinity sentinels of dates and timestamps become
+    9999-12-31 (23:59:59.999999) and 0001-01-01 (00:00:00): Delta's writer cannot hold them.
+    Finite dates and timestamps outside years 1-9999 (BC, or five-digit years) raise
+    CompactionError naming the column: Delta's writer fails past year ±262142 and its Python
+    reader (``to_pyarrow_dataset``) cannot parse file statistics outside 1-9999. Nothing is
+    clamped; raw keeps such values exactly.
+    """
+    if isinstance(column, pa.ChunkedArray):
+        target = delta_type(column.type)
+        if target == column.type and not _has_infinity_type(column.type):
+            return column
+        return pa.chunked_array([for_delta(c, name) for c in column.chunks], target)
+    t = column.type
+    if pa.types.is_list(t):
+        values = for_delta(column.values, name)
+        return pa.ListArray.from_arrays(column.offsets, values, type=delta_type(t),
+                                        mask=column.is_null() if column.null_count else None)
+    if pa.types.is_timestamp(t) or pa.types.is_date32(t):
+        storage = pa.int64() if pa.types.is_timestamp(t) else pa.int32()
+        top, low, high = ((TIMESTAMP_INFINITY, DELTA_TIMESTAMP_MIN, DELTA_TIMESTAMP_MAX)
+                          if storage == pa.int64() else
+                          (DATE_INFINITY, DELTA_DATE_MIN, DELTA_DATE_MAX))
+        ints = column.view(storage)
+        ints = pc.if_else(pc.equal(ints, top), pa.scalar(high, storage), ints)
+        ints = pc.if_else(pc.equal(ints, -top), pa.scalar(low, storage), ints)
+        _check_delta_range(ints, storage == pa.int64(), name)
+        return ints.cast(delta_type(t) if storage == pa.int64() else t)
+    if pa.types.is_time(t):
+        return _time_text(column.cast(pa.time64("us")).view(pa.int64()))
+    if pa.types.is_decimal256(t):
+        return column.cast(pa.string())
+    return column
+
+
+_DELTA_DAYS = (DELTA_DATE_MIN, DELTA_DATE_MAX)
+
+
+def _check_delta_range(ints: pa.Array, timestamp: bool, name: str) -> None:
+    unit = 86_400_000_000 if timestamp else 1
+    low, high = _DELTA_DAYS[0] * unit, (_DELTA_DAYS[1] + 1) * unit - 1
+    bounds = pc.min_max(ints).as_py()
+    if bounds["min"] is None or (low <= bounds["min"] and bounds["max"] <= high):
+        return
+    bad = bounds["min"] if bounds["min"] < low else bounds["max"]
+    raise CompactionError(
+        f"{name} holds a {'timestamp' if timestamp else 'date'} outside years 1-9999 "
+        f"({bad} {'µs' if timestamp else 'days'} from 1970-01-01), which a Delta table cannot "
+        "hold", fix="the raw layer keeps it exactly; leave the table out of compaction "
+        "(--tables) or change the value in the source and re-snapshot")
+
+
+def _time_text(micros: pa.Array) -> pa.Array:
+    """µs since midnight → ``HH:MM:SS.ffffff`` (24:00:00 included, which Arrow's cast rejects)."""
+    def padded(value: pa.Array, width: int) -> pa.Array:
+        return pc.utf8_lpad(value.cast(pa.string()), width, "0")
+
+    seconds = pc.divide(micros, 1_000_000)
+    return pc.binary_join_element_wise(
+        padded(pc.divide(seconds, 3600), 2), ":",
+        padded(pc.divide(pc.subtract(seconds, pc.multiply(pc.divide(seconds, 3600), 3600)), 60),
+               2), ":",
+        padded(pc.subtract(seconds, pc.multiply(pc.divide(seconds, 60), 60)), 2), ".",
+        padded(pc.subtract(micros, pc.multiply(seconds, 1_000_000)), 6), "")
+
+
+def _has_infinity_type(t: pa.DataType) -> bool:
+    if pa.types.is_list(t):
+        return _has_infinity_type(t.value_type)
+    return bool(pa.types.is_timestamp(t) or pa.types.is_date32(t))

@@ -34,6 +34,7 @@ from cdc.errors import (
 )
 from cdc.events import Column, Lsn, Relation, format_lsn, parse_lsn
 from cdc.pgoutput import PG_EPOCH_OFFSET_US
+from cdc.pgtypes import TYPE_FACTS_QUERY, PgType, load_type_facts
 
 #: session settings that make the server's text output what pgtypes parses
 SESSION_OPTIONS = "-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=postgres " \
@@ -247,6 +248,14 @@ class Admin:
         type_names = {int(r[1]): str(r[5]) for r in rows}
         return Relation(int(rows[0][4]), schema, table, "d", columns), type_names
 
+    def type_facts(self, relation: Relation) -> dict[int, PgType]:
+        """Catalog facts of the relation's non-built-in column types (domains, arrays, enums)."""
+        def fetch(wanted: list[int]) -> list[tuple[Any, ...]]:
+            return self.conn.execute(TYPE_FACTS_QUERY, (wanted,)).fetchall()
+
+        with translated(self.dsn):
+            return load_type_facts(fetch, [c.type_oid for c in relation.columns])
+
     def _check_tables_exist(self, tables: Sequence[str]) -> None:
         for table in tables:
             schema, name = parse_table_name(table)
@@ -261,12 +270,18 @@ class Admin:
 class ReplicationStream:
     """One START_REPLICATION session: read CopyData frames, send standby status updates."""
 
-    def __init__(self, dsn: str, slot: str, publication: str, start_lsn: Lsn) -> None:
+    def __init__(self, dsn: str, slot: str, publication: str, start_lsn: Lsn,
+                 plugin: str = "pgoutput") -> None:
         self.dsn = dsn
         self.conn = connect(dsn, replication=True)
         self.pgconn = self.conn.pgconn
-        options = sql.SQL("proto_version '1', publication_names {}").format(
-            sql.Literal(publication))
+        if plugin == "wal2json":  # tables are filtered by the decoder (the publication's)
+            from cdc.wal2json import OPTIONS
+            options = sql.SQL(", ").join(sql.SQL("{} {}").format(
+                sql.Identifier(k), sql.Literal(v)) for k, v in OPTIONS)
+        else:
+            options = sql.SQL("proto_version '1', publication_names {}").format(
+                sql.Literal(publication))
         command = sql.SQL("START_REPLICATION SLOT {} LOGICAL {} ({})").format(
             sql.Identifier(slot), sql.SQL(format_lsn(start_lsn)), options)
         query = command.as_bytes(self.conn)

@@ -328,7 +328,8 @@ class ConsistentSnapshot:
             if wanted and (schema, table) not in wanted:
                 continue
             relation, type_names = admin.describe_table(schema, table)
-            types = [column_type(c.type_oid, c.type_modifier, type_names.get(c.type_oid))
+            facts = admin.type_facts(relation)
+            types = [column_type(c.type_oid, c.type_modifier, type_names.get(c.type_oid), facts)
                      for c in relation.columns]
             result[relation.qualified_name] = (relation, types)
         if not result:

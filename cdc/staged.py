@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cdc.errors import CompactionError
+from cdc.pgtypes import for_delta
 
 Pos = tuple[int, int]
 """A position in a table's change order: (``_commit_lsn``, ``_seq``)."""
@@ -118,7 +119,7 @@ def against_staged(state: pa.Table, staged: pa.Table, key: Sequence[str],
     staged row goes and the rows to insert.
     """
     right = staged.rename_columns([c if c in key else _STAGED + c for c in staged.column_names])
-    joined = state.join(right, keys=list(key), join_type="left outer")
+    joined = _left_join(state, right, list(key))
     lsn, seq = joined[_STAGED + "_commit_lsn"], joined[_STAGED + "_seq"]
     newer = pc.or_(pc.greater(joined["_commit_lsn"], lsn),
                    pc.and_(pc.equal(joined["_commit_lsn"], lsn), pc.greater(joined["_seq"], seq)))
@@ -136,6 +137,20 @@ def against_staged(state: pa.Table, staged: pa.Table, key: Sequence[str],
     inserts = joined.filter(pc.invert(joined[DELETED])).drop_columns(helpers)
     return removals, inserts.select(state.select(
         [c for c in state.column_names if c not in helpers]).column_names)
+
+
+def _left_join(left: pa.Table, right: pa.Table, key: list[str]) -> pa.Table:
+    """Left outer join on ``key`` carrying columns of any type (Acero's join cannot carry
+    list columns: it joins row numbers here, and the columns are taken by them)."""
+    li, ri = "__cdc_li", "__cdc_ri"
+    rows = left.select(key).append_column(li, _arange(left.num_rows)).join(
+        right.select(key).append_column(ri, _arange(right.num_rows)), keys=key,
+        join_type="left outer")
+    joined = left.take(rows[li])
+    for name in right.column_names:
+        if name not in key:
+            joined = joined.append_column(name, right[name].take(rows[ri]))
+    return joined
 
 
 def _arange(n: int) -> pa.Array:
@@ -160,8 +175,9 @@ def _starts(table: pa.Table, columns: Sequence[str]) -> pa.Array:
 def staged_columns(state: pa.Table, target: pa.Schema | None, table: str) -> pa.Table:
     """Source columns as Delta holds them, aligned with the staged table's columns.
 
-    Naive ``timestamp`` becomes UTC-zoned (Delta's ``timestampNtz`` needs reader 3 / writer
-    7, which several engines cannot read); ``numeric`` wider than 38 digits becomes text.
+    Types Delta cannot hold are mapped by ``pgtypes.for_delta``: naive ``timestamp`` becomes
+    UTC-zoned, ``numeric`` wider than 38 digits and ``time`` become text, ±infinity dates and
+    timestamps become 9999-12-31 / 0001-01-01.
     Columns staged has but the source no longer sends (dropped) are NULL from now on.
     """
     columns: dict[str, pa.ChunkedArray] = {}
@@ -169,11 +185,7 @@ def staged_columns(state: pa.Table, target: pa.Schema | None, table: str) -> pa.
         if field.name in _RAW_ONLY:
             continue
         column = state[field.name]
-        if pa.types.is_timestamp(field.type) and field.type.tz is None:
-            column = column.cast(pa.timestamp(field.type.unit, tz="UTC"))
-        elif pa.types.is_decimal256(field.type):
-            column = column.cast(pa.string())
-        columns[field.name] = column
+        columns[field.name] = for_delta(column, f"column {field.name!r} of {table}")
     if target is not None:
         for field in target:
             have = columns.get(field.name)

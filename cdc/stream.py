@@ -14,9 +14,10 @@ import contextlib
 import signal
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from types import FrameType
+from typing import Any
 
 import psycopg
 import pyarrow.compute as pc
@@ -43,15 +44,20 @@ from cdc.events import (
     format_lsn,
 )
 from cdc.lake import Lake
+from cdc.pgtypes import TYPE_FACTS_QUERY, PgType, TypeFacts, is_builtin, load_type_facts
 from cdc.raw import RawSink
 from cdc.replication import Admin, ReplicationStream, connect, describe, translated
 from cdc.snapshot import snapshot_in_progress
+from cdc.wal2json import Wal2JsonDecoder
 
 log = structlog.get_logger("cdc.stream")
 
 _xlogdata = struct.Struct("!QQq")
 _keepalive = struct.Struct("!Qq?")
 XLOGDATA = 0x77  # 'w'
+INSERT = 0x49  # 'I'
+NEW_TUPLE = 0x4E  # 'N'
+_oid = struct.Struct("!I")
 KEEPALIVE = 0x6B  # 'k'
 READ_TIMEOUT = 0.5
 VALUE_OVERHEAD = 57  # sys.getsizeof("") + a list slot (CPython 3.11, 64-bit)
@@ -143,6 +149,16 @@ class Catalog:
                 "ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
                 "WHERE i.indrelid = %s AND i.indisprimary ORDER BY a.attnum", (oid,)).fetchall()
         return tuple(str(r[0]) for r in rows)
+
+    def type_facts(self, oids: Iterable[int], known: TypeFacts) -> dict[int, PgType]:
+        """Base, element and category of the non-built-in types among ``oids``."""
+        conn = self.side.get()
+
+        def fetch(wanted: list[int]) -> list[tuple[Any, ...]]:
+            return conn.execute(TYPE_FACTS_QUERY, (wanted,)).fetchall()
+
+        with translated(self.side.dsn):
+            return load_type_facts(fetch, oids, known)
 
 
 class Heartbeat:
@@ -285,11 +301,18 @@ class Session:
         self.commit_ts = 0
         self.seq = 0
         self.source = ReplicationStream(self.settings.dsn, self.settings.slot,
-                                        self.settings.publication, start)
+                                        self.settings.publication, start, self.settings.plugin)
         self.next_status = 0.0
         self.side = SideConnection(self.settings.dsn)
         self.heartbeat = Heartbeat(self.side, self.settings.heartbeat_seconds)
         self.catalog = Catalog(self.side)
+        self.wal2json: Wal2JsonDecoder | None = None
+        if self.settings.plugin == "wal2json":
+            admin = Admin(self.side.get(), self.settings.dsn)
+            self.wal2json = Wal2JsonDecoder(
+                set(admin.published_tables(self.settings.publication)),
+                lambda schema, table: Admin(self.side.get(), self.settings.dsn).describe_table(
+                    schema, table)[0])
         self.next_progress = time.monotonic() + self.settings.progress_seconds
 
     def run(self) -> None:
@@ -307,6 +330,9 @@ class Session:
         handle = self.handle
         unpack_xlog = _xlogdata.unpack_from
         decode = pgoutput.decode
+        wal2json = self.wal2json
+        decode_tuple = pgoutput.decode_tuple
+        unpack_oid = _oid.unpack_from
         checked = 0
         while True:
             data = source.read(READ_TIMEOUT)
@@ -315,7 +341,20 @@ class Session:
                 if kind == XLOGDATA:
                     lsn, wal_end, _ = unpack_xlog(data, 1)
                     payload = bytes(data[25:])
-                    handle(decode(payload), lsn, len(payload))
+                    if payload[0] == INSERT and payload[5] == NEW_TUPLE:
+                        # the hot path: an insert goes straight into its column buffers,
+                        # with no event object (decode() below says why a bad one is bad)
+                        try:
+                            row, _ = decode_tuple(payload, 6)
+                        except Exception:
+                            decode(payload)
+                            raise
+                        self._add(unpack_oid(payload, 1)[0], "c", row, lsn, len(payload))
+                    elif wal2json is None:
+                        handle(decode(payload), lsn, len(payload))
+                    else:  # a JSON object: never taken for a pgoutput insert above
+                        for event in wal2json.decode(payload):
+                            handle(event, lsn, len(payload))
                     if batcher.rows >= limits.rows or batcher.bytes >= limits.bytes:
                         self.flush()
                     checked += 1
@@ -373,6 +412,10 @@ class Session:
             if rel.replica_identity == "f":
                 # under REPLICA IDENTITY FULL pgoutput flags every column as key
                 rel = with_key(rel, self.catalog.primary_key(rel.oid))
+            if any(not is_builtin(c.type_oid) and c.type_oid not in batcher.type_facts
+                   for c in rel.columns):
+                batcher.type_facts.update(self.catalog.type_facts(
+                    [c.type_oid for c in rel.columns], batcher.type_facts))
             known = self.relations.get(rel.oid)
             if known is not None and known != rel:
                 batch = batcher.cut_table(rel.oid)  # its schema changes: close its file

@@ -6,16 +6,22 @@ SIGTERM and prints what landed (snapshot rows apart from changes); then
 compacts raw into staged Delta tables and queries them with DuckDB.
 Exits non-zero if the streamer fails, does not acknowledge everything, or the
 lake is missing changes the traffic made.
+
+``--s3`` (``make demo LAKE=s3``) runs the same against the S3 API: an in-process
+moto server on loopback with bucket ``media-retail``, every cdc command given
+``--lake s3://media-retail/lake --s3-endpoint http://127.0.0.1:PORT``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -31,6 +37,34 @@ SLOT = PUBLICATION = "cdc_demo"
 LAKE_ENTRIES = {"raw", "staged", "_cdc"}
 #: how long the streamer gets to acknowledge the end of traffic before SIGTERM
 ACK_TIMEOUT = 60.0
+S3_BUCKET = "media-retail"
+S3_LAKE = f"s3://{S3_BUCKET}/lake"
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator[str]:
+    """A moto S3 server on loopback with the demo bucket; sets the environment cdc reads."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log on the terminal
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    # a throwaway store: fake credentials, never the user's own
+    os.environ.pop("AWS_PROFILE", None)
+    os.environ.update(AWS_ACCESS_KEY_ID="demo", AWS_SECRET_ACCESS_KEY="demo",  # noqa: S106
+                      AWS_DEFAULT_REGION="us-east-1", CDC_S3_ENDPOINT=endpoint)
+    try:
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=S3_BUCKET)
+        print(f"moto S3 server on {endpoint}, bucket {S3_BUCKET!r}: cdc runs with "
+              f"--lake {S3_LAKE} --s3-endpoint {endpoint}", flush=True)
+        yield endpoint
+    finally:
+        server.stop()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,6 +81,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="file for the streamer's output (default: a new temporary file)")
     p.add_argument("--no-stream", action="store_true",
                    help="run the cluster and traffic only, without cdc stream")
+    p.add_argument("--s3", action="store_true",
+                   help=f"use an S3 lake, {S3_LAKE}, on a moto S3 server started on loopback "
+                   "(make demo LAKE=s3)")
     return p.parse_args(argv)
 
 
@@ -108,7 +145,7 @@ def create_database(cluster: LocalCluster, seed_value: int) -> tuple[str, dict[s
 
 
 def report_lake(summaries: list[summary.TableSummary], report: traffic.TrafficReport | None,
-                lake: Path, seeded: dict[str, int]) -> list[str]:
+                lake: str | Path, seeded: dict[str, int]) -> list[str]:
     """Print what landed (against the snapshot and traffic, if streamed); return rows missing."""
     if report is not None:
         for s in summaries:
@@ -126,8 +163,17 @@ def report_lake(summaries: list[summary.TableSummary], report: traffic.TrafficRe
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.s3:
+        return run_demo(args)
+    with s3_server():
+        args.lake = S3_LAKE
+        return run_demo(args)
+
+
+def run_demo(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    args.lake = prepare_lake(args.lake)
+    if not args.s3:
+        args.lake = prepare_lake(args.lake)
     problems: list[str] = []
     tables = [f"public.{t}" for t in seed.TABLES]
     with LocalCluster() as cluster:

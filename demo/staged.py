@@ -12,7 +12,8 @@ from deltalake import DeltaTable
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from demo import DemoFailure
+from cdc.compact import staged_location
+from demo import DemoFailure, lake_args, open_demo_lake
 
 COMPARED = ("invoice", "invoice_line", "customer", "track")
 REVENUE_BY_GENRE = """
@@ -24,9 +25,9 @@ GROUP BY g.name ORDER BY revenue DESC LIMIT 5
 """
 
 
-def compact(lake: Path, slot: str) -> str:
+def compact(lake: str | Path, slot: str) -> str:
     """Run ``cdc compact``; return its output."""
-    cmd = [sys.executable, "-m", "cdc", "compact", "--lake", str(lake), "--slot", slot,
+    cmd = [sys.executable, "-m", "cdc", "compact", *lake_args(lake), "--slot", slot,
            "--log-level", "warning"]
     result = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                             check=False)
@@ -35,11 +36,12 @@ def compact(lake: Path, slot: str) -> str:
     return result.stderr.strip()
 
 
-def staged_table(lake: Path, table: str) -> DeltaTable:
-    return DeltaTable(str(lake / "staged" / f"public.{table}"))
+def staged_table(lake: str | Path, table: str) -> DeltaTable:
+    uri, storage_options = staged_location(open_demo_lake(lake), f"public.{table}")
+    return DeltaTable(uri, storage_options=storage_options)
 
 
-def compare_counts(lake: Path, conn: psycopg.Connection[TupleRow]) -> list[str]:
+def compare_counts(lake: str | Path, conn: psycopg.Connection[TupleRow]) -> list[str]:
     """Print staged next to source row counts; return the tables that differ."""
     differ = []
     print(f"{'table':<16}{'staged rows':>12}{'source rows':>12}")
@@ -54,7 +56,7 @@ def compare_counts(lake: Path, conn: psycopg.Connection[TupleRow]) -> list[str]:
     return differ
 
 
-def revenue_by_genre(lake: Path) -> str:
+def revenue_by_genre(lake: str | Path) -> str:
     """DuckDB over the staged Delta tables, offline (no extension download)."""
     db = duckdb.connect()
     for table in ("invoice_line", "track", "genre"):
@@ -62,7 +64,7 @@ def revenue_by_genre(lake: Path) -> str:
     return str(db.sql(REVENUE_BY_GENRE))
 
 
-def run(lake: Path, slot: str, conn: psycopg.Connection[TupleRow]) -> list[str]:
+def run(lake: str | Path, slot: str, conn: psycopg.Connection[TupleRow]) -> list[str]:
     print("\ncdc compact:\n  " + compact(lake, slot).replace("\n", "\n  "), flush=True)
     print()
     problems = compare_counts(lake, conn)

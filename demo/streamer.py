@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 from psycopg.rows import TupleRow
 
-from demo import DemoFailure
+from demo import DemoFailure, lake_args
 
 Connection = psycopg.Connection[TupleRow]
 POLL = 0.2
@@ -44,10 +44,10 @@ class Streamer:
 
 
 @contextlib.contextmanager
-def running(dsn: str, lake: Path, slot: str, publication: str,
+def running(dsn: str, lake: str | Path, slot: str, publication: str,
             log_path: Path) -> Iterator[Streamer]:
     """Start ``cdc stream``; whatever happens, it is not left running."""
-    cmd = [sys.executable, "-m", "cdc", "stream", "--dsn", dsn, "--lake", str(lake),
+    cmd = [sys.executable, "-m", "cdc", "stream", "--dsn", dsn, *lake_args(lake),
            "--slot", slot, "--publication", publication]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
@@ -65,9 +65,9 @@ def running(dsn: str, lake: Path, slot: str, publication: str,
                 proc.wait()
 
 
-def snapshot(dsn: str, lake: Path, slot: str, publication: str) -> str:
+def snapshot(dsn: str, lake: str | Path, slot: str, publication: str) -> str:
     """Run ``cdc snapshot`` (it creates the slot); return its summary line."""
-    cmd = [sys.executable, "-m", "cdc", "snapshot", "--dsn", dsn, "--lake", str(lake),
+    cmd = [sys.executable, "-m", "cdc", "snapshot", "--dsn", dsn, *lake_args(lake),
            "--slot", slot, "--publication", publication, "--log-level", "warning"]
     result = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                             check=False)

@@ -1,6 +1,7 @@
 """What landed in the lake's raw layer, table by table, next to the source.
 
 Reads ``<lake>/raw/<schema>.<table>/load_date=*/*.parquet`` (DESIGN.md §2)
+through cdc's Lake (a local folder or ``s3://``, endpoint from CDC_S3_ENDPOINT)
 and counts rows by ``_op``. Works on an empty or missing lake. Run alone as
 ``python -m demo.summary [LAKE]``.
 """
@@ -14,10 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from psycopg import sql
 from psycopg.rows import TupleRow
+
+from demo import open_demo_lake
 
 OPS = {"c": "insert", "u": "update", "d": "delete", "t": "truncate", "r": "snapshot"}
 #: the operations the demo's traffic generator counts
@@ -37,9 +41,10 @@ class TableSummary:
     made: Counter[str] | None = None
 
 
-def _read_file(path: Path, into: TableSummary) -> None:
+def _read_file(path: pa.BufferReader, into: TableSummary) -> None:
     names = set(pq.read_schema(path).names)
     columns = [c for c in ("_op", "_unchanged") if c in names]
+    path.seek(0)
     table = pq.read_table(path, columns=columns)
     into.files += 1
     into.rows += table.num_rows
@@ -51,18 +56,23 @@ def _read_file(path: Path, into: TableSummary) -> None:
         into.unchanged_toast += pc.sum(pc.greater(lengths, 0)).as_py() or 0
 
 
-def read_lake(lake: Path, tables: Iterable[str]) -> list[TableSummary]:
+def read_lake(lake: str | Path, tables: Iterable[str]) -> list[TableSummary]:
     """One summary per ``schema.table`` in ``tables`` plus any other table found in raw/."""
-    raw = lake / "raw"
+    store = open_demo_lake(lake)
+    files: dict[str, list[str]] = {}
+    for key in store.list("raw/"):
+        parts = key.split("/")
+        if len(parts) == 4 and parts[2].startswith("load_date=") and key.endswith(".parquet"):
+            files.setdefault(parts[1], []).append(key)
     names = list(tables)
-    if raw.is_dir():
-        names += sorted(p.name for p in raw.iterdir() if p.is_dir() and p.name not in names)
+    names += sorted(name for name in files if name not in names)
     summaries = []
     for name in names:
         summary = TableSummary(name)
-        for path in sorted((raw / name).glob("load_date=*/*.parquet")):
-            if not path.name.startswith("."):
-                _read_file(path, summary)
+        for key in files.get(name, []):
+            data = store.read_bytes(key)
+            if data is not None:
+                _read_file(pa.BufferReader(data), summary)
         summaries.append(summary)
     return summaries
 
@@ -126,8 +136,8 @@ def compare(summaries: Iterable[TableSummary]) -> tuple[list[str], list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    lake = Path(args[0] if args else "lake")
-    print(f"lake {lake.resolve()}")
+    lake = args[0] if args else "lake"
+    print(f"lake {lake if lake.startswith('s3://') else Path(lake).resolve()}")
     print(render(read_lake(lake, [])))
     return 0
 

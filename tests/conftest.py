@@ -134,3 +134,17 @@ def with_settings(settings: Settings, **changes: Any) -> Settings:
 
 def server_user(dsn: str) -> str:
     return str(conninfo_to_dict(dsn).get("user") or "postgres")
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """URL of an S3 API on loopback (moto's server), one per session; tests make buckets."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()

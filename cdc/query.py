@@ -1,0 +1,296 @@
+"""``cdc query``: SQL over the lake with DuckDB, offline (no extension download).
+
+Each lake table becomes a DuckDB view:
+
+- a staged Delta table ``staged/<schema>.<table>/`` is the view ``<schema>.<table>``
+  (``public.invoice``), read through ``DeltaTable.to_pyarrow_dataset()`` (only the files of
+  the current version, never removed ones);
+- a raw history ``raw/<schema>.<table>/`` is the view ``raw_<schema>.<table>``
+  (``raw_public.invoice``): every change with its metadata columns (``_op``, ``_lsn``,
+  ``_commit_lsn``, ``_seq``, ``_xid``, ``_commit_ts``, ``_unchanged``) plus ``load_date``
+  (DATE) from the hive partition path. Files written before a schema change lack the
+  columns added later: the view has the union of all files' columns, NULL where a file
+  has none.
+
+DuckDB has no nested schemas, so the raw layer gets one schema per source schema with the
+``raw_`` prefix rather than a ``raw`` catalog. Views are registered for the tables the
+query names (all of them when it names none, e.g. ``SHOW ALL TABLES``); the datasets are
+lazy, so only the files the query scans are read. A local lake is read in place; another
+backend's raw files are read through the lake interface into memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import csv
+import datetime as dt
+import io
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterable, Iterator
+from decimal import Decimal
+from typing import IO, Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+from deltalake import DeltaTable
+
+from cdc.compact import staged_location
+from cdc.errors import CdcError, LakeError
+from cdc.lake import Lake, LocalLake
+
+FORMATS = ("table", "csv", "json")
+RAW_PREFIX = "raw_"
+_BATCH = 10_000
+
+
+class QueryError(CdcError):
+    """The SQL is not valid or names something the lake does not have."""
+
+    exit_code = 2
+
+
+def raw_tables(lake: Lake) -> dict[str, list[str]]:
+    """``schema.table`` → its raw parquet keys (``raw/<t>/load_date=.../x.parquet``)."""
+    tables: dict[str, list[str]] = {}
+    for key in lake.list("raw/"):
+        parts = key.split("/")
+        if len(parts) == 4 and parts[2].startswith("load_date=") and parts[3].endswith(
+                ".parquet"):
+            tables.setdefault(parts[1], []).append(key)
+    return tables
+
+
+def staged_tables(lake: Lake) -> list[str]:
+    """``schema.table`` names that have a staged Delta table (a ``_delta_log`` folder)."""
+    names = {key.split("/")[1] for key in lake.list("staged/")
+             if len(key.split("/")) > 3 and key.split("/")[2] == "_delta_log"}
+    return sorted(names)
+
+
+def view_names(table: str) -> tuple[str, str]:
+    """``public.invoice`` → (``public``, ``invoice``): the DuckDB schema and view name."""
+    schema, _, name = table.partition(".")
+    return schema, name
+
+
+def raw_schema(lake: Lake, keys: list[str], table: str) -> pa.Schema:
+    """The union of a raw table's file schemas, in the newest file's column order.
+
+    Keys are in log order (file names start with the first LSN), so the last is the newest.
+    """
+    schemas = [_file_schema(lake, key) for key in keys]
+    schemas.reverse()  # the newest file's column order first; dropped columns go last
+    try:
+        unified = pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise LakeError(f"the raw files of {table} have incompatible column types: "
+                        f"{str(exc).splitlines()[0]}",
+                        fix=f"inspect raw/{table}; a column's type changed at the source") from exc
+    latest = next((s.metadata for s in schemas if s.metadata), None)
+    return unified.with_metadata(latest or {})
+
+
+def _file_schema(lake: Lake, key: str) -> pa.Schema:
+    try:
+        if isinstance(lake, LocalLake):
+            return pq.read_schema(lake.path(key))
+        data = lake.read_bytes(key)
+        if data is None:
+            raise LakeError(f"raw file {key} vanished", fix="run the command again")
+        return pq.read_schema(pa.BufferReader(data))
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise LakeError(f"raw file {key} is unreadable: {str(exc).splitlines()[0]}",
+                        fix="check the lake's permissions, or move the broken file away") from exc
+
+
+def raw_dataset(lake: Lake, table: str, keys: list[str]) -> ds.Dataset:
+    """A lazy dataset over a raw table's files with ``load_date`` (DATE) from the path."""
+    schema = raw_schema(lake, keys, table)
+    date = pa.field("load_date", pa.date32())
+    full = schema.append(date) if "load_date" not in schema.names else schema
+    if isinstance(lake, LocalLake):
+        partitioning = ds.partitioning(pa.schema([date]), flavor="hive")
+        return ds.dataset([str(lake.path(k)) for k in keys], schema=full, format="parquet",
+                          partitioning=partitioning,
+                          partition_base_dir=str(lake.path(f"raw/{table}")))
+    parts = []
+    for key in keys:
+        data = lake.read_bytes(key)
+        if data is None:
+            raise LakeError(f"raw file {key} vanished", fix="run the command again")
+        part = pq.read_table(pa.BufferReader(data))
+        day = dt.date.fromisoformat(key.split("/")[2].removeprefix("load_date="))
+        parts.append(part.append_column(date, pa.array([day] * part.num_rows, pa.date32())))
+    combined = pa.concat_tables(parts, promote_options="permissive")
+    return ds.dataset(combined.select(full.names).cast(full))
+
+
+def connect(lake: Lake, sql: str | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the lake's views (those ``sql`` names, or all)."""
+    try:
+        found = duckdb.get_table_names(sql, qualified=False) if sql is not None else set()
+        named = {n.lower() for n in found}
+    except duckdb.ParserException as exc:
+        raise _query_error(exc, []) from exc
+    except duckdb.Error:  # it binds some clauses (JOIN ... USING): register every view
+        named = set()
+    raws, staged = raw_tables(lake), staged_tables(lake)
+
+    def wanted(table: str) -> bool:
+        return not named or view_names(table)[1].lower() in named  # identifiers ignore case
+
+    con = duckdb.connect()
+    with contextlib.suppress(duckdb.Error):  # fails only without the ICU extension
+        con.execute("SET TimeZone = 'UTC'")
+    for table in staged:
+        if wanted(table):
+            uri, storage = staged_location(lake, table)
+            try:
+                dataset = DeltaTable(uri, storage_options=storage).to_pyarrow_dataset()
+            except Exception as exc:  # delta-rs raises DeltaError and plain Exception
+                raise LakeError(f"staged table {uri} is unreadable: {str(exc).splitlines()[0]}",
+                                fix="check the lake's permissions, or rebuild the table with "
+                                "cdc compact") from exc
+            _register(con, view_names(table), dataset)
+    for table, keys in sorted(raws.items()):
+        if wanted(table):
+            schema, name = view_names(table)
+            _register(con, (RAW_PREFIX + schema, name), raw_dataset(lake, table, keys))
+    con.execute("SET schema = 'main'")
+    return con
+
+
+def _register(con: duckdb.DuckDBPyConnection, view: tuple[str, str], data: Any) -> None:
+    schema, name = view
+    hidden = f"_cdc_dataset_{schema}.{name}"  # a temporary view in main; the dot keeps it unique
+    con.register(hidden, data)
+    con.execute(f"CREATE SCHEMA IF NOT EXISTS {_ident(schema)}")
+    con.execute(f"CREATE VIEW {_ident(schema)}.{_ident(name)} AS SELECT * FROM {_ident(hidden)}")
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def lake_views(lake: Lake) -> list[str]:
+    """Every view name a query can use, e.g. ``public.invoice``, ``raw_public.invoice``."""
+    return [*staged_tables(lake), *(RAW_PREFIX + t for t in sorted(raw_tables(lake)))]
+
+
+def run_query(lake: Lake, sql: str, out: IO[str], fmt: str = "table") -> None:
+    """Run ``sql`` over the lake and write its result to ``out`` as ``fmt``."""
+    if fmt not in FORMATS:
+        raise QueryError(f"unknown output format {fmt!r}", fix=f"use one of: {', '.join(FORMATS)}")
+    con = connect(lake, sql)
+    try:
+        if fmt == "table":
+            relation = con.sql(sql)
+            if relation is not None:  # None: a statement without a result
+                tty = hasattr(out, "isatty") and out.isatty()
+                out.write(_render(relation, shutil.get_terminal_size().columns if tty
+                                  else 100_000))
+            return
+        cursor = con.execute(sql)
+        if cursor.description is None:
+            return
+        names = [d[0] for d in cursor.description]
+        rows = _rows(cursor)
+        if fmt == "csv":
+            write_csv(names, rows, out)
+        else:
+            write_json_lines(names, rows, out)
+    except duckdb.Error as exc:
+        raise _query_error(exc, lake_views(lake)) from exc
+    except BrokenPipeError:
+        raise
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise LakeError(f"reading the lake failed: {str(exc).splitlines()[0]}",
+                        fix="check the lake's permissions and files") from exc
+    finally:
+        con.close()
+
+
+def _render(relation: duckdb.DuckDBPyRelation, width: int) -> str:
+    """DuckDB's box rendering; pipes and files get every column."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        relation.show(max_width=width, max_rows=1_000_000)
+    return buffer.getvalue()
+
+
+def _rows(cursor: duckdb.DuckDBPyConnection) -> Iterator[tuple[Any, ...]]:
+    while True:
+        batch = cursor.fetchmany(_BATCH)
+        if not batch:
+            return
+        yield from batch
+
+
+def write_csv(names: list[str], rows: Iterable[tuple[Any, ...]], out: IO[str]) -> None:
+    """RFC 4180 CSV with a header; NULL is an empty field, lists are JSON arrays."""
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(names)
+    for row in rows:
+        writer.writerow(["" if v is None else _text(v) for v in row])
+
+
+def write_json_lines(names: list[str], rows: Iterable[tuple[Any, ...]], out: IO[str]) -> None:
+    """One JSON object per row; decimals as strings (exact), times ISO 8601, bytes base64."""
+    for row in rows:
+        out.write(json.dumps(dict(zip(names, row, strict=True)), default=_json_value,
+                             ensure_ascii=False))
+        out.write("\n")
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, list | dict):
+        return json.dumps(value, default=_json_value, ensure_ascii=False)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode()
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    return str(value)
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode()
+    return str(value)
+
+
+def _query_error(exc: duckdb.Error, views: list[str]) -> CdcError:
+    message = " ".join(str(exc).split("\n")[0].split())
+    if isinstance(exc, duckdb.IOException):
+        return LakeError(f"reading the lake failed: {message}",
+                         fix="check the lake's permissions and files")
+    if isinstance(exc, duckdb.ParserException):
+        return QueryError(f"bad SQL: {message}",
+                          fix="check the syntax (DuckDB SQL); in a shell, put the query in "
+                          "single quotes")
+    if isinstance(exc, duckdb.CatalogException):
+        known = ", ".join(views[:20]) + (", ..." if len(views) > 20 else "")
+        return QueryError(message, fix=f"the lake's tables are: {known or 'none yet'} "
+                          "(staged <schema>.<table>, raw history raw_<schema>.<table>)")
+    return QueryError(message, fix="fix the query (see cdc query --help)")
+
+
+def query_main(lake: Lake, sql: str, fmt: str) -> None:
+    """Entry for the CLI: the result on stdout; a reader that stops early (``| head``) is fine."""
+    try:
+        run_query(lake, sql, sys.stdout, fmt)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit

@@ -1,0 +1,187 @@
+"""wal2json (format-version 2) messages → the same change events as ``pgoutput``. Pure: no I/O.
+
+The slot is read with ``format-version 2, include-xids, include-timestamp, include-lsn,
+include-type-oids, include-typmod, include-pk`` (:data:`OPTIONS`). Each message is one JSON
+object; values keep their text form (``parse_float``/``parse_int`` keep the digits, booleans
+become ``t``/``f``), so the raw layer converts them exactly as it converts pgoutput's.
+
+wal2json has no Relation message: one is synthesised from a change's columns (name, type
+OID, typmod parsed from the type name, primary key from ``pk``) whenever a table is new or
+its columns change. A change that does not name every column (a delete, a truncate, an
+update leaving TOASTed columns out) takes the known Relation, or asks ``describe`` for it.
+
+Limits of the plugin itself, not of this decoder: wal2json writes ``NaN`` and ``±Infinity``
+of ``real``/``double precision``/``numeric`` columns as JSON ``null``, so such values
+arrive as NULL; it has no table OIDs (relations get stable per-decoder numbers) and no
+replica identity (the primary key is the key).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Container
+from datetime import datetime
+from typing import Any
+
+from cdc.errors import DecodeError
+from cdc.events import (
+    UNCHANGED,
+    Begin,
+    Column,
+    Commit,
+    Delete,
+    Event,
+    Insert,
+    Relation,
+    Row,
+    Truncate,
+    Update,
+    Value,
+    parse_lsn,
+)
+from cdc.pgtypes import BYTEA, NUMERIC
+
+#: START_REPLICATION options this decoder relies on
+OPTIONS = (("format-version", "2"), ("include-xids", "1"), ("include-timestamp", "1"),
+           ("include-lsn", "1"), ("include-type-oids", "1"), ("include-typmod", "1"),
+           ("include-pk", "1"))
+
+_NUMERIC_TYPMOD = re.compile(r"numeric\((\d+)(?:,(-?\d+))?\)")
+_TYPMOD_TYPES = (NUMERIC, 1231)  # numeric, numeric[]: their typmod picks the Arrow type
+_BYTEA = str(BYTEA)  # type OIDs are parsed as text (parse_int=str)
+_EPOCH = datetime.fromisoformat("1970-01-01 00:00:00+00:00")
+
+Describe = Callable[[str, str], Relation]
+
+
+def _micros(timestamp: str) -> int:
+    delta = datetime.fromisoformat(timestamp) - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def type_modifier(type_name: str, type_oid: int) -> int:
+    """The typmod that matters for conversion (numeric's precision and scale), else -1."""
+    if type_oid not in _TYPMOD_TYPES:
+        return -1
+    m = _NUMERIC_TYPMOD.match(type_name)
+    if m is None:
+        return -1
+    precision, scale = int(m[1]), int(m[2] or 0)
+    return ((precision << 16) | (scale & 0x7FF)) + 4
+
+
+def _text(value: Any, type_oid: Any = None) -> Value:
+    if isinstance(value, str):
+        # wal2json writes bytea's hex digits without pgoutput's \x prefix
+        return "\\x" + value if type_oid == _BYTEA else value
+    if value is None:
+        return value
+    if value is True:
+        return "t"
+    if value is False:
+        return "f"
+    return json.dumps(value, separators=(",", ":"))  # not produced by wal2json for a column
+
+
+class Wal2JsonDecoder:
+    """Stateful: remembers each table's columns to synthesise Relation events."""
+
+    def __init__(self, tables: Container[tuple[str, str]] | None = None,
+                 describe: Describe | None = None) -> None:
+        self.tables = tables  # the publication's tables; None: every table
+        self.describe = describe
+        self.relations: dict[tuple[str, str], Relation] = {}
+        self.oids: dict[tuple[str, str], int] = {}
+
+    def decode(self, payload: bytes) -> list[Event]:
+        try:
+            msg = json.loads(payload, parse_float=str, parse_int=str)
+            action = msg["action"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DecodeError(f"malformed wal2json message: {bytes(payload[:120])!r}",
+                              fix="read the slot with format-version 2") from exc
+        if action == "B":
+            return [Begin(parse_lsn(msg["lsn"]), _micros(msg["timestamp"]), int(msg["xid"]))]
+        if action == "C":
+            return [Commit(0, parse_lsn(msg["lsn"]), parse_lsn(msg["nextlsn"]),
+                           _micros(msg["timestamp"]))]
+        if action not in ("I", "U", "D", "T"):
+            return []  # M (logical messages) carry nothing for the raw layer
+        table = (msg["schema"], msg["table"])
+        if self.tables is not None and table not in self.tables:
+            return []
+        events: list[Event] = []
+        columns = msg.get("columns")
+        relation = self.relations.get(table)
+        if relation is None and action != "I" and self.describe is not None:
+            # an update may leave TOASTed columns out: only the catalog knows them all
+            relation = self._described(table)
+            events.append(relation)
+        if columns is not None and (relation is None or action == "I" or not self._partial(
+                relation, columns)):
+            fresh = self._relation(table, columns, msg.get("pk") or [])
+            if fresh != relation:
+                relation = self.relations[table] = fresh
+                events.append(fresh)
+        if relation is None:
+            relation = self._described(table)
+            events.append(relation)
+        oid = relation.oid
+        if action == "T":
+            events.append(Truncate((oid,), cascade=False, restart_identity=False))
+            return events
+        identity = msg.get("identity")
+        old = None if identity is None else self._row(relation, identity, missing=None)
+        full_old = identity is not None and len(identity) == len(relation.columns)
+        if action == "D":
+            if old is None:
+                raise DecodeError(f"wal2json delete of {table[0]}.{table[1]} has no identity",
+                                  fix="give the table a primary key or replica identity")
+            events.append(Delete(oid, old, old_is_key=not full_old))
+            return events
+        new = self._row(relation, columns or [], missing=UNCHANGED)
+        if action == "I":
+            events.append(Insert(oid, new))
+        else:
+            if old is not None and not full_old:
+                keys = [i for i, c in enumerate(relation.columns) if c.is_key]
+                if all(old[i] == new[i] for i in keys):
+                    old = None  # key unchanged: pgoutput sends no old tuple either
+            events.append(Update(oid, new, old, old_is_key=old is not None and not full_old))
+        return events
+
+    @staticmethod
+    def _partial(relation: Relation, columns: list[dict[str, Any]]) -> bool:
+        """True when an update's columns are the known ones minus some (unchanged TOAST)."""
+        known = {c.name: c.type_oid for c in relation.columns}
+        return len(columns) < len(known) and all(
+            known.get(c["name"]) == int(c.get("typeoid", -1)) for c in columns)
+
+    def _oid(self, table: tuple[str, str]) -> int:
+        return self.oids.setdefault(table, len(self.oids) + 1)
+
+    def _relation(self, table: tuple[str, str], columns: list[dict[str, Any]],
+                  pk: list[dict[str, Any]]) -> Relation:
+        keys = {k["name"] for k in pk}
+        cols = tuple(Column(c["name"], int(c["typeoid"]),
+                            type_modifier(c.get("type", ""), int(c["typeoid"])),
+                            c["name"] in keys) for c in columns)
+        return Relation(self._oid(table), table[0], table[1], "d", cols)
+
+    def _described(self, table: tuple[str, str]) -> Relation:
+        if self.describe is None:
+            raise DecodeError(f"wal2json sent a change of {table[0]}.{table[1]} without its "
+                              "columns", fix="restart the stream")
+        described = self.describe(*table)
+        columns = tuple(  # typmods as _relation derives them, so the two compare equal
+            Column(c.name, c.type_oid, c.type_modifier if c.type_oid in _TYPMOD_TYPES else -1,
+                   c.is_key) for c in described.columns)
+        relation = Relation(self._oid(table), table[0], table[1], "d", columns)
+        self.relations[table] = relation
+        return relation
+
+    @staticmethod
+    def _row(relation: Relation, columns: list[dict[str, Any]], missing: Value | None) -> Row:
+        values = {c["name"]: _text(c.get("value"), c.get("typeoid")) for c in columns}
+        return tuple(values.get(c.name, missing) for c in relation.columns)
