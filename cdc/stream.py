@@ -56,7 +56,7 @@ _xlogdata = struct.Struct("!QQq")
 _keepalive = struct.Struct("!Qq?")
 XLOGDATA = 0x77  # 'w'
 INSERT = 0x49  # 'I'
-NEW_TUPLE = 0x4E  # 'N'
+NEW_TUPLE = b"N"
 _oid = struct.Struct("!I")
 KEEPALIVE = 0x6B  # 'k'
 READ_TIMEOUT = 0.5
@@ -341,7 +341,7 @@ class Session:
                 if kind == XLOGDATA:
                     lsn, wal_end, _ = unpack_xlog(data, 1)
                     payload = bytes(data[25:])
-                    if payload[0] == INSERT and payload[5] == NEW_TUPLE:
+                    if payload[0] == INSERT and payload[5:6] == NEW_TUPLE:
                         # the hot path: an insert goes straight into its column buffers,
                         # with no event object (decode() below says why a bad one is bad)
                         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -24,6 +25,18 @@ def error_line(result: object) -> str:
     lines = [line for line in stderr.splitlines() if line.startswith("cdc: error:")]
     assert len(lines) == 1, stderr
     return lines[0]
+
+
+@contextmanager
+def role(source: SourceDb, name: str, attributes: str) -> Iterator[str]:
+    """A throwaway role on the test server; yields a DSN that logs in as it."""
+    source.execute(f"DROP ROLE IF EXISTS {name}")
+    source.execute(f"CREATE ROLE {name} {attributes}")
+    try:
+        yield psycopg.conninfo.make_conninfo(source.dsn, user=name)
+    finally:
+        source.execute(f"DROP OWNED BY {name}")
+        source.execute(f"DROP ROLE {name}")
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +63,8 @@ class TestMisconfiguration:
         """A role without REPLICATION is told to get it."""
         source.execute("CREATE TABLE t (id int PRIMARY KEY)")
         prepare(settings)  # as superuser: publication and slot exist
-        source.execute("DROP ROLE IF EXISTS cdc_plain")
-        source.execute("CREATE ROLE cdc_plain LOGIN")
-        dsn = psycopg.conninfo.make_conninfo(settings.dsn, user="cdc_plain")
-        try:
+        with role(source, "cdc_plain", "LOGIN") as dsn:
             result = run_cdc(stream_args(with_settings(settings, dsn=dsn)))
-        finally:
-            source.execute("DROP OWNED BY cdc_plain")
-            source.execute("DROP ROLE cdc_plain")
         assert result.returncode == 4
         assert "ALTER ROLE <user> REPLICATION" in error_line(result)
 
@@ -90,14 +97,8 @@ class TestMisconfiguration:
     ) -> None:
         """Without rights to create it, the error shows the CREATE PUBLICATION to run."""
         source.execute("CREATE TABLE t (id int PRIMARY KEY)")
-        source.execute("DROP ROLE IF EXISTS cdc_repl")
-        source.execute("CREATE ROLE cdc_repl LOGIN REPLICATION")
-        dsn = psycopg.conninfo.make_conninfo(settings.dsn, user="cdc_repl")
-        try:
+        with role(source, "cdc_repl", "LOGIN REPLICATION") as dsn:
             result = run_cdc(stream_args(with_settings(settings, dsn=dsn)))
-        finally:
-            source.execute("DROP OWNED BY cdc_repl")
-            source.execute("DROP ROLE cdc_repl")
         assert result.returncode == 4
         line = error_line(result)
         assert "does not exist and could not be created" in line
