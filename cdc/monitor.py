@@ -22,8 +22,9 @@ from cdc.replication import Admin, connect
 
 _RAW_FILE = re.compile(
     r"^raw/([^/]+)/load_date=[^/]+/([0-9A-F]{16})-([0-9A-F]{16})-[^/]+\.parquet$")
-#: below this, WAL between the slot and the server's position is noise (other dbs, heartbeats)
-IDLE_LAG_BYTES = 16 * 2**20
+#: without track_commit_timestamp, less unacknowledged WAL than this counts as caught up
+#: (checkpoints, heartbeats, other databases' writes between two status updates)
+IDLE_LAG_BYTES = 1 * 2**20
 LOW_SAFE_WAL_BYTES = 1 * 2**30
 
 
@@ -235,6 +236,8 @@ def render(status: Status) -> str:
             + (_bytes(s.safe_wal_size) if s.safe_wal_size is not None else "unlimited"),
         ]
     lag = "unknown" if status.lag_seconds is None else f"{status.lag_seconds:.1f} s"
+    if status.server_last_commit_ts is None and status.lag_seconds is not None:
+        lag += " (estimated: set track_commit_timestamp = on for the exact figure)"
     lines.append(f"checkpoint {status.checkpoint_lsn or '-'}; time lag {lag}")
     if status.tables:
         header = ("table", "files", "raw commit lsn", "raw commit time", "staged lsn",
