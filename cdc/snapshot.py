@@ -147,7 +147,10 @@ def copy_text_columns(conn: psycopg.Connection[Any], query: sql.Composed,
     buffer.seek(0)
     table = pacsv.read_csv(
         buffer,
-        read_options=pacsv.ReadOptions(column_names=names, block_size=16 << 20),
+        # single-threaded: the workers already run in parallel; Arrow's CSV threads on top
+        # cost 60% more CPU for the same wall time (docs/benchmarks.md)
+        read_options=pacsv.ReadOptions(column_names=names, block_size=16 << 20,
+                                       use_threads=False),
         parse_options=pacsv.ParseOptions(newlines_in_values=True),
         convert_options=pacsv.ConvertOptions(
             column_types=dict.fromkeys(names, pa.string()), null_values=[""],
