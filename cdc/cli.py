@@ -54,6 +54,11 @@ ConfigOpt = Annotated[str | None, typer.Option(
 LogFormatOpt = Annotated[str | None, typer.Option(
     "--log-format", help="console or json (env: CDC_LOG_FORMAT; default: console)",
     show_default=False)]
+ViaRootOpt = Annotated[bool | None, typer.Option(
+    "--publish-via-partition-root/--no-publish-via-partition-root",
+    help="For a publication cdc creates: publish partitions' changes as changes of their "
+    "partitioned table, so they land under the parent (env: CDC_PUBLISH_VIA_PARTITION_ROOT; "
+    "default: on, PostgreSQL 13+)", show_default=False)]
 KeyOpt = Annotated[list[str] | None, typer.Option(
     "--key", help="Key of a table without a primary key, schema.table=col1,col2 (repeatable; "
     "env: CDC_KEYS, ;-separated); without one such a table is staged as an append of its "
@@ -101,6 +106,7 @@ def stream(
         help="Compact raw into the staged Delta tables this often, in the background; 0 "
         "disables (env: CDC_COMPACT_EVERY; default: 60s)", show_default=False)] = None,
     key: KeyOpt = None,
+    publish_via_partition_root: ViaRootOpt = None,
     heartbeat_seconds: Annotated[str | None, typer.Option(
         help="When idle, write a logical message this often so a quiet database's slot "
         "keeps advancing; 0 disables (env: CDC_HEARTBEAT_SECONDS; default: 60s)",
@@ -120,7 +126,8 @@ def stream(
                          log_level=log_level, flush_rows=flush_rows, flush_bytes=flush_bytes,
                          flush_seconds=flush_seconds, metrics_port=metrics_port,
                          heartbeat_seconds=heartbeat_seconds, compact_every=compact_every,
-                         keys=key, s3_endpoint=s3_endpoint)
+                         keys=key, publish_via_partition_root=publish_via_partition_root,
+                         s3_endpoint=s3_endpoint)
     if settings.metrics_port:
         from cdc.metrics import serve
 
@@ -135,7 +142,7 @@ def snapshot(
     dsn: Dsn = None, lake: LakeOpt = None, slot: SlotOpt = None,
     publication: PublicationOpt = None, tables: TablesOpt = None, plugin: PluginOpt = None,
     config: ConfigOpt = None, log_format: LogFormatOpt = None, log_level: LogLevelOpt = None,
-    s3_endpoint: S3EndpointOpt = None,
+    s3_endpoint: S3EndpointOpt = None, publish_via_partition_root: ViaRootOpt = None,
     mode: Annotated[str, typer.Option(
         help="consistent: every published table at one instant, tied to a new slot so "
         "`cdc stream` continues exactly where it ends. updated_at: rows whose updated_at "
@@ -163,7 +170,8 @@ def snapshot(
 
     settings = _settings(config, dsn=dsn, lake=lake, slot=slot, publication=publication,
                          tables=tables, plugin=plugin, log_format=log_format,
-                         log_level=log_level, s3_endpoint=s3_endpoint)
+                         log_level=log_level, s3_endpoint=s3_endpoint,
+                         publish_via_partition_root=publish_via_partition_root)
     target = _open_lake(settings)
     if mode == "consistent":
         from cdc.snapshot import ConsistentSnapshot
@@ -258,7 +266,8 @@ def slot_create(dsn: Dsn = None, slot: SlotOpt = None, publication: PublicationO
     with connect(s.dsn) as conn:
         admin = Admin(conn, s.dsn)
         admin.check_wal_level()
-        admin.ensure_publication(s.publication, s.tables)
+        admin.ensure_publication(s.publication, s.tables,
+                                 via_partition_root=s.publish_via_partition_root)
         info, created = admin.ensure_slot(s.slot, s.plugin)
     lsn = format_lsn(info.confirmed_flush) if info.confirmed_flush else "?"
     typer.echo(f"slot {s.slot} {'created' if created else 'exists'} at {lsn}; "

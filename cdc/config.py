@@ -47,6 +47,7 @@ class Settings:
     heartbeat_seconds: float = 60.0  # 0 disables the logical-message heartbeat
     compact_every: float = 60.0  # seconds between compactions inside cdc stream; 0: never
     keys: tuple[str, ...] = ()  # schema.table=col1,col2 for tables without a primary key
+    publish_via_partition_root: bool = True  # for a publication cdc creates
     metrics_port: int = 0  # 0: no metrics endpoint
     log_format: str = "console"
     log_level: str = "info"
@@ -83,6 +84,17 @@ def parse_tables(value: object) -> tuple[str, ...]:
     return tuple(str(t).strip() for t in items if str(t).strip())
 
 
+def parse_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {value!r} (use true or false)")
+
+
 def parse_keys(value: object) -> tuple[str, ...]:
     """Key overrides: a list, or ``;``-separated ``schema.table=col1,col2`` items."""
     items = value if isinstance(value, list | tuple) else str(value).split(";")
@@ -102,6 +114,7 @@ _PARSERS: dict[str, Any] = {
     "s3_max_attempts": int,
     "compact_every": parse_duration,
     "keys": parse_keys,
+    "publish_via_partition_root": parse_bool,
 }
 FIELDS = tuple(f.name for f in fields(Settings))
 

@@ -189,8 +189,13 @@ class Admin:
         self._one("SELECT pg_drop_replication_slot(%s)", (name,))
         return True
 
-    def ensure_publication(self, name: str, tables: Sequence[str]) -> None:
-        """Create the publication when missing (FOR ALL TABLES, or the named tables)."""
+    def ensure_publication(self, name: str, tables: Sequence[str], *,
+                           via_partition_root: bool = True) -> None:
+        """Create the publication when missing (FOR ALL TABLES, or the named tables).
+
+        ``via_partition_root`` (PostgreSQL 13+): changes to a partition are published as
+        changes of its partitioned table, so they land under the parent in raw.
+        """
         exists = self._one("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,))
         if exists is None:
             if tables:
@@ -200,6 +205,8 @@ class Admin:
                     sql.Identifier(name), idents)
             else:
                 stmt = sql.SQL("CREATE PUBLICATION {} FOR ALL TABLES").format(sql.Identifier(name))
+            if via_partition_root and self.conn.info.server_version >= 130000:
+                stmt = sql.SQL("{} WITH (publish_via_partition_root = true)").format(stmt)
             try:
                 with self.conn.transaction():
                     self.conn.execute(stmt)

@@ -281,7 +281,8 @@ class ConsistentSnapshot:
         with connect(s.dsn) as conn:
             admin = Admin(conn, s.dsn)
             admin.check_wal_level()
-            admin.ensure_publication(s.publication, s.tables)
+            admin.ensure_publication(s.publication, s.tables,
+                                     via_partition_root=s.publish_via_partition_root)
             relations = self._relations(admin)
             existing = admin.slot(s.slot)
             if stored is not None:

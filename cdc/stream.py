@@ -213,7 +213,8 @@ class Streamer:
         with connect(s.dsn) as conn:
             admin = Admin(conn, s.dsn)
             admin.check_wal_level()
-            admin.ensure_publication(s.publication, s.tables)
+            admin.ensure_publication(s.publication, s.tables,
+                                     via_partition_root=s.publish_via_partition_root)
             slot, created = admin.ensure_slot(s.slot, s.plugin)
         stored = self.checkpoint.load()
         if created or stored is None:

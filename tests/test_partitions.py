@@ -1,0 +1,49 @@
+"""Partitioned tables land under their parent (publish_via_partition_root)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import SourceDb
+from rawlake import raw_files, read_raw, replay, stream_until_caught_up
+
+from cdc.compact import compact_lake
+from cdc.config import Settings
+from cdc.lake import LocalLake
+from cdc.snapshot import ConsistentSnapshot
+
+EVENTS = """
+CREATE TABLE events (id int, day date, kind text, PRIMARY KEY (id, day))
+PARTITION BY RANGE (day);
+CREATE TABLE events_2025 PARTITION OF events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+CREATE TABLE events_2026 PARTITION OF events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+"""
+
+
+class TestPartitionedTables:
+    def test_snapshot_and_stream_of_a_partitioned_table_land_under_the_parent(
+        self, source: SourceDb, settings: Settings, lake_dir: Path
+    ) -> None:
+        """Rows of every partition, copied and streamed, are one table in raw and staged."""
+        source.execute(EVENTS)
+        source.execute("INSERT INTO events SELECT g, date '2025-06-01' + (g % 400), 'seed' "
+                       "FROM generate_series(1, 3000) g")
+        ConsistentSnapshot(settings, LocalLake(settings.lake), chunk_rows=1000).run()
+        source.execute("INSERT INTO events VALUES (5000, '2025-02-01', 'new'), "
+                       "(5001, '2026-02-01', 'new')")
+        source.execute("UPDATE events SET kind = 'changed' WHERE id % 100 = 0")
+        source.execute("DELETE FROM events WHERE id % 250 = 0")
+        stream_until_caught_up(settings)
+
+        assert raw_files(lake_dir, "public.events")
+        assert not raw_files(lake_dir, "public.events_2025")
+        assert not raw_files(lake_dir, "public.events_2026")
+        rows = [{**r, "key": (r["id"], r["day"])} for r in read_raw(lake_dir, "public.events")]
+        expected = {(i, d): k for i, d, k in source.execute("SELECT id, day, kind FROM events")}
+        assert {k: v["kind"] for k, v in replay(rows, key="key").items()} == expected
+
+        compact_lake(LocalLake(settings.lake), settings.slot)
+        from deltalake import DeltaTable
+
+        staged = DeltaTable(str(lake_dir / "staged" / "public.events")).to_pyarrow_table()
+        assert {(r["id"], r["day"]): r["kind"] for r in staged.to_pylist()} == expected
