@@ -63,6 +63,10 @@ KeyOpt = Annotated[list[str] | None, typer.Option(
     "--key", help="Key of a table without a primary key, schema.table=col1,col2 (repeatable; "
     "env: CDC_KEYS, ;-separated); without one such a table is staged as an append of its "
     "inserts", show_default=False)]
+ContractsOpt = Annotated[str | None, typer.Option(
+    "--contracts", help="Folder of schema contracts, one <schema>.<table>.toml per checked "
+    "table (columns, types, nullability; policy fail, quarantine or evolve) (env: "
+    "CDC_CONTRACTS; default: none)", show_default=False)]
 LogLevelOpt = Annotated[str | None, typer.Option(
     "--log-level", help="debug, info, warning, error (env: CDC_LOG_LEVEL; default: info)",
     show_default=False)]
@@ -106,7 +110,7 @@ def stream(
         help="Compact raw into the staged Delta tables this often, in the background; 0 "
         "disables (env: CDC_COMPACT_EVERY; default: 60s)", show_default=False)] = None,
     key: KeyOpt = None,
-    publish_via_partition_root: ViaRootOpt = None,
+    publish_via_partition_root: ViaRootOpt = None, contracts: ContractsOpt = None,
     heartbeat_seconds: Annotated[str | None, typer.Option(
         help="When idle, write a logical message this often so a quiet database's slot "
         "keeps advancing; 0 disables (env: CDC_HEARTBEAT_SECONDS; default: 60s)",
@@ -127,7 +131,7 @@ def stream(
                          flush_seconds=flush_seconds, metrics_port=metrics_port,
                          heartbeat_seconds=heartbeat_seconds, compact_every=compact_every,
                          keys=key, publish_via_partition_root=publish_via_partition_root,
-                         s3_endpoint=s3_endpoint)
+                         s3_endpoint=s3_endpoint, contracts=contracts)
     if settings.metrics_port:
         from cdc.metrics import serve
 
@@ -143,6 +147,7 @@ def snapshot(
     publication: PublicationOpt = None, tables: TablesOpt = None, plugin: PluginOpt = None,
     config: ConfigOpt = None, log_format: LogFormatOpt = None, log_level: LogLevelOpt = None,
     s3_endpoint: S3EndpointOpt = None, publish_via_partition_root: ViaRootOpt = None,
+    contracts: ContractsOpt = None,
     mode: Annotated[str, typer.Option(
         help="consistent: every published table at one instant, tied to a new slot so "
         "`cdc stream` continues exactly where it ends. updated_at: rows whose updated_at "
@@ -171,7 +176,8 @@ def snapshot(
     settings = _settings(config, dsn=dsn, lake=lake, slot=slot, publication=publication,
                          tables=tables, plugin=plugin, log_format=log_format,
                          log_level=log_level, s3_endpoint=s3_endpoint,
-                         publish_via_partition_root=publish_via_partition_root)
+                         publish_via_partition_root=publish_via_partition_root,
+                         contracts=contracts)
     target = _open_lake(settings)
     if mode == "consistent":
         from cdc.snapshot import ConsistentSnapshot

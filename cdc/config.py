@@ -47,6 +47,7 @@ class Settings:
     heartbeat_seconds: float = 60.0  # 0 disables the logical-message heartbeat
     compact_every: float = 60.0  # seconds between compactions inside cdc stream; 0: never
     keys: tuple[str, ...] = ()  # schema.table=col1,col2 for tables without a primary key
+    contracts: str = ""  # folder of <schema>.<table>.toml schema contracts; "": none
     publish_via_partition_root: bool = True  # for a publication cdc creates
     metrics_port: int = 0  # 0: no metrics endpoint
     log_format: str = "console"

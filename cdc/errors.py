@@ -87,3 +87,9 @@ class CheckpointError(LakeError):
 
 class CompactionError(LakeError):
     """Raw changes cannot be merged into a staged Delta table (types, keys, a rival compactor)."""
+
+
+class ContractError(CdcError):
+    """A table breaks its schema contract under policy ``fail``; nothing past it is acknowledged."""
+
+    exit_code = 7

@@ -38,6 +38,7 @@ from psycopg import sql
 from cdc.batcher import Batch, raw_table
 from cdc.checkpoint import CheckpointStore
 from cdc.config import Settings
+from cdc.contracts import Contracts, write_rejected
 from cdc.errors import SlotError, SourceError
 from cdc.events import Lsn, Relation, format_lsn, parse_lsn
 from cdc.lake import Lake
@@ -270,6 +271,7 @@ class ConsistentSnapshot:
         self.workers = max(1, workers)
         self.chunk_rows = chunk_rows
         self.sink = RawSink(lake)
+        self.contracts = Contracts.load(settings.contracts)
         self.lock = threading.Lock()
         self.after_chunk = after_chunk  # fault-injection point for tests
         self.display: ProgressDisplay | None = None
@@ -335,6 +337,7 @@ class ConsistentSnapshot:
             facts = admin.type_facts(relation)
             types = [column_type(c.type_oid, c.type_modifier, type_names.get(c.type_oid), facts)
                      for c in relation.columns]
+            self.contracts.check_schema(relation, types)  # ContractError under policy fail
             result[relation.qualified_name] = (relation, types)
         if not result:
             raise SourceError("no tables to snapshot",
@@ -396,7 +399,11 @@ class ConsistentSnapshot:
             batch = snapshot_batch(relation, types, columns, lsn=progress.consistent_point,
                                    first_seq=SNAPSHOT_SEQ_BASE + index * CHUNK_SEQ_STRIDE,
                                    ts_us=progress.snapshot_ts_us, label=f"r{index:06d}")
-            self.sink.write(batch)
+            accepted, rejected = self.contracts.split(batch)
+            if rejected is not None:
+                write_rejected(self.lake, rejected)
+            if accepted is not None:
+                self.sink.write(accepted)
         with self.lock:
             plan.done[str(index)] = rows
             self.lake.write_bytes(progress_key(self.settings.slot), progress.to_json())

@@ -28,6 +28,7 @@ from cdc.batcher import Batch, Batcher, FlushLimits
 from cdc.checkpoint import CheckpointStore
 from cdc.compact import CompactionLoop, parse_keys
 from cdc.config import Settings
+from cdc.contracts import Contracts, write_rejected
 from cdc.errors import CdcError, SlotError
 from cdc.events import (
     UNCHANGED,
@@ -44,7 +45,14 @@ from cdc.events import (
     format_lsn,
 )
 from cdc.lake import Lake
-from cdc.pgtypes import TYPE_FACTS_QUERY, PgType, TypeFacts, is_builtin, load_type_facts
+from cdc.pgtypes import (
+    TYPE_FACTS_QUERY,
+    PgType,
+    TypeFacts,
+    column_type,
+    is_builtin,
+    load_type_facts,
+)
 from cdc.raw import RawSink
 from cdc.replication import Admin, ReplicationStream, connect, describe, translated
 from cdc.snapshot import snapshot_in_progress
@@ -200,6 +208,7 @@ class Streamer:
         self.stats = StreamStats()
         self.limits = FlushLimits(settings.flush_rows, settings.flush_bytes,
                                   settings.flush_seconds)
+        self.contracts = Contracts.load(settings.contracts)
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -417,6 +426,10 @@ class Session:
                    for c in rel.columns):
                 batcher.type_facts.update(self.catalog.type_facts(
                     [c.type_oid for c in rel.columns], batcher.type_facts))
+            if self.streamer.contracts.covers(rel.qualified_name):  # ContractError under fail
+                self.streamer.contracts.check_schema(rel, [
+                    column_type(c.type_oid, c.type_modifier, batcher.type_names.get(c.type_oid),
+                                batcher.type_facts) for c in rel.columns])
             known = self.relations.get(rel.oid)
             if known is not None and known != rel:
                 batch = batcher.cut_table(rel.oid)  # its schema changes: close its file
@@ -465,6 +478,12 @@ class Session:
         self.advance(self.last_commit_end)
 
     def _write(self, batch: Batch) -> None:
+        accepted, rejected = self.streamer.contracts.split(batch)
+        if rejected is not None:  # durable in raw/_rejected: acknowledged like the rest
+            write_rejected(self.streamer.lake, rejected)
+        if accepted is None:
+            return
+        batch = accepted
         started = time.monotonic()
         key, nbytes = self.streamer.sink.write(batch)
         seconds = time.monotonic() - started
