@@ -7,7 +7,8 @@ because the update did not change it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Final
 
@@ -152,3 +153,29 @@ class Message:
 Event = (
     Begin | Commit | Origin | Relation | TypeInfo | Insert | Update | Delete | Truncate | Message
 )
+
+
+def update_rows(relation: Relation, update: Update) -> list[tuple[str, Row]]:
+    """The raw rows of one Update: a delete of the old key first when the key changed.
+
+    With an old key tuple ('K') the server says the key changed. With a full old tuple
+    ('O', REPLICA IDENTITY FULL) we compare the key columns, and take unchanged TOASTed
+    values from the old tuple, which holds them in full.
+    """
+    new, old = update.new, update.old
+    if old is None:
+        return [("u", new)]
+    if update.old_is_key:
+        return [("d", old), ("u", new)]
+    if UNCHANGED in new:
+        new = tuple(o if n is UNCHANGED else n for n, o in zip(new, old, strict=True))
+    keys = [i for i, c in enumerate(relation.columns) if c.is_key]
+    if keys and any(old[i] != new[i] for i in keys):
+        return [("d", old), ("u", new)]
+    return [("u", new)]
+
+
+def with_key(relation: Relation, key: Sequence[str]) -> Relation:
+    """The relation with exactly ``key``'s columns flagged as key columns."""
+    columns = tuple(replace(c, is_key=c.name in key) for c in relation.columns)
+    return replace(relation, columns=columns)

@@ -10,51 +10,44 @@ durable.
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import struct
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
 
-import psycopg
 import pyarrow.compute as pc
 import structlog
 
 from cdc import metrics, pgoutput
 from cdc.batcher import Batch, Batcher, FlushLimits
+from cdc.catalog import Catalog, Heartbeat, SideConnection
 from cdc.checkpoint import CheckpointStore
 from cdc.compact import CompactionLoop, parse_keys
 from cdc.config import Settings
 from cdc.contracts import Contracts, write_rejected
 from cdc.errors import CdcError, SlotError
 from cdc.events import (
-    UNCHANGED,
     Begin,
     Commit,
     Delete,
     Insert,
     Lsn,
     Relation,
-    Row,
     Truncate,
     TypeInfo,
     Update,
     format_lsn,
+    update_rows,
+    with_key,
 )
 from cdc.lake import Lake
 from cdc.pgtypes import (
-    TYPE_FACTS_QUERY,
-    PgType,
-    TypeFacts,
     column_type,
     is_builtin,
-    load_type_facts,
 )
 from cdc.raw import RawSink
-from cdc.replication import Admin, ReplicationStream, connect, describe, translated
+from cdc.replication import Admin, ReplicationStream, connect, describe
 from cdc.snapshot import snapshot_in_progress
 from cdc.wal2json import Wal2JsonDecoder
 
@@ -95,105 +88,6 @@ class Stopper:
             raise KeyboardInterrupt
         self.requested = True
         log.info("stop_requested", signal=signal.Signals(signum).name)
-
-
-def update_rows(relation: Relation, update: Update) -> list[tuple[str, Row]]:
-    """The raw rows of one Update: a delete of the old key first when the key changed.
-
-    With an old key tuple ('K') the server says the key changed. With a full old tuple
-    ('O', REPLICA IDENTITY FULL) we compare the key columns, and take unchanged TOASTed
-    values from the old tuple, which holds them in full.
-    """
-    new, old = update.new, update.old
-    if old is None:
-        return [("u", new)]
-    if update.old_is_key:
-        return [("d", old), ("u", new)]
-    if UNCHANGED in new:
-        new = tuple(o if n is UNCHANGED else n for n, o in zip(new, old, strict=True))
-    keys = [i for i, c in enumerate(relation.columns) if c.is_key]
-    if keys and any(old[i] != new[i] for i in keys):
-        return [("d", old), ("u", new)]
-    return [("u", new)]
-
-
-def with_key(relation: Relation, key: Sequence[str]) -> Relation:
-    """The relation with exactly ``key``'s columns flagged as key columns."""
-    columns = tuple(replace(c, is_key=c.name in key) for c in relation.columns)
-    return replace(relation, columns=columns)
-
-
-class SideConnection:
-    """A lazily (re)opened normal connection beside the replication one."""
-
-    def __init__(self, dsn: str) -> None:
-        self.dsn = dsn
-        self.conn: psycopg.Connection[tuple[object, ...]] | None = None
-
-    def get(self) -> psycopg.Connection[tuple[object, ...]]:
-        if self.conn is None or self.conn.closed:
-            self.conn = connect(self.dsn)
-        return self.conn
-
-    def close(self) -> None:
-        if self.conn is not None:
-            with contextlib.suppress(psycopg.Error):
-                self.conn.close()
-            self.conn = None
-
-
-class Catalog:
-    """Catalog facts the replication stream does not carry."""
-
-    def __init__(self, side: SideConnection) -> None:
-        self.side = side
-
-    def primary_key(self, oid: int) -> tuple[str, ...]:
-        """The primary key columns of a table (empty when it has none)."""
-        conn = self.side.get()
-        with translated(self.side.dsn):
-            rows = conn.execute(
-                "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a "
-                "ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
-                "WHERE i.indrelid = %s AND i.indisprimary ORDER BY a.attnum", (oid,)).fetchall()
-        return tuple(str(r[0]) for r in rows)
-
-    def type_facts(self, oids: Iterable[int], known: TypeFacts) -> dict[int, PgType]:
-        """Base, element and category of the non-built-in types among ``oids``."""
-        conn = self.side.get()
-
-        def fetch(wanted: list[int]) -> list[tuple[Any, ...]]:
-            return conn.execute(TYPE_FACTS_QUERY, (wanted,)).fetchall()
-
-        with translated(self.side.dsn):
-            return load_type_facts(fetch, oids, known)
-
-
-class Heartbeat:
-    """Writes a logical decoding message to the source when the stream is idle.
-
-    On a quiet database whose server keeps writing elsewhere, the message gives
-    the slot something of its own to decode, so it keeps advancing (invariant 5).
-    Failures only log: a heartbeat must never stop the stream.
-    """
-
-    def __init__(self, side: SideConnection, interval: float) -> None:
-        self.side = side
-        self.interval = interval
-        self.next = time.monotonic() + interval
-
-    def maybe_beat(self) -> None:
-        if self.interval <= 0 or time.monotonic() < self.next:
-            return
-        self.next = time.monotonic() + self.interval
-        try:
-            self.side.get().execute("SELECT pg_logical_emit_message(false, 'cdc_heartbeat', "
-                                    "now()::text)")
-        except (CdcError, psycopg.Error) as exc:
-            log.warning("heartbeat_failed", error=str(exc).splitlines()[0] if str(exc) else "",
-                        fix="grant EXECUTE on pg_logical_emit_message or set "
-                        "--heartbeat-seconds 0")
-            self.side.close()
 
 
 class Streamer:
