@@ -49,7 +49,7 @@ from cdc.errors import ConfigError, ContractError
 from cdc.events import Relation
 from cdc.lake import Lake
 from cdc.pgtypes import ColumnType
-from cdc.raw import encode, file_key
+from cdc.raw import RawSink, encode, file_key
 
 log = structlog.get_logger("cdc.contracts")
 
@@ -227,6 +227,17 @@ class Contracts:
                 "source or the contract (or its policy to quarantine or evolve), then run again")
         log.warning("contract_drift" if contract.policy == EVOLVE else "contract_violation",
                     table=contract.table, policy=contract.policy, violations=text)
+
+    def write(self, sink: RawSink, batch: Batch) -> tuple[Batch, str, int] | None:
+        """Write a batch through the table's contract: rejected rows to ``raw/_rejected``,
+        the rest to raw. Returns what went to raw, its key and size (None: nothing did)."""
+        accepted, rejected = self.split(batch)
+        if rejected is not None:  # durable in raw/_rejected: acknowledged like the rest
+            write_rejected(sink.lake, rejected)
+        if accepted is None:
+            return None
+        key, nbytes = sink.write(accepted)
+        return accepted, key, nbytes
 
     def split(self, batch: Batch) -> tuple[Batch | None, Batch | None]:
         """(the rows to write to raw, the rows to write to ``raw/_rejected``), either None."""

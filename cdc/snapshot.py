@@ -38,7 +38,7 @@ from psycopg import sql
 from cdc.batcher import Batch, raw_table
 from cdc.checkpoint import CheckpointStore
 from cdc.config import Settings
-from cdc.contracts import Contracts, write_rejected
+from cdc.contracts import Contracts
 from cdc.errors import SlotError, SourceError
 from cdc.events import Lsn, Relation, format_lsn, parse_lsn
 from cdc.lake import Lake
@@ -399,11 +399,7 @@ class ConsistentSnapshot:
             batch = snapshot_batch(relation, types, columns, lsn=progress.consistent_point,
                                    first_seq=SNAPSHOT_SEQ_BASE + index * CHUNK_SEQ_STRIDE,
                                    ts_us=progress.snapshot_ts_us, label=f"r{index:06d}")
-            accepted, rejected = self.contracts.split(batch)
-            if rejected is not None:
-                write_rejected(self.lake, rejected)
-            if accepted is not None:
-                self.sink.write(accepted)
+            self.contracts.write(self.sink, batch)
         with self.lock:
             plan.done[str(index)] = rows
             self.lake.write_bytes(progress_key(self.settings.slot), progress.to_json())

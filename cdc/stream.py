@@ -25,7 +25,7 @@ from cdc.catalog import Catalog, Heartbeat, SideConnection
 from cdc.checkpoint import CheckpointStore
 from cdc.compact import CompactionLoop, parse_keys
 from cdc.config import Settings
-from cdc.contracts import Contracts, write_rejected
+from cdc.contracts import Contracts
 from cdc.errors import CdcError, SlotError
 from cdc.events import (
     Begin,
@@ -372,14 +372,11 @@ class Session:
         self.advance(self.last_commit_end)
 
     def _write(self, batch: Batch) -> None:
-        accepted, rejected = self.streamer.contracts.split(batch)
-        if rejected is not None:  # durable in raw/_rejected: acknowledged like the rest
-            write_rejected(self.streamer.lake, rejected)
-        if accepted is None:
-            return
-        batch = accepted
         started = time.monotonic()
-        key, nbytes = self.streamer.sink.write(batch)
+        written = self.streamer.contracts.write(self.streamer.sink, batch)
+        if written is None:
+            return  # every row went to raw/_rejected
+        batch, key, nbytes = written
         seconds = time.monotonic() - started
         stats = self.streamer.stats
         stats.files += 1
