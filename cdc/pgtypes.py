@@ -423,7 +423,13 @@ def convert_column(
     values: Sequence[str | None] | pa.Array | pa.ChunkedArray, ctype: ColumnType, *, table: str,
     column: str,
 ) -> pa.Array | pa.ChunkedArray:
-    """Convert one column's text values; a value that does not fit raises ConversionError."""
+    """Convert one column's text values; a value that does not fit raises ConversionError.
+
+    A column that already has the target type (the snapshot's binary reader fetches a few
+    built-in types typed) is taken as it is.
+    """
+    if isinstance(values, pa.Array | pa.ChunkedArray) and values.type == ctype.arrow_type:
+        return values
     text = values if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(values,
                                                                                   pa.string())
     try:

@@ -14,6 +14,7 @@ from conftest import SourceDb, with_settings
 from rawlake import raw_files, read_raw, replay, run_cdc, stream_until_caught_up
 
 from cdc.config import Settings
+from cdc.copyread import AdbcReader, CsvReader
 from cdc.errors import SlotError
 from cdc.incremental import UpdatedAtExport
 from cdc.lake import LocalLake
@@ -59,9 +60,13 @@ class Writer(threading.Thread):
                 self.transactions += 1
 
 
+READERS = [pytest.param(AdbcReader, id="adbc"), pytest.param(CsvReader, id="csv")]
+
+
 class TestConsistentSnapshot:
+    @pytest.mark.parametrize("reader", READERS)
     def test_snapshot_under_writes_then_stream_replays_to_the_source_exactly(
-        self, source: SourceDb, settings: Settings, lake_dir: Path
+        self, source: SourceDb, settings: Settings, lake_dir: Path, reader: Any
     ) -> None:
         """No gap and no duplicate at the hand-over, while another connection writes."""
         seed = random.randrange(1 << 30)
@@ -76,7 +81,7 @@ class TestConsistentSnapshot:
         writer = Writer(source, seed)
         writer.start()
         try:
-            result = snapshot(settings, workers=2, chunk_rows=10_000)
+            result = snapshot(settings, workers=2, chunk_rows=10_000, reader=reader)
         finally:
             writer.stop.set()
             writer.join()
@@ -94,8 +99,9 @@ class TestConsistentSnapshot:
         expected = {(a, b): v for a, b, v in source.execute("SELECT a, b, v FROM pairs")}
         assert {k: row["v"] for k, row in pairs.items()} == expected
 
+    @pytest.mark.parametrize("reader", READERS)
     def test_table_without_primary_key_is_copied_whole_in_ctid_chunks(
-        self, source: SourceDb, settings: Settings, lake_dir: Path
+        self, source: SourceDb, settings: Settings, lake_dir: Path, reader: Any
     ) -> None:
         """CTID block ranges cover every row exactly once, NULL and '' kept apart."""
         source.execute("CREATE TABLE events (kind text, n int)")
@@ -104,7 +110,7 @@ class TestConsistentSnapshot:
         source.execute("INSERT INTO events VALUES ('', NULL), (NULL, -1), "
                        "(E'multi\\nline,\"q\"', -2)")
         source.execute("ANALYZE events")
-        snapshot(settings, chunk_rows=3000)
+        snapshot(settings, chunk_rows=3000, reader=reader)
 
         assert len(raw_files(lake_dir, "public.events")) > 3
         rows = read_raw(lake_dir, "public.events")

@@ -34,6 +34,7 @@ from rawlake import raw_files, stream_until_caught_up
 from cdc import pgtypes
 from cdc.compact import compact_lake
 from cdc.config import Settings
+from cdc.copyread import AdbcReader, CsvReader
 from cdc.errors import CompactionError, ConversionError
 from cdc.lake import LocalLake
 from cdc.pgtypes import (
@@ -386,13 +387,15 @@ def _raw(settings: Settings, op: str, table: str = "typed") -> pa.Table:
     return table.filter(pc.equal(table["_op"], op))
 
 
+@pytest.mark.parametrize("reader", [AdbcReader, CsvReader], ids=["adbc", "csv"])
 def test_every_type_round_trips_through_snapshot_stream_and_compaction(
-    source: SourceDb, settings: Settings
+    source: SourceDb, settings: Settings, reader: Any
 ) -> None:
+    """Edge values of every type: raw and staged equal PostgreSQL, with either reader."""
     source.execute(TYPES_DDL)
     _create(source, "typed", COLUMNS)
     _create(source, "far", FAR)
-    ConsistentSnapshot(settings, LocalLake(settings.lake)).run()
+    ConsistentSnapshot(settings, LocalLake(settings.lake), reader=reader).run()
     for table, spec in (("typed", COLUMNS), ("far", FAR)):
         source.execute(f"INSERT INTO {table} SELECT id + 100, " + ", ".join(
             f'"{n}"' for n in spec) + f" FROM {table}")

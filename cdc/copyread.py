@@ -1,0 +1,193 @@
+"""Reading a table chunk as Arrow text columns, for the snapshot's workers.
+
+Two readers give the same columns: every value as the text its type's output
+function writes (what pgoutput sends), NULL kept apart from ''. The converters
+in ``pgtypes`` then type them, so snapshot rows equal streamed ones.
+
+- ``AdbcReader`` (when ``adbc-driver-postgresql`` is installed, the default):
+  the ADBC driver runs the query as a binary COPY and builds the Arrow arrays
+  in C++ without holding the GIL; about twice the rows per CPU-second of
+  the CSV path (docs/benchmarks.md).
+- ``CsvReader``: psycopg's ``COPY ... TO STDOUT (FORMAT csv)`` parsed by
+  Arrow's CSV reader; one Python iteration per row.
+
+Both run inside a REPEATABLE READ transaction, importing the exported snapshot
+when there is one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import psycopg
+import pyarrow as pa
+import pyarrow.csv as pacsv
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from cdc import pgtypes
+from cdc.events import Relation
+from cdc.replication import SESSION_OPTIONS, connect, translated
+
+#: built-in types whose cast to text is their output function; any other type (boolean
+#: gives 'true', bpchar drops its padding, inet adds a netmask, domains cast as their
+#: base type) is read with format('%s', ...), which calls the output function
+_TEXT_CAST_SAFE = {
+    pgtypes.INT2, pgtypes.INT4, pgtypes.INT8, pgtypes.OID, pgtypes.NUMERIC, pgtypes.FLOAT4,
+    pgtypes.FLOAT8, pgtypes.TEXT, pgtypes.VARCHAR, pgtypes.NAME, pgtypes.DATE, pgtypes.TIME,
+    pgtypes.TIMESTAMP, pgtypes.TIMESTAMPTZ, pgtypes.INTERVAL, pgtypes.UUID, pgtypes.JSON,
+    pgtypes.JSONB, pgtypes.BYTEA,
+}
+
+
+#: built-in types the ADBC reader fetches in binary and hands over already typed: the
+#: server skips their text output, and no cast is needed on our side
+_NATIVE = {
+    pgtypes.INT2: pa.int16(), pgtypes.INT4: pa.int32(), pgtypes.INT8: pa.int64(),
+    pgtypes.FLOAT4: pa.float32(), pgtypes.FLOAT8: pa.float64(), pgtypes.BOOL: pa.bool_(),
+    pgtypes.TEXT: pa.string(), pgtypes.VARCHAR: pa.string(), pgtypes.BYTEA: pa.binary(),
+}
+
+
+class TextReader(Protocol):
+    def read(self, relation: Relation, where: sql.Composable) -> list[pa.ChunkedArray]:
+        """The rows of ``relation`` matching ``where``: one Arrow column each, text (the
+        type's output) or, for a few built-in types, already of the raw layer's type."""
+
+    def close(self) -> None: ...
+
+
+def csv_columns(conn: psycopg.Connection[Any], query: sql.Composed,
+                ncols: int) -> list[pa.ChunkedArray]:
+    """Run a COPY ... (FORMAT csv) and return its columns as Arrow strings (NULL ≠ '')."""
+    buffer = io.BytesIO()
+    with conn.cursor() as cur, cur.copy(query) as copy:
+        for block in copy:
+            buffer.write(block)
+    if buffer.tell() == 0:
+        return [pa.chunked_array([], pa.string()) for _ in range(ncols)]
+    names = [f"c{i}" for i in range(ncols)]
+    buffer.seek(0)
+    table = pacsv.read_csv(
+        buffer,
+        # single-threaded: the workers already run in parallel; Arrow's CSV threads on top
+        # cost 60% more CPU for the same wall time (docs/benchmarks.md)
+        read_options=pacsv.ReadOptions(column_names=names, block_size=16 << 20,
+                                       use_threads=False),
+        parse_options=pacsv.ParseOptions(newlines_in_values=True),
+        convert_options=pacsv.ConvertOptions(
+            column_types=dict.fromkeys(names, pa.string()), null_values=[""],
+            strings_can_be_null=True, quoted_strings_can_be_null=False),
+    )
+    return list(table.columns)
+
+
+def _begin_sql(snapshot_name: str | None) -> list[sql.SQL | sql.Composed]:
+    statements: list[sql.SQL | sql.Composed] = [
+        sql.SQL("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")]
+    if snapshot_name is not None:
+        statements.append(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(
+            sql.Literal(snapshot_name)))
+    return statements
+
+
+class CsvReader:
+    def __init__(self, dsn: str, snapshot_name: str | None) -> None:
+        self.dsn = dsn
+        self.conn = connect(dsn)
+        with translated(dsn):
+            for statement in _begin_sql(snapshot_name):
+                self.conn.execute(statement)
+
+    def read(self, relation: Relation, where: sql.Composable) -> list[pa.ChunkedArray]:
+        columns = sql.SQL(", ").join(sql.Identifier(c.name) for c in relation.columns)
+        query = sql.SQL("COPY (SELECT {} FROM {} WHERE {}) TO STDOUT (FORMAT csv)").format(
+            columns, sql.Identifier(relation.schema, relation.name), where)
+        with translated(self.dsn):
+            return csv_columns(self.conn, query, len(relation.columns))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def text_expression(column: str, type_oid: int) -> sql.Composable:
+    ident = sql.Identifier(column)
+    if type_oid in _TEXT_CAST_SAFE:
+        return sql.SQL("{}::text").format(ident)
+    # num_nulls: a composite whose fields are all NULL "IS NULL", but is a value
+    return sql.SQL("CASE WHEN num_nulls({0}) = 1 THEN NULL ELSE format('%s', {0}) END").format(
+        ident)
+
+
+class AdbcReader:
+    def __init__(self, dsn: str, snapshot_name: str | None) -> None:
+        import adbc_driver_manager
+        import adbc_driver_postgresql.dbapi as adbc
+
+        self.dsn = dsn
+        self.errors: tuple[type[Exception], ...] = (adbc_driver_manager.Error,)
+        # a psycopg connection renders the SQL (identifiers, literals) for the ADBC one
+        self.render = connect(dsn)
+        try:
+            self.conn = adbc.connect(make_conninfo(dsn, options=SESSION_OPTIONS),
+                                     autocommit=True)
+            self.cursor = self.conn.cursor()
+            for statement in _begin_sql(snapshot_name):
+                self.cursor.execute(statement.as_string(self.render))
+        except self.errors as exc:
+            self.close()
+            raise translate_adbc(exc, dsn) from exc
+
+    def read(self, relation: Relation, where: sql.Composable) -> list[pa.ChunkedArray]:
+        columns = sql.SQL(", ").join(
+            sql.SQL("{} AS {}").format(
+                sql.Identifier(c.name) if c.type_oid in _NATIVE
+                else text_expression(c.name, c.type_oid), sql.Identifier(f"c{i}"))
+            for i, c in enumerate(relation.columns))
+        query = sql.SQL("SELECT {} FROM {} WHERE {}").format(
+            columns, sql.Identifier(relation.schema, relation.name), where)
+        try:
+            self.cursor.execute(query.as_string(self.render))
+            table: pa.Table = self.cursor.fetch_arrow_table()
+        except self.errors as exc:
+            raise translate_adbc(exc, self.dsn) from exc
+        wanted = [_NATIVE.get(c.type_oid, pa.string()) for c in relation.columns]
+        return [column if column.type == kind else column.cast(kind)
+                for column, kind in zip(table.columns, wanted, strict=True)]
+
+    def close(self) -> None:
+        for closer in ("cursor", "conn", "render"):
+            obj = getattr(self, closer, None)
+            if obj is not None:
+                with contextlib.suppress(Exception):  # closing a broken connection
+                    obj.close()
+
+
+def translate_adbc(exc: Exception, dsn: str) -> Exception:
+    from cdc.errors import SourceError
+    from cdc.replication import describe
+
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return SourceError(f"{describe(dsn)}: {text}", fix="see the server's message")
+
+
+def adbc_available() -> bool:
+    try:
+        import adbc_driver_postgresql.dbapi  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def open_reader(dsn: str, snapshot_name: str | None) -> TextReader:
+    """The fastest reader available here."""
+    if adbc_available():
+        return AdbcReader(dsn, snapshot_name)
+    return CsvReader(dsn, snapshot_name)
+
+
+def reader_names() -> Sequence[str]:
+    return ("adbc", "csv")
