@@ -242,3 +242,32 @@ class TestUpdatedAtExport:
         assert self.export(settings, page_rows=3) == {"public.items": 1}
         ids = [r["id"] for r in read_raw(lake_dir, "public.items")]
         assert sorted(ids) == list(range(1, 12))
+
+
+class TestReaders:
+    @pytest.mark.parametrize("reader", READERS)
+    def test_each_reader_reads_inside_the_exported_snapshot(
+        self, source: SourceDb, reader: Any
+    ) -> None:
+        """Rows committed after the slot's snapshot was exported are not read."""
+        from psycopg import sql
+
+        from cdc.replication import Admin, connect
+
+        source.execute("CREATE TABLE t (id int PRIMARY KEY, ok boolean, note char(4))")
+        source.execute("INSERT INTO t SELECT g, g % 2 = 0, 'x' FROM generate_series(1, 10) g")
+        with connect(source.dsn, replication=True) as repl:
+            row = repl.execute("CREATE_REPLICATION_SLOT "
+                               f"{source.slot} LOGICAL pgoutput (SNAPSHOT 'export')").fetchone()
+            assert row is not None
+            source.execute("INSERT INTO t SELECT g, true, 'y' FROM generate_series(11, 20) g")
+            with connect(source.dsn) as conn:
+                relation, _ = Admin(conn, source.dsn).describe_table("public", "t")
+            text_reader = reader(source.dsn, str(row[2]))
+            try:
+                ids, ok, note = text_reader.read(relation, sql.SQL("true"))
+            finally:
+                text_reader.close()
+        assert sorted(int(v) for v in ids.to_pylist()) == list(range(1, 11))
+        assert len(ok) == 10
+        assert set(note.to_pylist()) == {"x   "}  # char(4) keeps its padding, as pgoutput does
