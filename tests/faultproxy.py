@@ -2,7 +2,8 @@
 
 It fails a share of requests with 500/503 (before they reach the store, so a failed
 request changed nothing) and delays a share of the others; ``fail_all`` fails every
-request, ``fail_paths`` every request whose path contains one of them. The choices come
+request, ``fail_paths`` every request whose path contains one of them, ``fail_first`` the
+first request whose path contains one of them. The random choices come
 from a seeded random generator (the seed is printed to replay a failure; the order in
 which concurrent requests draw from it is not fixed). ``requests`` records
 (method, path, status, lower-cased headers) of each request.
@@ -34,6 +35,8 @@ class FaultProxy:
         self.lock = threading.Lock()
         self.fail_all = False
         self.fail_paths: tuple[str, ...] = ()
+        #: the first request whose path contains one of these fails, whatever the dice say
+        self.fail_first: set[str] = set()
         self.requests: list[tuple[str, str, int, dict[str, str]]] = []
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
@@ -61,6 +64,10 @@ class FaultProxy:
             fail, delay = self.rng.random(), self.rng.random()
             status = self.rng.choice((500, 503))
             pause = self.rng.uniform(0, self.max_delay)
+            first = next((p for p in self.fail_first if p in path), None)
+            if first is not None:
+                self.fail_first.discard(first)
+                return status, 0.0
             if self.fail_all or any(p in path for p in self.fail_paths) or fail < self.fail_rate:
                 return status, 0.0
             return None, pause if delay < self.delay_rate else 0.0

@@ -267,6 +267,8 @@ class TestUnreliableS3:
         """With 20% of requests failing and 30% delayed, raw and staged end complete."""
         source.execute("CREATE TABLE t (id int PRIMARY KEY, v int, note text)")
         with FaultProxy(moto_endpoint, fail_rate=0.2, delay_rate=0.3, max_delay=0.05) as proxy:
+            # the dice may spare the few staged requests: make sure both writers see a failure
+            proxy.fail_first = {"/raw/", "/staged/"}
             settings = with_settings(s3_settings, s3_endpoint=proxy.url, flush_rows=40,
                                      s3_max_attempts=12)
             lake = lake_of(settings)
