@@ -165,21 +165,29 @@ class TestHeartbeat:
                 wait_for(source.slot_confirmed_lsn, what="slot creation")
                 writer.execute("CREATE TABLE noise (id bigserial, payload text)")
                 start = source.current_lsn()
-                deadline = time.monotonic() + 45
-                while time.monotonic() < deadline:
+                began = time.monotonic()
+                early: int | None = None
+                while time.monotonic() < began + 45:
                     writer.execute("INSERT INTO noise (payload) SELECT repeat('n', 200) "
                                    "FROM generate_series(1, 2000)")
                     time.sleep(0.05)
+                    if early is None and time.monotonic() > began + 5:
+                        early = source.current_lsn()
                 written = source.current_lsn() - start
                 row = source.execute(
-                    "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), restart_lsn)::bigint, "
-                    "pg_wal_lsn_diff(pg_current_wal_insert_lsn(), confirmed_flush_lsn)::bigint "
+                    "SELECT restart_lsn::text, pg_wal_lsn_diff(pg_current_wal_insert_lsn(), "
+                    "confirmed_flush_lsn)::bigint "
                     "FROM pg_replication_slots WHERE slot_name = %s", (settings.slot,))[0]
         finally:
             with psycopg.connect(server_dsn, autocommit=True) as admin:
                 admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(
                     sql.Identifier(busy)))
-        retained, unconfirmed = row
+        from cdc.events import parse_lsn
+
+        restart, unconfirmed = parse_lsn(row[0]), row[1]
         assert written > 50 * 2**20, f"only {written} bytes of WAL written"
         assert unconfirmed < written * 0.2, (unconfirmed, written)
-        assert retained < written * 0.5, (retained, written)
+        # the server moves restart_lsn at its running-transactions records (every 15 s while
+        # busy): after 45 s it is past where the WAL was at 5 s, so retention stays bounded
+        assert early is not None
+        assert restart > early, (format_lsn(restart), format_lsn(early))
