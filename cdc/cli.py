@@ -230,11 +230,12 @@ def status(
     """
     import json
 
+    from cdc.compact import staged_watermark
     from cdc.config import parse_duration, parse_size
     from cdc.monitor import check, collect, render
 
     s = _settings(config, dsn=dsn, lake=lake, slot=slot, s3_endpoint=s3_endpoint)
-    report = collect(s.dsn, _open_lake(s), s.slot, staged=_staged_probe())
+    report = collect(s.dsn, _open_lake(s), s.slot, staged=staged_watermark)
     reasons = check(
         report,
         max_lag_bytes=parse_size(max_lag_bytes) if max_lag_bytes else None,
@@ -250,13 +251,6 @@ def status(
     if reasons:
         raise typer.Exit(1)
 
-
-def _staged_probe() -> Any:
-    try:
-        from cdc.compact import staged_watermark
-    except ImportError:
-        return None
-    return staged_watermark
 
 
 @slot_app.command("create")

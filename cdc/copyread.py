@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Sequence
 from typing import Any, Protocol
 
 import psycopg
@@ -187,7 +186,3 @@ def open_reader(dsn: str, snapshot_name: str | None) -> TextReader:
     if adbc_available():
         return AdbcReader(dsn, snapshot_name)
     return CsvReader(dsn, snapshot_name)
-
-
-def reader_names() -> Sequence[str]:
-    return ("adbc", "csv")

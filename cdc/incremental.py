@@ -27,13 +27,14 @@ import structlog
 from psycopg import sql
 
 from cdc.config import Settings
+from cdc.copyread import csv_columns
 from cdc.errors import ConfigError, SourceError
 from cdc.events import Relation
 from cdc.lake import Lake
 from cdc.pgtypes import column_type
 from cdc.raw import RawSink
 from cdc.replication import Admin, connect, parse_table_name, translated
-from cdc.snapshot import copy_text_columns, select_query, snapshot_batch
+from cdc.snapshot import select_query, snapshot_batch
 
 log = structlog.get_logger("cdc.incremental")
 
@@ -114,7 +115,7 @@ class UpdatedAtExport:
         while True:
             query = select_query(relation, self._after(order, mark), self._page_tail(order))
             with translated(admin.dsn):
-                columns = copy_text_columns(admin.conn, query, len(names))
+                columns = csv_columns(admin.conn, query, len(names))
             rows = len(columns[0])
             if rows == 0:
                 break

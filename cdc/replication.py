@@ -41,9 +41,6 @@ SESSION_OPTIONS = "-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=postgres " 
                   "-c extra_float_digits=3 -c bytea_output=hex"
 
 _status_update = struct.Struct("!cQQQqB")
-XLOGDATA_HEADER = 25  # 'w' + walStart + walEnd + sendTime
-_xlogdata = struct.Struct("!QQq")
-_keepalive = struct.Struct("!Qq?")
 
 
 def describe(dsn: str) -> str:

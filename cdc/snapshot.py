@@ -37,7 +37,7 @@ from cdc.batcher import Batch, raw_table
 from cdc.checkpoint import CheckpointStore
 from cdc.config import Settings
 from cdc.contracts import Contracts
-from cdc.copyread import TextReader, csv_columns, open_reader
+from cdc.copyread import TextReader, open_reader
 from cdc.errors import SlotError, SourceError
 from cdc.events import Lsn, Relation, format_lsn, parse_lsn
 from cdc.lake import Lake
@@ -132,12 +132,6 @@ def select_query(relation: Relation, where: sql.Composable,
     table = sql.Identifier(relation.schema, relation.name)
     return sql.SQL("COPY (SELECT {} FROM {} WHERE {}{}) TO STDOUT (FORMAT csv)").format(
         columns, table, where, tail)
-
-
-def copy_text_columns(conn: psycopg.Connection[Any], query: sql.Composed,
-                      ncols: int) -> list[pa.ChunkedArray]:
-    """Run a COPY ... (FORMAT csv) and return its columns as Arrow strings (NULL ≠ '')."""
-    return csv_columns(conn, query, ncols)
 
 
 def snapshot_batch(relation: Relation, types: Sequence[ColumnType],
