@@ -36,11 +36,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cdc.batcher import META_SCHEMA
-from cdc.checkpoint import CheckpointStore
-from cdc.compact import CompactOptions, compact_lake
-from cdc.lake import LocalLake
-from cdc.raw import encode
+from cdc.lake.checkpoint import CheckpointStore
+from cdc.lake.raw import encode
+from cdc.lake.store import LocalLake
+from cdc.staged.compactor import CompactOptions, compact_lake
+from cdc.stream.batcher import META_SCHEMA
 
 TABLE = "public.bench"
 SLOT = "bench"

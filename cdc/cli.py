@@ -13,7 +13,7 @@ from cdc.errors import CdcError, ConfigError
 from cdc.log import configure, scrub
 
 if TYPE_CHECKING:
-    from cdc.lake import Lake
+    from cdc.lake.store import Lake
 
 app = typer.Typer(
     help="Stream a live PostgreSQL database into an analytics lake (raw parquet history "
@@ -73,7 +73,7 @@ LogLevelOpt = Annotated[str | None, typer.Option(
 
 
 def _open_lake(settings: Settings) -> Lake:
-    from cdc.lake import open_lake
+    from cdc.lake.store import open_lake
 
     return open_lake(settings.lake, s3_endpoint=settings.s3_endpoint,
                      s3_max_attempts=settings.s3_max_attempts)
@@ -123,7 +123,7 @@ def stream(
     A position is acknowledged to the slot only after everything up to it is durable in
     the lake and recorded in <lake>/_cdc/checkpoints/.
     """
-    from cdc.stream import stream as run_stream
+    from cdc.stream.session import stream as run_stream
 
     settings = _settings(config, dsn=dsn, lake=lake, slot=slot, publication=publication,
                          tables=tables, plugin=plugin, log_format=log_format,
@@ -133,7 +133,7 @@ def stream(
                          keys=key, publish_via_partition_root=publish_via_partition_root,
                          s3_endpoint=s3_endpoint, contracts=contracts)
     if settings.metrics_port:
-        from cdc.metrics import serve
+        from cdc.ops.metrics import serve
 
         serve(settings.metrics_port)
     stats = run_stream(settings, _open_lake(settings), until_caught_up=until_caught_up)
@@ -180,7 +180,7 @@ def snapshot(
                          contracts=contracts)
     target = _open_lake(settings)
     if mode == "consistent":
-        from cdc.snapshot import ConsistentSnapshot
+        from cdc.snapshot.consistent import ConsistentSnapshot
 
         result = ConsistentSnapshot(settings, target, workers=workers,
                                     chunk_rows=chunk_rows).run()
@@ -189,7 +189,7 @@ def snapshot(
                    f"from {len(result.rows)} tables at {_lsn(result.consistent_point)}; "
                    f"now run cdc stream --slot {settings.slot}", err=True)
     elif mode == "updated_at":
-        from cdc.incremental import UpdatedAtExport, parse_column_overrides
+        from cdc.snapshot.updated_at import UpdatedAtExport, parse_column_overrides
 
         exported = UpdatedAtExport(settings, target, default_column=updated_at_column,
                                    columns=parse_column_overrides(updated_at or []),
@@ -230,9 +230,9 @@ def status(
     """
     import json
 
-    from cdc.compact import staged_watermark
     from cdc.config import parse_duration, parse_size
-    from cdc.monitor import check, collect, render
+    from cdc.ops.status import check, collect, render
+    from cdc.staged.compactor import staged_watermark
 
     s = _settings(config, dsn=dsn, lake=lake, slot=slot, s3_endpoint=s3_endpoint)
     report = collect(s.dsn, _open_lake(s), s.slot, staged=staged_watermark)
@@ -259,7 +259,8 @@ def slot_create(dsn: Dsn = None, slot: SlotOpt = None, publication: PublicationO
                 config: ConfigOpt = None) -> None:
     """Create the publication and the replication slot (no-op for what exists)."""
     from cdc.events import format_lsn
-    from cdc.replication import Admin, connect
+    from cdc.source.admin import Admin
+    from cdc.source.connection import connect
 
     s = _settings(config, dsn=dsn, slot=slot, publication=publication, tables=tables,
                   plugin=plugin)
@@ -277,7 +278,8 @@ def slot_create(dsn: Dsn = None, slot: SlotOpt = None, publication: PublicationO
 @slot_app.command("drop")
 def slot_drop(dsn: Dsn = None, slot: SlotOpt = None, config: ConfigOpt = None) -> None:
     """Drop the replication slot so the server stops retaining WAL for it."""
-    from cdc.replication import Admin, connect
+    from cdc.source.admin import Admin
+    from cdc.source.connection import connect
 
     s = _settings(config, dsn=dsn, slot=slot)
     with connect(s.dsn) as conn:
@@ -306,7 +308,7 @@ def compact(
     recorded in each Delta commit), so running it again, or after a crash, is safe. Needs no
     source connection: it reads only the lake.
     """
-    from cdc.compact import CompactOptions, compact_lake, parse_keys
+    from cdc.staged.compactor import CompactOptions, compact_lake, parse_keys
 
     settings = _settings(config, need_dsn=False, lake=lake, slot=slot, tables=tables,
                          keys=key, log_format=log_format, log_level=log_level,
@@ -340,7 +342,7 @@ def query(
     Example: cdc query "SELECT _op, count(*) FROM raw_public.invoice GROUP BY 1".
     Bad SQL or an unknown table exits 2 with one line naming the fix.
     """
-    from cdc.query import query_main
+    from cdc.ops.query import query_main
 
     settings = _settings(config, need_dsn=False, lake=lake, s3_endpoint=s3_endpoint)
     query_main(_open_lake(settings), sql, output)
@@ -364,7 +366,7 @@ def ddl_athena(
     partition projection on load_date, no crawler needed) as raw_<schema>__<table> and
     every staged Delta table as <schema>__<table>.
     """
-    from cdc.athena import athena_ddl
+    from cdc.ops.athena import athena_ddl
 
     settings = _settings(config, need_dsn=False, lake=lake, s3_endpoint=s3_endpoint)
     typer.echo(athena_ddl(_open_lake(settings), database, location), nl=False)

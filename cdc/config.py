@@ -55,7 +55,7 @@ class Settings:
 
     def redacted(self) -> dict[str, Any]:
         """The settings as safe to print (no password)."""
-        from cdc.replication import describe
+        from cdc.source.connection import describe
 
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values["dsn"] = describe(self.dsn) if self.dsn else ""

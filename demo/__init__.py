@@ -26,6 +26,6 @@ def lake_args(lake: str | Path) -> list[str]:
 
 def open_demo_lake(lake: str | Path) -> Any:
     """The demo's lake through cdc's own Lake (local folder or s3://)."""
-    from cdc.lake import open_lake
+    from cdc.lake.store import open_lake
 
     return open_lake(str(lake), s3_endpoint=os.environ.get("CDC_S3_ENDPOINT", ""))

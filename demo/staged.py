@@ -12,7 +12,7 @@ from deltalake import DeltaTable
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from cdc.compact import staged_location
+from cdc.staged.compactor import staged_location
 from demo import DemoFailure, lake_args, open_demo_lake
 
 COMPARED = ("invoice", "invoice_line", "customer", "track")

@@ -27,7 +27,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from cdc.config import Settings
-from cdc.lake import LocalLake
+from cdc.lake.store import LocalLake
 from cdc.sandbox import LocalCluster
 
 # shared CI machines are noisy: no per-example deadline; print the seed to replay a failure

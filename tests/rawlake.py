@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cdc.config import Settings
-from cdc.lake import LocalLake
-from cdc.stream import Stopper, Streamer, StreamStats
+from cdc.lake.store import LocalLake
+from cdc.stream.session import Stopper, Streamer, StreamStats
 
 
 def raw_files(lake_dir: Path, table: str) -> list[Path]:

@@ -22,7 +22,10 @@ from rawlake import (
     streaming_in_thread,
 )
 
-from cdc.compact import (
+from cdc.config import Settings
+from cdc.errors import CompactionError
+from cdc.lake.store import LocalLake
+from cdc.staged.compactor import (
     APP_ID,
     CompactOptions,
     Fault,
@@ -30,10 +33,7 @@ from cdc.compact import (
     compact_lake,
     staged_watermark,
 )
-from cdc.config import Settings
-from cdc.errors import CompactionError
-from cdc.lake import LocalLake
-from cdc.staged import DELETED, KEEP, META, against_staged
+from cdc.staged.merge import DELETED, KEEP, META, against_staged
 
 BIG = 100_000  # bytes: TOASTed out of line (STORAGE EXTERNAL), so updates leave it unchanged
 
@@ -360,7 +360,7 @@ class TestTablesAndKeys:
         self, source: SourceDb, settings: Settings
     ) -> None:
         """Snapshot rows (labelled files, negative _seq at the slot's start) apply first."""
-        from cdc.snapshot import ConsistentSnapshot
+        from cdc.snapshot.consistent import ConsistentSnapshot
 
         source.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
         source.execute("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 3000) g")

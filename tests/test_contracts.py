@@ -12,9 +12,11 @@ import structlog
 from conftest import SourceDb, with_settings
 from rawlake import prepare, raw_files, read_raw, stream_until_caught_up
 
-from cdc.batcher import Batch, TableBuffer
 from cdc.config import Settings, load_settings
-from cdc.contracts import (
+from cdc.decoding.pgtypes import INT8, TEXT, column_type
+from cdc.errors import ConfigError, ContractError
+from cdc.events import UNCHANGED, Column, Relation
+from cdc.lake.contracts import (
     REASON_COLUMN,
     Contract,
     Contracts,
@@ -24,11 +26,9 @@ from cdc.contracts import (
     parse_contract,
     rejected_key,
 )
-from cdc.errors import ConfigError, ContractError
-from cdc.events import UNCHANGED, Column, Relation
-from cdc.lake import LocalLake
-from cdc.pgtypes import INT8, TEXT, column_type
-from cdc.snapshot import ConsistentSnapshot
+from cdc.lake.store import LocalLake
+from cdc.snapshot.consistent import ConsistentSnapshot
+from cdc.stream.batcher import Batch, TableBuffer
 
 RELATION = Relation(1, "public", "t", "d", (Column("id", INT8, -1, True),
                                             Column("name", TEXT, -1, False)))
@@ -202,7 +202,7 @@ class TestStream:
         self, source: SourceDb, settings: Settings, lake_dir: Path, tmp_path: Path
     ) -> None:
         """NULL in a non-nullable column: those rows in raw/_rejected with _reason, acked."""
-        from cdc.compact import raw_files as compact_raw_files
+        from cdc.staged.compactor import raw_files as compact_raw_files
 
         source.execute("CREATE TABLE t (id int PRIMARY KEY, name text)")
         folder = contract_dir(tmp_path, "public.t", 'policy = "quarantine"\n[columns.id]\n'

@@ -18,8 +18,8 @@ from rawlake import prepare, run_cdc, start_cdc, stop, stream_until_caught_up, s
 
 from cdc.config import Settings
 from cdc.events import format_lsn
-from cdc.lake import LocalLake
-from cdc.monitor import check, collect
+from cdc.lake.store import LocalLake
+from cdc.ops.status import check, collect
 from cdc.sandbox import free_port
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 from conftest import SourceDb
 from rawlake import raw_files, read_raw, replay, stream_until_caught_up
 
-from cdc.compact import compact_lake
 from cdc.config import Settings
-from cdc.lake import LocalLake
-from cdc.snapshot import ConsistentSnapshot
+from cdc.lake.store import LocalLake
+from cdc.snapshot.consistent import ConsistentSnapshot
+from cdc.staged.compactor import compact_lake
 
 EVENTS = """
 CREATE TABLE events (id int, day date, kind text, PRIMARY KEY (id, day))

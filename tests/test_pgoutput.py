@@ -1,4 +1,4 @@
-"""Unit tests for cdc.pgoutput: pgoutput protocol v1 (text format) bytes → events.
+"""Unit tests for cdc.decoding.pgoutput: pgoutput protocol v1 (text format) bytes → events.
 
 Messages are built by hand below, following "Logical Replication Message
 Formats" in the PostgreSQL documentation: big-endian integers, NUL-terminated
@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cdc.decoding.pgoutput import PG_EPOCH_OFFSET_US, decode
 from cdc.errors import DecodeError
 from cdc.events import (
     UNCHANGED,
@@ -33,7 +34,6 @@ from cdc.events import (
     format_lsn,
     parse_lsn,
 )
-from cdc.pgoutput import PG_EPOCH_OFFSET_US, decode
 
 # --------------------------------------------------------------------------- builders
 

@@ -14,12 +14,12 @@ import pytest
 from conftest import SourceDb, with_settings
 from rawlake import prepare, raw_files, run_cdc, stream_until_caught_up
 
-from cdc.athena import athena_type, raw_ddl
-from cdc.compact import compact_lake
 from cdc.config import Settings
-from cdc.lake import Lake, LocalLake, open_lake
-from cdc.query import run_query
-from cdc.stream import Streamer
+from cdc.lake.store import Lake, LocalLake, open_lake
+from cdc.ops.athena import athena_type, raw_ddl
+from cdc.ops.query import run_query
+from cdc.staged.compactor import compact_lake
+from cdc.stream.session import Streamer
 
 SCHEMA = ("CREATE TABLE invoice (id int PRIMARY KEY, customer text, total numeric(10,2), "
           "paid boolean, day date, paid_at timestamptz, seen timestamp, n smallint, big bigint, "

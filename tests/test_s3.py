@@ -21,15 +21,15 @@ from faultproxy import FaultProxy
 from polling import wait_for
 from rawlake import replay, run_cdc
 
-from cdc.checkpoint import CheckpointStore
-from cdc.compact import compact_lake, staged_location
 from cdc.config import Settings
 from cdc.errors import ConfigError, LakeError
-from cdc.lake import Lake, open_lake
-from cdc.s3lake import S3Lake
-from cdc.snapshot import ConsistentSnapshot
-from cdc.staged import META
-from cdc.stream import Stopper, Streamer
+from cdc.lake.checkpoint import CheckpointStore
+from cdc.lake.s3 import S3Lake
+from cdc.lake.store import Lake, open_lake
+from cdc.snapshot.consistent import ConsistentSnapshot
+from cdc.staged.compactor import compact_lake, staged_location
+from cdc.staged.merge import META
+from cdc.stream.session import Stopper, Streamer
 
 SECRET = "moto-secret-never-printed"  # noqa: S105 (a fake key for moto)
 
@@ -149,7 +149,7 @@ class TestS3Lake:
         self, bucket: str, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """Above MULTIPART_BYTES boto3's managed transfer uploads parts; the object is whole."""
-        monkeypatch.setattr("cdc.s3lake.MULTIPART_BYTES", 5 * 2**20)
+        monkeypatch.setattr("cdc.lake.s3.MULTIPART_BYTES", 5 * 2**20)
         data = random.Random(3).randbytes(12 * 2**20)
         with FaultProxy(moto_endpoint, seed=2) as proxy:
             lake = open_lake(f"s3://{bucket}/lake", s3_endpoint=proxy.url)

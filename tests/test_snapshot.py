@@ -14,11 +14,11 @@ from conftest import SourceDb, with_settings
 from rawlake import raw_files, read_raw, replay, run_cdc, stream_until_caught_up
 
 from cdc.config import Settings
-from cdc.copyread import AdbcReader, CsvReader
 from cdc.errors import SlotError
-from cdc.incremental import UpdatedAtExport
-from cdc.lake import LocalLake
-from cdc.snapshot import ConsistentSnapshot
+from cdc.lake.store import LocalLake
+from cdc.snapshot.consistent import ConsistentSnapshot
+from cdc.snapshot.readers import AdbcReader, CsvReader
+from cdc.snapshot.updated_at import UpdatedAtExport
 
 
 def snapshot(settings: Settings, **kwargs: Any) -> Any:
@@ -252,7 +252,8 @@ class TestReaders:
         """Rows committed after the slot's snapshot was exported are not read."""
         from psycopg import sql
 
-        from cdc.replication import Admin, connect
+        from cdc.source.admin import Admin
+        from cdc.source.connection import connect
 
         source.execute("CREATE TABLE t (id int PRIMARY KEY, ok boolean, note char(4))")
         source.execute("INSERT INTO t SELECT g, g % 2 = 0, 'x' FROM generate_series(1, 10) g")

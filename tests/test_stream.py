@@ -25,10 +25,10 @@ from rawlake import (
     streaming_in_thread,
 )
 
-from cdc.checkpoint import CheckpointStore
 from cdc.config import Settings
 from cdc.events import format_lsn
-from cdc.lake import LocalLake
+from cdc.lake.checkpoint import CheckpointStore
+from cdc.lake.store import LocalLake
 
 ITEMS = """
 CREATE TABLE items (

@@ -8,7 +8,7 @@ timestamps and times, as an exact count (days / microseconds since the epoch or 
 ``±Infinity`` for ±infinity, read through ``extract(epoch ...)``). The Arrow side is brought to
 the same form: temporal columns are read as their integer storage (the ±infinity sentinels
 become ±Infinity), NaN is compared as the string ``'NaN'``, decimals by value. Staged
-Delta tables hold some types differently (pgtypes.for_delta): time and wide decimals as
+Delta tables hold some types differently (delta_types.for_delta): time and wide decimals as
 text, ±infinity as 9999-12-31 / 0001-01-01; the staged comparison maps those back.
 """
 
@@ -31,24 +31,27 @@ from hypothesis import given
 from hypothesis import strategies as st
 from rawlake import raw_files, stream_until_caught_up
 
-from cdc import pgtypes
-from cdc.compact import compact_lake
 from cdc.config import Settings
-from cdc.copyread import AdbcReader, CsvReader
-from cdc.errors import CompactionError, ConversionError
-from cdc.lake import LocalLake
-from cdc.pgtypes import (
+from cdc.decoding import pgtypes
+from cdc.decoding.pgtypes import (
     DATE_INFINITY,
-    DELTA_DATE_MAX,
-    DELTA_DATE_MIN,
-    DELTA_TIMESTAMP_MAX,
-    DELTA_TIMESTAMP_MIN,
     TIMESTAMP_INFINITY,
     column_type,
     convert_column,
     parse_array,
 )
-from cdc.snapshot import ConsistentSnapshot
+from cdc.errors import CompactionError, ConversionError
+from cdc.lake.store import LocalLake
+from cdc.snapshot.consistent import ConsistentSnapshot
+from cdc.snapshot.readers import AdbcReader, CsvReader
+from cdc.staged import delta_types
+from cdc.staged.compactor import compact_lake
+from cdc.staged.delta_types import (
+    DELTA_DATE_MAX,
+    DELTA_DATE_MIN,
+    DELTA_TIMESTAMP_MAX,
+    DELTA_TIMESTAMP_MIN,
+)
 
 # -- the array text parser ---------------------------------------------------------------------
 
@@ -444,8 +447,8 @@ def test_a_date_beyond_what_delta_holds_fails_compaction_naming_the_column() -> 
     dates = convert_column(["5874897-12-31", "2020-01-01"], column_type(pgtypes.DATE, -1),
                            table="t", column="d")
     with pytest.raises(CompactionError, match=r"column 'd' of public\.t .*outside years"):
-        pgtypes.for_delta(dates, "column 'd' of public.t")
-    assert pgtypes.for_delta(dates.slice(1)).to_pylist() == [dt.date(2020, 1, 1)]
+        delta_types.for_delta(dates, "column 'd' of public.t")
+    assert delta_types.for_delta(dates.slice(1)).to_pylist() == [dt.date(2020, 1, 1)]
 
 
 def test_arrays_map_to_lists_of_their_element_type_except_geometric_ones() -> None:

@@ -13,8 +13,8 @@ from conftest import SourceDb, with_settings
 from rawlake import prepare, raw_files, read_raw, stream_until_caught_up
 
 from cdc.config import Settings
+from cdc.decoding.wal2json import Wal2JsonDecoder, type_modifier
 from cdc.events import UNCHANGED, Begin, Commit, Delete, Insert, Relation, Truncate, Update
-from cdc.wal2json import Wal2JsonDecoder, type_modifier
 
 TS = "2024-01-02 03:04:05.123456+00"
 

@@ -44,14 +44,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 
-from cdc.batcher import Batch
+from cdc.decoding.pgtypes import ColumnType
 from cdc.errors import ConfigError, ContractError
 from cdc.events import Relation
-from cdc.lake import Lake
-from cdc.pgtypes import ColumnType
-from cdc.raw import RawSink, encode, file_key
+from cdc.lake.raw import RawSink, encode, file_key
+from cdc.lake.store import Lake
+from cdc.stream.batcher import Batch
 
-log = structlog.get_logger("cdc.contracts")
+log = structlog.get_logger("cdc.lake.contracts")
 
 FAIL, QUARANTINE, EVOLVE = "fail", "quarantine", "evolve"
 POLICIES = (FAIL, QUARANTINE, EVOLVE)

@@ -19,13 +19,10 @@ from types import FrameType
 import pyarrow.compute as pc
 import structlog
 
-from cdc import metrics, pgoutput
-from cdc.batcher import Batch, Batcher, FlushLimits
-from cdc.catalog import Catalog, Heartbeat, SideConnection
-from cdc.checkpoint import CheckpointStore
-from cdc.compact import CompactionLoop, parse_keys
 from cdc.config import Settings
-from cdc.contracts import Contracts
+from cdc.decoding import pgoutput
+from cdc.decoding.pgtypes import column_type, is_builtin
+from cdc.decoding.wal2json import Wal2JsonDecoder
 from cdc.errors import CdcError, SlotError
 from cdc.events import (
     Begin,
@@ -41,17 +38,21 @@ from cdc.events import (
     update_rows,
     with_key,
 )
-from cdc.lake import Lake
-from cdc.pgtypes import (
-    column_type,
-    is_builtin,
-)
-from cdc.raw import RawSink
-from cdc.replication import Admin, ReplicationStream, connect, describe
-from cdc.snapshot import snapshot_in_progress
-from cdc.wal2json import Wal2JsonDecoder
+from cdc.lake.checkpoint import CheckpointStore
+from cdc.lake.contracts import Contracts
+from cdc.lake.raw import RawSink
+from cdc.lake.store import Lake
+from cdc.ops import metrics
+from cdc.snapshot.consistent import snapshot_in_progress
+from cdc.source.admin import Admin
+from cdc.source.catalog import Catalog, SideConnection
+from cdc.source.connection import connect, describe
+from cdc.source.heartbeat import Heartbeat
+from cdc.source.replication import ReplicationStream
+from cdc.staged.compactor import CompactionLoop, parse_keys
+from cdc.stream.batcher import Batch, Batcher, FlushLimits
 
-log = structlog.get_logger("cdc.stream")
+log = structlog.get_logger("cdc.stream.session")
 
 _xlogdata = struct.Struct("!QQq")
 _keepalive = struct.Struct("!Qq?")

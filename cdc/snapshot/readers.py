@@ -27,9 +27,9 @@ import pyarrow.csv as pacsv
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from cdc import pgtypes
+from cdc.decoding import pgtypes
 from cdc.events import Relation
-from cdc.replication import SESSION_OPTIONS, connect, translated
+from cdc.source.connection import SESSION_OPTIONS, connect, translated
 
 #: built-in types whose cast to text is their output function; any other type (boolean
 #: gives 'true', bpchar drops its padding, inet adds a netmask, domains cast as their
@@ -167,7 +167,7 @@ class AdbcReader:
 
 def translate_adbc(exc: Exception, dsn: str) -> Exception:
     from cdc.errors import SourceError
-    from cdc.replication import describe
+    from cdc.source.connection import describe
 
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return SourceError(f"{describe(dsn)}: {text}", fix="see the server's message")

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 from cdc.errors import CheckpointError
 from cdc.events import Lsn, format_lsn
-from cdc.lake import Lake
+from cdc.lake.store import Lake
 
 
 class CheckpointStore:

@@ -103,12 +103,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 def open_lake(uri: str, *, s3_endpoint: str = "", s3_max_attempts: int = 10) -> Lake:
-    """A lake from its URI: a local path, or ``s3://bucket/prefix`` (``cdc.s3lake``).
+    """A lake from its URI: a local path, or ``s3://bucket/prefix`` (``cdc.lake.s3``).
 
     ``s3_endpoint`` names an S3-compatible endpoint (else ``AWS_ENDPOINT_URL``, else AWS).
     """
     if uri.startswith("s3://"):
-        from cdc.s3lake import S3Lake
+        from cdc.lake.s3 import S3Lake
 
         return S3Lake(uri, endpoint=s3_endpoint or None, max_attempts=s3_max_attempts)
     if "://" in uri:

@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cdc.batcher import Batch
-from cdc.lake import Lake
+from cdc.lake.store import Lake
+from cdc.stream.batcher import Batch
 
 ROW_GROUP_ROWS = 1_000_000
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from cdc.decoding.pgtypes import ColumnType, PgType, TypeFacts, column_type, convert_column
 from cdc.events import UNCHANGED, Lsn, Op, Relation, Row
-from cdc.pgtypes import ColumnType, PgType, TypeFacts, column_type, convert_column
 
 #: metadata columns of every raw file, after the source columns (DESIGN.md section 2)
 META_SCHEMA = pa.schema(

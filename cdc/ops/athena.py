@@ -18,10 +18,10 @@ from __future__ import annotations
 import pyarrow as pa
 from deltalake import DeltaTable
 
-from cdc.compact import staged_location
 from cdc.errors import ConfigError, LakeError
-from cdc.lake import Lake
-from cdc.query import raw_schema, raw_tables, staged_tables
+from cdc.lake.store import Lake
+from cdc.ops.query import raw_schema, raw_tables, staged_tables
+from cdc.staged.compactor import staged_location
 
 
 def athena_type(t: pa.DataType) -> str:

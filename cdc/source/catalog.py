@@ -1,26 +1,23 @@
-"""The source beside the replication connection: catalog facts and heartbeats.
+"""Catalog facts beside the replication connection.
 
 The replication stream does not carry everything: the primary key under REPLICA
 IDENTITY FULL, the base and element types of domains, enums and arrays. These
-are looked up on a normal connection, opened lazily and reopened after a drop,
-which also writes the idle heartbeat.
+are looked up on a normal connection, opened lazily and reopened after a drop.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterable
 from typing import Any
 
 import psycopg
 import structlog
 
-from cdc.errors import CdcError
-from cdc.pgtypes import TYPE_FACTS_QUERY, PgType, TypeFacts, load_type_facts
-from cdc.replication import connect, translated
+from cdc.decoding.pgtypes import TYPE_FACTS_QUERY, PgType, TypeFacts, load_type_facts
+from cdc.source.connection import connect, translated
 
-log = structlog.get_logger("cdc.stream")
+log = structlog.get_logger("cdc.stream.session")
 
 
 class SideConnection:
@@ -67,30 +64,3 @@ class Catalog:
 
         with translated(self.side.dsn):
             return load_type_facts(fetch, oids, known)
-
-
-class Heartbeat:
-    """Writes a logical decoding message to the source when the stream is idle.
-
-    On a quiet database whose server keeps writing elsewhere, the message gives
-    the slot something of its own to decode, so it keeps advancing (invariant 5).
-    Failures only log: a heartbeat must never stop the stream.
-    """
-
-    def __init__(self, side: SideConnection, interval: float) -> None:
-        self.side = side
-        self.interval = interval
-        self.next = time.monotonic() + interval
-
-    def maybe_beat(self) -> None:
-        if self.interval <= 0 or time.monotonic() < self.next:
-            return
-        self.next = time.monotonic() + self.interval
-        try:
-            self.side.get().execute("SELECT pg_logical_emit_message(false, 'cdc_heartbeat', "
-                                    "now()::text)")
-        except (CdcError, psycopg.Error) as exc:
-            log.warning("heartbeat_failed", error=str(exc).splitlines()[0] if str(exc) else "",
-                        fix="grant EXECUTE on pg_logical_emit_message or set "
-                        "--heartbeat-seconds 0")
-            self.side.close()

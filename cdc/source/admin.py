@@ -1,103 +1,22 @@
-"""The replication connection, slot and publication admin, keepalives and feedback.
-
-psycopg 3 has no replication API, but a connection opened with
-``replication="database"`` can run ``START_REPLICATION``; the COPY BOTH
-stream is then read with libpq's ``get_copy_data`` and answered with
-``put_copy_data`` + ``flush`` (what pg_recvlogical does). Every psycopg
-error is translated into the cdc exception tree here and nowhere else.
-"""
+"""Slot and publication admin over a normal (non-replication) connection."""
 
 from __future__ import annotations
 
-import contextlib
-import select
-import struct
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg import errors as pgerrors
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg.pq import ExecStatus
 
+from cdc.decoding.pgtypes import TYPE_FACTS_QUERY, PgType, load_type_facts
 from cdc.errors import (
-    CdcError,
-    ConnectionLost,
     PublicationError,
-    SlotBusy,
     SlotError,
     SourceError,
 )
-from cdc.events import Column, Lsn, Relation, format_lsn, parse_lsn
-from cdc.pgoutput import PG_EPOCH_OFFSET_US
-from cdc.pgtypes import TYPE_FACTS_QUERY, PgType, load_type_facts
-
-#: session settings that make the server's text output what pgtypes parses
-SESSION_OPTIONS = "-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=postgres " \
-                  "-c extra_float_digits=3 -c bytea_output=hex"
-
-_status_update = struct.Struct("!cQQQqB")
-
-
-def describe(dsn: str) -> str:
-    """The DSN as safe to log: host, port, database and user, never the password."""
-    try:
-        params = conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        return "<unparsable DSN>"
-    host = params.get("host") or params.get("hostaddr") or "localhost"
-    return (f"{params.get('user') or '(default user)'}@{host}:{params.get('port') or 5432}"
-            f"/{params.get('dbname') or '(default db)'}")
-
-
-def translate(exc: psycopg.Error, dsn: str) -> CdcError:
-    """Map a psycopg error to a cdc error with a fix (never quoting the DSN's password)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    where = describe(dsn)
-    if isinstance(exc, pgerrors.InsufficientPrivilege) or "replication role" in text:
-        return SourceError(f"{where}: {text}",
-                           fix="grant the role replication rights: ALTER ROLE <user> REPLICATION "
-                           "(and allow it in pg_hba.conf)")
-    if "wal_level" in text:
-        return SourceError(f"{where}: {text}",
-                           fix="set wal_level = logical in postgresql.conf and restart the server")
-    if isinstance(exc, pgerrors.ObjectInUse):
-        return SlotBusy(f"{where}: {text}",
-                         fix="another consumer is reading this slot; stop it or use another --slot")
-    if isinstance(exc, psycopg.OperationalError):
-        if "password authentication failed" in text or "no password supplied" in text:
-            return SourceError(f"cannot log in to {where}: {text}",
-                               fix="check the user and password in --dsn / CDC_DSN")
-        if "does not exist" in text and "database" in text:
-            return SourceError(f"{where}: {text}", fix="check the database name in --dsn")
-        return ConnectionLost(f"cannot reach PostgreSQL at {where}: {text}",
-                              fix="check that the server is running and --dsn host/port are "
-                              "right")
-    return SourceError(f"{where}: {text}", fix="see the server's message")
-
-
-@contextmanager
-def translated(dsn: str) -> Iterator[None]:
-    try:
-        yield
-    except psycopg.Error as exc:
-        raise translate(exc, dsn) from exc
-
-
-def connect(dsn: str, *, replication: bool = False) -> psycopg.Connection[tuple[object, ...]]:
-    """An autocommit connection with the session settings cdc relies on."""
-    kwargs: dict[str, object] = {"options": SESSION_OPTIONS, "application_name": "cdc"}
-    if replication:
-        kwargs["replication"] = "database"
-    with translated(dsn):
-        params = conninfo_to_dict(dsn)
-        if "connect_timeout" not in params:
-            kwargs["connect_timeout"] = 10
-        return psycopg.connect(make_conninfo(dsn, **kwargs), autocommit=True)  # type: ignore[arg-type]
+from cdc.events import Column, Lsn, Relation, parse_lsn
+from cdc.source.connection import describe, translated
 
 
 @dataclass(frozen=True)
@@ -271,80 +190,3 @@ class Admin:
                     fix="check the --tables list (schema.table, comma-separated)")
 
 
-class ReplicationStream:
-    """One START_REPLICATION session: read CopyData frames, send standby status updates."""
-
-    def __init__(self, dsn: str, slot: str, publication: str, start_lsn: Lsn,
-                 plugin: str = "pgoutput") -> None:
-        self.dsn = dsn
-        self.conn = connect(dsn, replication=True)
-        self.pgconn = self.conn.pgconn
-        if plugin == "wal2json":  # tables are filtered by the decoder (the publication's)
-            from cdc.wal2json import OPTIONS
-            options = sql.SQL(", ").join(sql.SQL("{} {}").format(
-                sql.Identifier(k), sql.Literal(v)) for k, v in OPTIONS)
-        else:
-            options = sql.SQL("proto_version '1', publication_names {}").format(
-                sql.Literal(publication))
-        command = sql.SQL("START_REPLICATION SLOT {} LOGICAL {} ({})").format(
-            sql.Identifier(slot), sql.SQL(format_lsn(start_lsn)), options)
-        query = command.as_bytes(self.conn)
-        self.pgconn.send_query(query)
-        result = self.pgconn.get_result()
-        if result is None or result.status != ExecStatus.COPY_BOTH:
-            message = (result.error_message.decode(errors="replace").strip()
-                       if result is not None else "no result")
-            self.close()
-            lowered = message.lower()
-            if "invalidated" in lowered or "can no longer get changes" in lowered:
-                raise SlotError(f"slot {slot!r} has been invalidated: {message}",
-                                fix="the server removed WAL it needed (max_slot_wal_keep_size); "
-                                "drop the slot (cdc slot drop) and take a new snapshot")
-            if "is active for pid" in lowered:
-                raise SlotBusy(f"slot {slot!r}: {message}",
-                                fix="another consumer is reading this slot; stop it or use "
-                                "another --slot")
-            if "publication" in lowered and "does not exist" in lowered:
-                raise PublicationError(message,
-                                       fix="create the publication or check --publication")
-            raise SourceError(f"START_REPLICATION failed: {message}",
-                              fix="see the server's message")
-        self.socket = self.pgconn.socket
-
-    def read(self, timeout: float) -> memoryview | bytes | None:
-        """The next CopyData payload, or None when nothing arrives within ``timeout`` seconds."""
-        pgconn = self.pgconn
-        nbytes, data = pgconn.get_copy_data(1)
-        if nbytes > 0:
-            return data
-        if nbytes == 0:
-            ready, _, _ = select.select([self.socket], [], [], timeout)
-            if not ready:
-                return None
-            try:
-                pgconn.consume_input()
-            except psycopg.OperationalError as exc:
-                raise translate(exc, self.dsn) from exc
-            nbytes, data = pgconn.get_copy_data(1)
-            if nbytes > 0:
-                return data
-            if nbytes == 0:
-                return None
-        # -1: the server ended the COPY; -2: an error
-        error = pgconn.error_message.decode(errors="replace").strip()
-        raise ConnectionLost(f"replication stream ended by the server: {error or 'no message'}",
-                             fix="cdc reconnects by itself; check the server log if this repeats")
-
-    def send_status(self, flush_lsn: Lsn, *, reply: bool = False) -> None:
-        """Report ``flush_lsn`` as written, flushed and applied (the slot may advance to it)."""
-        now = int(time.time() * 1_000_000) - PG_EPOCH_OFFSET_US
-        message = _status_update.pack(b"r", flush_lsn, flush_lsn, flush_lsn, now, int(reply))
-        try:
-            self.pgconn.put_copy_data(message)
-            self.pgconn.flush()
-        except psycopg.OperationalError as exc:
-            raise translate(exc, self.dsn) from exc
-
-    def close(self) -> None:
-        with contextlib.suppress(psycopg.Error):  # the connection may already be broken
-            self.conn.close()

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cdc.errors import CompactionError
-from cdc.pgtypes import for_delta
+from cdc.staged.delta_types import for_delta
 
 Pos = tuple[int, int]
 """A position in a table's change order: (``_commit_lsn``, ``_seq``)."""
@@ -175,7 +175,7 @@ def _starts(table: pa.Table, columns: Sequence[str]) -> pa.Array:
 def staged_columns(state: pa.Table, target: pa.Schema | None, table: str) -> pa.Table:
     """Source columns as Delta holds them, aligned with the staged table's columns.
 
-    Types Delta cannot hold are mapped by ``pgtypes.for_delta``: naive ``timestamp`` becomes
+    Types Delta cannot hold are mapped by ``delta_types.for_delta``: naive ``timestamp`` becomes
     UTC-zoned, ``numeric`` wider than 38 digits and ``time`` become text, ±infinity dates and
     timestamps become 9999-12-31 / 0001-01-01.
     Columns staged has but the source no longer sends (dropped) are NULL from now on.

@@ -40,9 +40,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
-from cdc.compact import staged_location
 from cdc.errors import CdcError, LakeError
-from cdc.lake import Lake, LocalLake
+from cdc.lake.store import Lake, LocalLake
+from cdc.staged.compactor import staged_location
 
 FORMATS = ("table", "csv", "json")
 RAW_PREFIX = "raw_"

@@ -27,16 +27,17 @@ import structlog
 from psycopg import sql
 
 from cdc.config import Settings
-from cdc.copyread import csv_columns
+from cdc.decoding.pgtypes import column_type
 from cdc.errors import ConfigError, SourceError
 from cdc.events import Relation
-from cdc.lake import Lake
-from cdc.pgtypes import column_type
-from cdc.raw import RawSink
-from cdc.replication import Admin, connect, parse_table_name, translated
-from cdc.snapshot import select_query, snapshot_batch
+from cdc.lake.raw import RawSink
+from cdc.lake.store import Lake
+from cdc.snapshot.consistent import select_query, snapshot_batch
+from cdc.snapshot.readers import csv_columns
+from cdc.source.admin import Admin, parse_table_name
+from cdc.source.connection import connect, translated
 
-log = structlog.get_logger("cdc.incremental")
+log = structlog.get_logger("cdc.snapshot.updated_at")
 
 
 def parse_column_overrides(items: Sequence[str]) -> dict[str, str]:

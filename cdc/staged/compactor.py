@@ -35,11 +35,11 @@ import structlog
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
-from cdc.checkpoint import CheckpointStore
 from cdc.errors import CdcError, CompactionError, ConfigError
 from cdc.events import Lsn, format_lsn
-from cdc.lake import Lake
-from cdc.staged import (
+from cdc.lake.checkpoint import CheckpointStore
+from cdc.lake.store import Lake
+from cdc.staged.merge import (
     DELETED,
     KEEP,
     Pos,
@@ -51,7 +51,7 @@ from cdc.staged import (
     unify,
 )
 
-log = structlog.get_logger("cdc.compact")
+log = structlog.get_logger("cdc.staged.compactor")
 
 APP_ID = "cdc-compact"
 _FILE = re.compile(r"^([0-9A-F]{16})-([0-9A-F]{16})-(.+)\.parquet$")
@@ -109,7 +109,7 @@ def staged_location(lake: Lake, table: str) -> tuple[str, dict[str, str] | None]
     On S3: ``s3://bucket/prefix/staged/<table>`` with options for the lake's endpoint,
     region and credentials, and conditional PUT for safe concurrent commits.
     """
-    from cdc.s3lake import S3Lake
+    from cdc.lake.s3 import S3Lake
 
     uri = f"{lake.uri.rstrip('/')}/staged/{table}"
     if isinstance(lake, S3Lake):
@@ -467,7 +467,7 @@ class CompactionLoop:
         self.thread.join()
 
     def _run(self) -> None:
-        from cdc import metrics
+        from cdc.ops import metrics
 
         while not self.stopping.wait(self.interval):
             try:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Container
 from datetime import datetime
 from typing import Any
 
+from cdc.decoding.pgtypes import BYTEA, NUMERIC
 from cdc.errors import DecodeError
 from cdc.events import (
     UNCHANGED,
@@ -40,7 +41,6 @@ from cdc.events import (
     Value,
     parse_lsn,
 )
-from cdc.pgtypes import BYTEA, NUMERIC
 
 #: START_REPLICATION options this decoder relies on
 OPTIONS = (("format-version", "2"), ("include-xids", "1"), ("include-timestamp", "1"),

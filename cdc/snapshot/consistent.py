@@ -33,19 +33,20 @@ import pyarrow as pa
 import structlog
 from psycopg import sql
 
-from cdc.batcher import Batch, raw_table
-from cdc.checkpoint import CheckpointStore
 from cdc.config import Settings
-from cdc.contracts import Contracts
-from cdc.copyread import TextReader, open_reader
+from cdc.decoding.pgtypes import INT2, INT4, INT8, ColumnType, column_type
 from cdc.errors import SlotError, SourceError
 from cdc.events import Lsn, Relation, format_lsn, parse_lsn
-from cdc.lake import Lake
-from cdc.pgtypes import INT2, INT4, INT8, ColumnType, column_type
-from cdc.raw import RawSink
-from cdc.replication import Admin, connect, parse_table_name, translated
+from cdc.lake.checkpoint import CheckpointStore
+from cdc.lake.contracts import Contracts
+from cdc.lake.raw import RawSink
+from cdc.lake.store import Lake
+from cdc.snapshot.readers import TextReader, open_reader
+from cdc.source.admin import Admin, parse_table_name
+from cdc.source.connection import connect, translated
+from cdc.stream.batcher import Batch, raw_table
 
-log = structlog.get_logger("cdc.snapshot")
+log = structlog.get_logger("cdc.snapshot.consistent")
 
 SNAPSHOT_SEQ_BASE = -(2**62)
 CHUNK_SEQ_STRIDE = 2**32

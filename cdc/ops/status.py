@@ -15,10 +15,11 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from cdc.checkpoint import CheckpointStore
 from cdc.events import Lsn, format_lsn
-from cdc.lake import Lake
-from cdc.replication import Admin, connect
+from cdc.lake.checkpoint import CheckpointStore
+from cdc.lake.store import Lake
+from cdc.source.admin import Admin
+from cdc.source.connection import connect
 
 _RAW_FILE = re.compile(
     r"^raw/([^/]+)/load_date=[^/]+/([0-9A-F]{16})-([0-9A-F]{16})-[^/]+\.parquet$")
