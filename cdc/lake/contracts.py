@@ -187,7 +187,7 @@ def load_contracts(folder: str) -> dict[str, Contract]:
 
 def rejected_key(batch: Batch, load_date: str) -> str:
     """``raw/_rejected/<schema>.<table>/load_date=.../<name>.parquet`` (raw's file name)."""
-    return REJECTED_PREFIX + file_key(batch, load_date).removeprefix("raw/")
+    return file_key(batch, load_date, prefix=REJECTED_PREFIX)
 
 
 class Contracts:

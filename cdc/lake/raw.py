@@ -16,16 +16,16 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cdc.lake.layout import RAW, raw_key, table_segment
 from cdc.lake.store import Lake
 from cdc.stream.batcher import Batch
 
 ROW_GROUP_ROWS = 1_000_000
 
 
-def file_key(batch: Batch, load_date: str) -> str:
-    return (f"raw/{batch.qualified_name}/load_date={load_date}/"
-            f"{batch.first_commit_lsn:016X}-{batch.last_commit_lsn:016X}-"
-            f"{batch.label or batch.first_seq}.parquet")
+def file_key(batch: Batch, load_date: str, *, prefix: str = RAW) -> str:
+    return raw_key(table_segment(batch.qualified_name), load_date, batch.first_commit_lsn,
+                   batch.last_commit_lsn, batch.label or batch.first_seq, prefix=prefix)
 
 
 def encode(table: pa.Table) -> bytes:

@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
 from cdc.errors import CdcError, LakeError
+from cdc.lake.layout import RAW, raw_keys
 from cdc.lake.store import Lake, LocalLake
 from cdc.staged.compactor import staged_location
 
@@ -56,14 +57,8 @@ class QueryError(CdcError):
 
 
 def raw_tables(lake: Lake) -> dict[str, list[str]]:
-    """``schema.table`` → its raw parquet keys (``raw/<t>/load_date=.../x.parquet``)."""
-    tables: dict[str, list[str]] = {}
-    for key in lake.list("raw/"):
-        parts = key.split("/")
-        if len(parts) == 4 and parts[2].startswith("load_date=") and parts[3].endswith(
-                ".parquet"):
-            tables.setdefault(parts[1], []).append(key)
-    return tables
+    """Table segment → its raw parquet keys (``raw/<t>/load_date=.../x.parquet``)."""
+    return {table: [k.key for k in keys] for table, keys in raw_keys(lake.list(RAW)).items()}
 
 
 def staged_tables(lake: Lake) -> list[str]:

@@ -7,7 +7,6 @@ one-line reasons ``cdc status`` exits non-zero with. Nothing here writes.
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -17,12 +16,11 @@ import pyarrow.parquet as pq
 
 from cdc.events import Lsn, format_lsn
 from cdc.lake.checkpoint import CheckpointStore
+from cdc.lake.layout import RAW, raw_keys
 from cdc.lake.store import Lake
 from cdc.source.admin import Admin
 from cdc.source.connection import connect
 
-_RAW_FILE = re.compile(
-    r"^raw/([^/]+)/load_date=[^/]+/([0-9A-F]{16})-([0-9A-F]{16})-[^/]+\.parquet$")
 #: without track_commit_timestamp, less unacknowledged WAL than this counts as caught up
 #: (checkpoints, heartbeats, other databases' writes between two status updates)
 IDLE_LAG_BYTES = 1 * 2**20
@@ -97,15 +95,9 @@ def slot_status(admin: Admin, slot: str) -> tuple[SlotStatus, datetime | None]:
 def raw_tables(lake: Lake) -> dict[str, tuple[int, Lsn, str]]:
     """Per table: number of raw files, highest commit LSN, key of the file holding it."""
     result: dict[str, tuple[int, Lsn, str]] = {}
-    for key in lake.list("raw/"):
-        match = _RAW_FILE.match(key)
-        if not match:
-            continue
-        table, last = match.group(1), int(match.group(3), 16)
-        count, best, best_key = result.get(table, (0, -1, ""))
-        if last > best:
-            best, best_key = last, key
-        result[table] = (count + 1, best, best_key)
+    for table, keys in raw_keys(lake.list(RAW)).items():
+        newest = max(keys, key=lambda k: k.last_commit_lsn)
+        result[table] = (len(keys), newest.last_commit_lsn, newest.key)
     return result
 
 

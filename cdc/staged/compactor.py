@@ -20,7 +20,6 @@ their inserts.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +37,7 @@ from deltalake.exceptions import TableNotFoundError
 from cdc.errors import CdcError, CompactionError, ConfigError
 from cdc.events import Lsn, format_lsn
 from cdc.lake.checkpoint import CheckpointStore
+from cdc.lake.layout import RAW, raw_keys, staged_key
 from cdc.lake.store import Lake
 from cdc.staged.merge import (
     DELETED,
@@ -54,8 +54,6 @@ from cdc.staged.merge import (
 log = structlog.get_logger("cdc.staged.compactor")
 
 APP_ID = "cdc-compact"
-_FILE = re.compile(r"^([0-9A-F]{16})-([0-9A-F]{16})-(.+)\.parquet$")
-_SEQ = re.compile(r"^-?\d+$")
 _INSERT = "__cdc_insert"
 _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
@@ -111,7 +109,7 @@ def staged_location(lake: Lake, table: str) -> tuple[str, dict[str, str] | None]
     """
     from cdc.lake.s3 import S3Lake
 
-    uri = f"{lake.uri.rstrip('/')}/staged/{table}"
+    uri = f"{lake.uri.rstrip('/')}/{staged_key(table)}"
     if isinstance(lake, S3Lake):
         return uri, lake.delta_storage_options()
     return uri, None
@@ -164,14 +162,9 @@ def parse_keys(values: Sequence[str]) -> dict[str, tuple[str, ...]]:
 
 def raw_files(lake: Lake) -> dict[str, list[RawFile]]:
     """Raw files per table, in log order (by their first change)."""
-    tables: dict[str, list[RawFile]] = {}
-    for key in lake.list("raw/"):
-        parts = key.split("/")
-        match = _FILE.match(parts[-1])
-        if len(parts) == 4 and match:
-            first, last, tail = match.groups()
-            tables.setdefault(parts[1], []).append(RawFile(
-                key, int(first, 16), int(last, 16), int(tail) if _SEQ.match(tail) else None))
+    tables = {table: [RawFile(k.key, k.first_commit_lsn, k.last_commit_lsn, k.first_seq)
+                      for k in keys]
+              for table, keys in raw_keys(lake.list(RAW)).items()}
     for files in tables.values():
         files.sort(key=lambda f: (f.first, f.key))
     return tables
