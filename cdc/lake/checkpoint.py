@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+from cdc import faults
 from cdc.errors import CheckpointError
 from cdc.events import Lsn, format_lsn
 from cdc.lake.store import Lake
@@ -45,6 +46,8 @@ class CheckpointStore:
             return current
         doc = {"lsn": lsn, "lsn_text": format_lsn(lsn),
                "written_at": datetime.now(UTC).isoformat()}
+        faults.hit("checkpoint.before_save", lsn=lsn)
         self.lake.write_bytes(self.key, json.dumps(doc).encode())
         self._lsn = lsn
+        faults.hit("checkpoint.after_save", lsn=lsn)
         return lsn

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cdc import faults
 from cdc.lake.layout import RAW, raw_key, table_segment
 from cdc.lake.store import Lake
 from cdc.stream.batcher import Batch
@@ -44,5 +45,7 @@ class RawSink:
         """Write the batch durably; its key and size in bytes."""
         key = file_key(batch, datetime.now(UTC).strftime("%Y-%m-%d"))
         data = encode(batch.table)
+        faults.hit("raw.before_write", key=key)
         self.lake.write_bytes(key, data)
+        faults.hit("raw.after_write", key=key)
         return key, len(data)

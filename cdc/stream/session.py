@@ -1,11 +1,12 @@
 """The streaming loop: source → decoding → batcher → raw sink → checkpoint → ack.
 
-The loop itself only routes; the stages do the work. Its one rule is
-invariant 1 of DESIGN.md: a position is acknowledged to the slot only after
-every change at or before it is durable in raw *and* recorded in the
-checkpoint. Commits are delivered in commit order, so once a batch cut has
-written everything buffered, everything up to the last commit received is
-durable.
+The loop itself only routes; the stages do the work. It reads frames from a
+:class:`~cdc.source.protocol.Source` (the replication stream, or a scripted one in
+tests) and asks the :class:`~cdc.stream.ack.AckPolicy` what it may acknowledge:
+invariant 1 of DESIGN.md (a position is acknowledged to the slot only after every
+change at or before it is durable in raw *and* recorded in the checkpoint) lives
+there. Commits are delivered in commit order, so once a batch cut has written
+everything buffered, everything up to the last commit received is durable.
 """
 
 from __future__ import annotations
@@ -48,8 +49,10 @@ from cdc.source.admin import Admin
 from cdc.source.catalog import Catalog, SideConnection
 from cdc.source.connection import connect, describe
 from cdc.source.heartbeat import Heartbeat
+from cdc.source.protocol import Source, SourceFactory
 from cdc.source.replication import ReplicationStream
 from cdc.staged.compactor import CompactionLoop, parse_keys
+from cdc.stream.ack import AckPolicy
 from cdc.stream.batcher import Batch, Batcher, FlushLimits
 
 log = structlog.get_logger("cdc.stream.session")
@@ -94,8 +97,10 @@ class Stopper:
 class Streamer:
     """Streams one slot into the raw layer until stopped or caught up."""
 
-    def __init__(self, settings: Settings, lake: Lake, stopper: Stopper | None = None) -> None:
+    def __init__(self, settings: Settings, lake: Lake, stopper: Stopper | None = None, *,
+                 source: SourceFactory | None = None) -> None:
         self.settings = settings
+        self.open_source: SourceFactory = source or self._replication
         self.lake = lake
         self.sink = RawSink(lake)
         self.checkpoint = CheckpointStore(lake, settings.slot)
@@ -104,6 +109,10 @@ class Streamer:
         self.limits = FlushLimits(settings.flush_rows, settings.flush_bytes,
                                   settings.flush_seconds)
         self.contracts = Contracts.load(settings.contracts)
+
+    def _replication(self, start_lsn: Lsn) -> Source:
+        s = self.settings
+        return ReplicationStream(s.dsn, s.slot, s.publication, start_lsn, s.plugin)
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -193,20 +202,14 @@ class Session:
         self.target = target
         start = streamer.checkpoint.load()
         assert start is not None
-        self.durable: Lsn = start  # checkpointed
-        self.safe: Lsn = start  # durable in raw, maybe not yet checkpointed
-        self.acked: Lsn = 0
-        self.last_commit_end: Lsn = start
-        self.server_wal_end: Lsn = 0
+        self.ack = AckPolicy(streamer.checkpoint, start)
         self.batcher = Batcher(streamer.limits)
         self.relations: dict[int, Relation] = {}
-        self.in_tx = False
         self.commit_lsn: Lsn = 0
         self.xid = 0
         self.commit_ts = 0
         self.seq = 0
-        self.source = ReplicationStream(self.settings.dsn, self.settings.slot,
-                                        self.settings.publication, start, self.settings.plugin)
+        self.source = streamer.open_source(start)
         self.next_status = 0.0
         self.side = SideConnection(self.settings.dsn)
         self.heartbeat = Heartbeat(self.side, self.settings.heartbeat_seconds)
@@ -271,11 +274,11 @@ class Session:
             checked = 0
             if self.done():
                 self.flush()
-                log.info("caught_up", lsn=format_lsn(self.durable))
+                log.info("caught_up", lsn=format_lsn(self.ack.durable))
                 return
             if stopper.requested:
                 self.flush()
-                log.info("stopped", lsn=format_lsn(self.durable))
+                log.info("stopped", lsn=format_lsn(self.ack.durable))
                 return
             if batcher.due():
                 self.flush()
@@ -299,19 +302,18 @@ class Session:
             self._add(dele.relation_oid, "d", dele.old, lsn, nbytes)
         elif t is Begin:
             begin: Begin = event  # type: ignore[assignment]
-            self.in_tx = True
+            self.ack.begin()
             self.commit_lsn = begin.final_lsn
             self.xid = begin.xid
             self.commit_ts = begin.commit_ts
             self.seq = 0
         elif t is Commit:
             commit: Commit = event  # type: ignore[assignment]
-            self.in_tx = False
-            self.last_commit_end = commit.end_lsn
+            # with nothing buffered the commit is safe now; its checkpoint and acknowledgement
+            # wait for the regular status interval (one checkpoint per interval when idle)
+            self.ack.commit(commit.end_lsn, buffered=not batcher.empty)
             self.streamer.stats.transactions += 1
             metrics.TRANSACTIONS.inc()
-            if batcher.empty:
-                self.advance(commit.end_lsn, lazily=True)
         elif t is Relation:
             rel: Relation = event  # type: ignore[assignment]
             if rel.replica_identity == "f":
@@ -352,17 +354,15 @@ class Session:
         self.streamer.stats.changes += 1
 
     def on_keepalive(self, wal_end: Lsn, reply: bool) -> None:
-        self.server_wal_end = max(self.server_wal_end, wal_end)
-        if not self.in_tx and self.batcher.empty:
-            # nothing in flight: the slot may move to the server's position (invariant 5)
-            self.advance(wal_end, lazily=True)
+        self.ack.keepalive(wal_end, buffered=not self.batcher.empty)
         if reply:
             self.send_status(force=True)
 
     def done(self) -> bool:
-        if self.target is None or self.in_tx:
+        ack = self.ack
+        if self.target is None or ack.in_transaction:
             return False
-        return max(self.last_commit_end, self.server_wal_end) >= self.target
+        return max(ack.last_commit_end, ack.server_wal_end) >= self.target
 
     # -- durability -----------------------------------------------------------------------------
 
@@ -370,7 +370,8 @@ class Session:
         """Write every buffered change; then everything up to the last commit is durable."""
         for batch in self.batcher.cut_all():
             self._write(batch)
-        self.advance(self.last_commit_end)
+        self.ack.flushed()
+        self.send_status(force=True)
 
     def _write(self, batch: Batch) -> None:
         started = time.monotonic()
@@ -391,32 +392,19 @@ class Session:
         log.debug("file_written", table=table, rows=batch.table.num_rows, key=key,
                   bytes=nbytes, seconds=round(seconds, 3))
 
-    def advance(self, lsn: Lsn, *, lazily: bool = False) -> None:
-        """``lsn`` is safe: every change committed before it is durable in raw.
-
-        Safe positions are checkpointed and acknowledged by the next status update;
-        ``lazily`` leaves that to the regular interval (idle positions, empty commits)
-        so an idle stream writes one checkpoint per interval, not one per keepalive.
-        """
-        self.safe = max(self.safe, lsn)
-        if not lazily:
-            self.send_status(force=True)
-
     def send_status(self, *, force: bool = False) -> None:
-        """Checkpoint the safe position, then acknowledge it (invariant 1: in that order)."""
+        """Acknowledge what the ack policy allows (checkpoint first), at most once per interval."""
         now = time.monotonic()
         if not force and now < self.next_status:
             return
-        if self.safe > self.durable:
-            self.durable = self.streamer.checkpoint.save(self.safe)
-        self.source.send_status(self.durable)
-        self.acked = self.durable
+        ack = self.ack
+        durable = ack.acknowledge(self.source.send_status)
         self.next_status = now + self.settings.status_seconds
-        metrics.ACKED_LSN.set(self.durable)
-        if self.server_wal_end:
-            metrics.SERVER_LSN.set(self.server_wal_end)
-            metrics.LAG_BYTES.set(max(self.server_wal_end - self.durable, 0))
-        idle = not self.in_tx and self.batcher.empty
+        metrics.ACKED_LSN.set(durable)
+        if ack.server_wal_end:
+            metrics.SERVER_LSN.set(ack.server_wal_end)
+            metrics.LAG_BYTES.set(max(ack.server_wal_end - durable, 0))
+        idle = ack.idle(buffered=not self.batcher.empty)
         metrics.LAG_SECONDS.set(0 if idle or not self.commit_ts
                                 else max(time.time() - self.commit_ts / 1e6, 0))
         if idle:
@@ -431,8 +419,9 @@ class Session:
         elapsed = max(now - stats.started, 1e-9)
         log.info("progress", changes=stats.changes, transactions=stats.transactions,
                  files=stats.files, changes_per_s=round(stats.changes / elapsed),
-                 acked_lsn=format_lsn(self.acked),
-                 server_lsn=format_lsn(self.server_wal_end) if self.server_wal_end else None)
+                 acked_lsn=format_lsn(self.ack.acknowledged),
+                 server_lsn=(format_lsn(self.ack.server_wal_end) if self.ack.server_wal_end
+                             else None))
 
 
 def stream(settings: Settings, lake: Lake, *, until_caught_up: bool = False) -> StreamStats:
