@@ -10,8 +10,10 @@ from pathlib import Path
 
 import boto3
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pytest
 from conftest import SourceDb, with_settings
+from faultproxy import FaultProxy
 from rawlake import prepare, raw_files, run_cdc, stream_until_caught_up
 
 from cdc.config import Settings
@@ -175,7 +177,8 @@ class TestQuery:
     def test_a_lake_that_is_not_a_local_folder_is_read_through_the_lake_interface(
         self, streamed: Settings
     ) -> None:
-        """Raw files of another backend are read with read_bytes; same rows, same NULLs."""
+        """Raw files of another backend are read through its pyarrow filesystem (never whole
+        with read_bytes); same rows, same NULLs."""
 
         class Remote:
             def __init__(self, inner: LocalLake) -> None:
@@ -189,7 +192,13 @@ class TestQuery:
                 return self.inner.list(prefix)
 
             def read_bytes(self, key: str) -> bytes | None:
-                return self.inner.read_bytes(key)
+                raise AssertionError(f"{key} was downloaded whole")
+
+            def arrow_filesystem(self) -> pafs.SubTreeFileSystem:
+                return pafs.SubTreeFileSystem(self.inner.uri, pafs.LocalFileSystem())
+
+            def delta_location(self, key: str) -> tuple[str, dict[str, str] | None]:
+                return self.inner.delta_location(key)
 
         lake: Lake = Remote(LocalLake(streamed.lake))  # type: ignore[assignment]
         out = io.StringIO()
@@ -293,6 +302,23 @@ class TestOnS3:
                           {"id": "2", "total": "2.50", "note": "x"}]
         assert raw == [{"id": "1", "_op": "c", "note": ""}, {"id": "2", "_op": "c", "note": ""},
                        {"id": "2", "_op": "u", "note": "x"}]
+
+    def test_a_raw_scan_on_s3_fetches_byte_ranges_never_whole_files(
+        self, s3_lake: Settings
+    ) -> None:
+        """Raw parquet is read lazily through pyarrow's S3 filesystem: every GET is ranged."""
+        with FaultProxy(s3_lake.s3_endpoint) as proxy:
+            out = io.StringIO()
+            run_query(open_lake(s3_lake.lake, s3_endpoint=proxy.url),
+                      "SELECT id, note FROM raw_public.invoice ORDER BY _commit_lsn, _seq",
+                      out, "csv")
+
+        assert list(csv.DictReader(io.StringIO(out.getvalue()))) == [
+            {"id": "1", "note": ""}, {"id": "2", "note": ""}, {"id": "2", "note": "x"}]
+        gets = [(path, headers) for method, path, _, headers in proxy.requests
+                if method == "GET" and "/raw/" in path and ".parquet" in path]
+        assert gets
+        assert all("range" in headers for _, headers in gets), [p for p, _ in gets]
 
     def test_ddl_athena_locates_tables_in_the_s3_lake_itself(self, s3_lake: Settings) -> None:
         """Without --location the DDL points at the s3:// lake's own folders."""

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import boto3
+import pyarrow.fs as pafs
 from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
@@ -149,7 +150,30 @@ class S3Lake:
         except (ClientError, BotoCoreError) as exc:
             raise self._error("delete", PROBE_KEY, exc) from exc
 
-    # -- Delta tables (delta-rs / object_store) ----------------------------------------------------
+    # -- pyarrow and Delta tables (delta-rs / object_store) ------------------------------
+
+    def arrow_filesystem(self) -> pafs.SubTreeFileSystem:
+        """pyarrow's S3 filesystem on the same endpoint with the same identity, at the prefix.
+
+        Reads are ranged GETs: a footer or a column chunk, never the whole object.
+        """
+        options: dict[str, Any] = {
+            "region": self.region,
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=self.max_attempts)}
+        if self.endpoint:
+            parts = urlsplit(self.endpoint)
+            options["endpoint_override"] = parts.netloc + parts.path
+            options["scheme"] = parts.scheme
+        credentials = self.session.get_credentials()
+        if credentials is not None:
+            frozen = credentials.get_frozen_credentials()
+            options.update(access_key=frozen.access_key, secret_key=frozen.secret_key,
+                           session_token=frozen.token or None)
+        root = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
+        return pafs.SubTreeFileSystem(root, pafs.S3FileSystem(**options))
+
+    def delta_location(self, key: str) -> tuple[str, dict[str, str] | None]:
+        return f"{self.uri}/{key}", self.delta_storage_options()
 
     def delta_storage_options(self) -> dict[str, str]:
         """Storage options for delta-rs that reach the same bucket with the same identity.

@@ -5,6 +5,10 @@ Keys are ``/``-separated paths relative to the lake root
 atomic when ``write_bytes`` returns: readers never see a partial file, and a
 crash leaves either the old content or the new. Local: the file is written
 beside its target, fsynced, renamed into place and the directory fsynced.
+
+Readers that want less than a whole file (parquet footers for ``cdc status``, a lazy
+scan for ``cdc query``) use :meth:`Lake.arrow_filesystem`; Delta tables are opened at
+:meth:`Lake.delta_location`. Callers never look at which backend they hold.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import os
 import uuid
 from pathlib import Path
 from typing import Protocol
+
+import pyarrow.fs as pafs
 
 from cdc.errors import ConfigError, LakeError
 
@@ -35,6 +41,16 @@ class Lake(Protocol):
 
     def check_writable(self) -> None:
         """Raise LakeError with a fix when the lake cannot be written."""
+
+    def arrow_filesystem(self) -> pafs.SubTreeFileSystem:
+        """A pyarrow filesystem in which lake keys are paths (reads ranges, not whole files).
+
+        Its ``base_fs`` and ``base_path`` are the backend's own filesystem and the lake
+        root in it.
+        """
+
+    def delta_location(self, key: str) -> tuple[str, dict[str, str] | None]:
+        """The URI of the Delta table at ``key`` and the delta-rs storage options to open it."""
 
 
 class LocalLake:
@@ -92,6 +108,12 @@ class LocalLake:
 
     def check_writable(self) -> None:
         self.write_bytes("_cdc/.write-check", b"ok")
+
+    def arrow_filesystem(self) -> pafs.SubTreeFileSystem:
+        return pafs.SubTreeFileSystem(str(self.root), pafs.LocalFileSystem())
+
+    def delta_location(self, key: str) -> tuple[str, dict[str, str] | None]:
+        return str(self.path(key)), None
 
 
 def _fsync_dir(path: Path) -> None:

@@ -37,12 +37,13 @@ from typing import IO, Any
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
 from cdc.errors import CdcError, LakeError
 from cdc.lake.layout import RAW, raw_keys
-from cdc.lake.store import Lake, LocalLake
+from cdc.lake.store import Lake
 from cdc.staged.compactor import staged_location
 
 FORMATS = ("table", "csv", "json")
@@ -79,7 +80,8 @@ def raw_schema(lake: Lake, keys: list[str], table: str) -> pa.Schema:
 
     Keys are in log order (file names start with the first LSN), so the last is the newest.
     """
-    schemas = [_file_schema(lake, key) for key in keys]
+    fs = lake.arrow_filesystem()
+    schemas = [_file_schema(fs, key) for key in keys]
     schemas.reverse()  # the newest file's column order first; dropped columns go last
     try:
         unified = pa.unify_schemas(schemas, promote_options="permissive")
@@ -91,39 +93,29 @@ def raw_schema(lake: Lake, keys: list[str], table: str) -> pa.Schema:
     return unified.with_metadata(latest or {})
 
 
-def _file_schema(lake: Lake, key: str) -> pa.Schema:
+def _file_schema(fs: pafs.FileSystem, key: str) -> pa.Schema:
+    """One raw file's schema, from its footer (a ranged read, not the whole file)."""
     try:
-        if isinstance(lake, LocalLake):
-            return pq.read_schema(lake.path(key))
-        data = lake.read_bytes(key)
-        if data is None:
-            raise LakeError(f"raw file {key} vanished", fix="run the command again")
-        return pq.read_schema(pa.BufferReader(data))
+        return pq.read_schema(key, filesystem=fs)
+    except FileNotFoundError as exc:
+        raise LakeError(f"raw file {key} vanished", fix="run the command again") from exc
     except (OSError, pa.ArrowInvalid) as exc:
         raise LakeError(f"raw file {key} is unreadable: {str(exc).splitlines()[0]}",
                         fix="check the lake's permissions, or move the broken file away") from exc
 
 
 def raw_dataset(lake: Lake, table: str, keys: list[str]) -> ds.Dataset:
-    """A lazy dataset over a raw table's files with ``load_date`` (DATE) from the path."""
+    """A lazy dataset over a raw table's files with ``load_date`` (DATE) from the path.
+
+    Files are read through the lake's pyarrow filesystem when the query scans them: on S3
+    only the footers and the column chunks the query needs are fetched.
+    """
     schema = raw_schema(lake, keys, table)
     date = pa.field("load_date", pa.date32())
     full = schema.append(date) if "load_date" not in schema.names else schema
-    if isinstance(lake, LocalLake):
-        partitioning = ds.partitioning(pa.schema([date]), flavor="hive")
-        return ds.dataset([str(lake.path(k)) for k in keys], schema=full, format="parquet",
-                          partitioning=partitioning,
-                          partition_base_dir=str(lake.path(f"raw/{table}")))
-    parts = []
-    for key in keys:
-        data = lake.read_bytes(key)
-        if data is None:
-            raise LakeError(f"raw file {key} vanished", fix="run the command again")
-        part = pq.read_table(pa.BufferReader(data))
-        day = dt.date.fromisoformat(key.split("/")[2].removeprefix("load_date="))
-        parts.append(part.append_column(date, pa.array([day] * part.num_rows, pa.date32())))
-    combined = pa.concat_tables(parts, promote_options="permissive")
-    return ds.dataset(combined.select(full.names).cast(full))
+    partitioning = ds.partitioning(pa.schema([date]), flavor="hive")
+    return ds.dataset(keys, schema=full, format="parquet", filesystem=lake.arrow_filesystem(),
+                      partitioning=partitioning, partition_base_dir=f"{RAW}{table}")
 
 
 def connect(lake: Lake, sql: str | None = None) -> duckdb.DuckDBPyConnection:

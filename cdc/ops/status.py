@@ -6,14 +6,16 @@ one-line reasons ``cdc status`` exits non-zero with. Nothing here writes.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from cdc.errors import LakeError
 from cdc.events import Lsn, format_lsn
 from cdc.lake.checkpoint import CheckpointStore
 from cdc.lake.layout import RAW, raw_keys
@@ -101,12 +103,18 @@ def raw_tables(lake: Lake) -> dict[str, tuple[int, Lsn, str]]:
     return result
 
 
-def last_commit_ts(lake: Lake, key: str) -> datetime | None:
-    """Latest ``_commit_ts`` in one raw file, from its parquet statistics (no data read)."""
-    data = lake.read_bytes(key)
-    if data is None:
+def last_commit_ts(fs: pafs.FileSystem, key: str) -> datetime | None:
+    """Latest ``_commit_ts`` in one raw file, from its parquet statistics (no data read).
+
+    Only the footer is read (ranged reads through the lake's pyarrow filesystem).
+    """
+    try:
+        meta = pq.read_metadata(key, filesystem=fs)
+    except FileNotFoundError:
         return None
-    meta = pq.ParquetFile(io.BytesIO(data)).metadata
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise LakeError(f"raw file {key} is unreadable: {str(exc).splitlines()[0]}",
+                        fix="check the lake's permissions, or move the broken file away") from exc
     column = meta.schema.to_arrow_schema().get_field_index("_commit_ts")
     latest = None
     for i in range(meta.num_row_groups):
@@ -130,8 +138,9 @@ def collect(dsn: str, lake: Lake, slot: str, staged: StagedProbe | None = None,
     checkpoint = CheckpointStore(lake, slot).load()
     tables = []
     acked_ts: datetime | None = None
+    fs = lake.arrow_filesystem()
     for table, (files, last_lsn, key) in sorted(raw_tables(lake).items()):
-        ts = last_commit_ts(lake, key)
+        ts = last_commit_ts(fs, key)
         if ts is not None and (checkpoint is None or last_lsn < checkpoint):
             acked_ts = ts if acked_ts is None or ts > acked_ts else acked_ts
         entry = TableStatus(table, files, format_lsn(last_lsn), _iso(ts))

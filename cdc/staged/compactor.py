@@ -107,12 +107,7 @@ def staged_location(lake: Lake, table: str) -> tuple[str, dict[str, str] | None]
     On S3: ``s3://bucket/prefix/staged/<table>`` with options for the lake's endpoint,
     region and credentials, and conditional PUT for safe concurrent commits.
     """
-    from cdc.lake.s3 import S3Lake
-
-    uri = f"{lake.uri.rstrip('/')}/{staged_key(table)}"
-    if isinstance(lake, S3Lake):
-        return uri, lake.delta_storage_options()
-    return uri, None
+    return lake.delta_location(staged_key(table))
 
 
 def open_staged(uri: str, storage: dict[str, str] | None) -> DeltaTable | None:
