@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +24,13 @@ from rawlake import (
     streaming_in_thread,
 )
 
+from cdc import faults
 from cdc.config import Settings
 from cdc.errors import CompactionError
 from cdc.lake.store import LocalLake
 from cdc.staged.compactor import (
     APP_ID,
     CompactOptions,
-    Fault,
     TableResult,
     compact_lake,
     staged_watermark,
@@ -42,11 +44,23 @@ class Crash(BaseException):
     """A simulated process death at a fault point (not an Exception: nothing catches it)."""
 
 
+#: called with the step (``before_commit``, ``after_commit``, ``after_maintenance``) and the
+#: table at the compactor's fault points; raising from it simulates a crash there
+Fault = Callable[[str, str], None]
+STEPS = ("before_commit", "after_commit", "after_maintenance")
+
+
 def compact(settings: Settings, tables: tuple[str, ...] = (), fault: Fault | None = None,
             keys: dict[str, tuple[str, ...]] | None = None,
             **options: Any) -> list[TableResult]:
-    return compact_lake(LocalLake(settings.lake), settings.slot, tables, keys or {},
-                        options=CompactOptions(**options), fault=fault)
+    with contextlib.ExitStack() as stack:
+        if fault is not None:
+            for step in STEPS:
+                stack.enter_context(faults.armed(
+                    f"staged.{step}", lambda point, at: fault(point.removeprefix("staged."),
+                                                              at["table"])))
+        return compact_lake(LocalLake(settings.lake), settings.slot, tables, keys or {},
+                            options=CompactOptions(**options))
 
 
 def staged_path(settings: Settings, table: str) -> str:

@@ -13,6 +13,7 @@ import pytest
 from conftest import SourceDb, with_settings
 from rawlake import raw_files, read_raw, replay, run_cdc, stream_until_caught_up
 
+from cdc import faults
 from cdc.config import Settings
 from cdc.errors import SlotError
 from cdc.lake.store import LocalLake
@@ -161,15 +162,17 @@ class TestConsistentSnapshot:
             if len(copied) == 3:
                 raise RuntimeError("injected crash")
 
-        with pytest.raises(RuntimeError, match="injected crash"):
-            snapshot(settings, workers=1, chunk_rows=5000, after_chunk=crash_after_three)
+        with (faults.armed("snapshot.after_chunk",
+                           lambda point, at: crash_after_three(at["table"], at["index"])),
+              pytest.raises(RuntimeError, match="injected crash")):
+            snapshot(settings, workers=1, chunk_rows=5000)
         with pytest.raises(SlotError, match="has not finished"):
             stream_until_caught_up(settings)  # the stream will not start on half a snapshot
         source.execute("UPDATE t SET v = 1 WHERE id % 1000 = 0")  # between crash and resume
         first_run = list(copied)
         copied.clear()
-        result = snapshot(settings, workers=2, chunk_rows=5000,
-                          after_chunk=lambda table, index: copied.append(index))
+        with faults.armed("snapshot.after_chunk", lambda point, at: copied.append(at["index"])):
+            result = snapshot(settings, workers=2, chunk_rows=5000)
         assert result.resumed
         assert not set(copied) & set(first_run)
         assert sorted(copied + first_run) == list(range(10))

@@ -33,6 +33,7 @@ import pyarrow as pa
 import structlog
 from psycopg import sql
 
+from cdc import faults
 from cdc.config import Settings
 from cdc.decoding.pgtypes import INT2, INT4, INT8, ColumnType, column_type
 from cdc.errors import SlotError, SourceError
@@ -240,7 +241,6 @@ class SnapshotResult:
 class ConsistentSnapshot:
     def __init__(self, settings: Settings, lake: Lake, *, workers: int = 2,
                  chunk_rows: int = 500_000,
-                 after_chunk: Callable[[str, int], None] | None = None,
                  reader: Callable[[str, str | None], TextReader] = open_reader) -> None:
         self.settings = settings
         self.lake = lake
@@ -249,7 +249,6 @@ class ConsistentSnapshot:
         self.sink = RawSink(lake)
         self.contracts = Contracts.load(settings.contracts)
         self.lock = threading.Lock()
-        self.after_chunk = after_chunk  # fault-injection point for tests
         self.open_reader = reader  # the fastest available; tests cover each
         self.display: ProgressDisplay | None = None
 
@@ -377,6 +376,5 @@ class ConsistentSnapshot:
             self.lake.write_bytes(progress_key(self.settings.slot), progress.to_json())
             if self.display is not None:
                 self.display.chunk_done(relation.qualified_name, rows)
-        if self.after_chunk is not None:
-            self.after_chunk(relation.qualified_name, index)
+        faults.hit("snapshot.after_chunk", table=relation.qualified_name, index=index)
         return rows

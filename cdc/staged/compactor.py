@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Literal
@@ -34,6 +34,7 @@ import structlog
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
+from cdc import faults
 from cdc.errors import CdcError, CompactionError, ConfigError
 from cdc.events import Lsn, format_lsn
 from cdc.lake.checkpoint import CheckpointStore
@@ -57,10 +58,6 @@ APP_ID = "cdc-compact"
 _INSERT = "__cdc_insert"
 _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
-
-#: called at named fault points (``before_commit``, ``after_commit``, ``after_maintenance``)
-#: with the step and the table; tests raise from it to simulate a crash there
-Fault = Callable[[str, str], None]
 
 
 @dataclass(frozen=True)
@@ -167,8 +164,7 @@ def raw_files(lake: Lake) -> dict[str, list[RawFile]]:
 
 def compact_lake(lake: Lake, slot: str, tables: Sequence[str] = (),
                  keys: Mapping[str, tuple[str, ...]] | None = None, *,
-                 options: CompactOptions | None = None,
-                 fault: Fault | None = None) -> list[TableResult]:
+                 options: CompactOptions | None = None) -> list[TableResult]:
     """Compact every table (or ``tables``) up to the slot's checkpoint; safe beside streaming.
 
     Returns one result per table; an empty list when the slot has no checkpoint yet.
@@ -181,16 +177,16 @@ def compact_lake(lake: Lake, slot: str, tables: Sequence[str] = (),
     results = []
     for table in tables or sorted(files):
         compactor = _TableCompactor(lake, table, (keys or {}).get(table),
-                                    options or CompactOptions(), fault)
+                                    options or CompactOptions())
         results.append(compactor.run(files.get(table, []), bound))
     return results
 
 
 class _TableCompactor:
     def __init__(self, lake: Lake, table: str, key: tuple[str, ...] | None,
-                 options: CompactOptions, fault: Fault | None) -> None:
+                 options: CompactOptions) -> None:
         self.lake, self.table, self.key_override = lake, table, key
-        self.options, self.fault = options, fault
+        self.options = options
         self.uri, self.storage = staged_location(lake, table)
 
     def run(self, files: list[RawFile], bound: Lsn) -> TableResult:
@@ -236,16 +232,12 @@ class _TableCompactor:
                 watermark = upper[0] - 1 if advance else watermark
                 changes += rows.num_rows
                 commits += 1
-                self._step("after_commit")
+                faults.hit("staged.after_commit", table=self.table)
             cursor = upper
         if dt is not None and commits:
             self._maintain(dt, before)
-            self._step("after_maintenance")
+            faults.hit("staged.after_maintenance", table=self.table)
         return dt, changes, commits
-
-    def _step(self, name: str) -> None:
-        if self.fault is not None:
-            self.fault(name, self.table)
 
     def _read_chunk(self, todo: list[RawFile], cursor: Pos,
                     end: Pos) -> tuple[pa.Table, Pos, set[str], bool]:
@@ -325,7 +317,7 @@ class _TableCompactor:
             removals, inserts = against_staged(state, staged, key, keep)
         else:
             inserts, removals = state, None
-        self._step("before_commit")
+        faults.hit("staged.before_commit", table=self.table)
         if dt is not None:  # the watermark must not have moved since we read it
             dt.update_incremental()
             if dt.transaction_version(APP_ID) != expected:
