@@ -164,9 +164,8 @@ class S3Lake:
             parts = urlsplit(self.endpoint)
             options["endpoint_override"] = parts.netloc + parts.path
             options["scheme"] = parts.scheme
-        credentials = self.session.get_credentials()
-        if credentials is not None:
-            frozen = credentials.get_frozen_credentials()
+        frozen = self._credentials()
+        if frozen is not None:
             options.update(access_key=frozen.access_key, secret_key=frozen.secret_key,
                            session_token=frozen.token or None)
         root = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
@@ -187,14 +186,18 @@ class S3Lake:
             options["AWS_ENDPOINT_URL"] = self.endpoint
             if self.endpoint.startswith("http://"):
                 options["AWS_ALLOW_HTTP"] = "true"
-        credentials = self.session.get_credentials()
-        if credentials is not None:
-            frozen = credentials.get_frozen_credentials()
+        frozen = self._credentials()
+        if frozen is not None:
             options["AWS_ACCESS_KEY_ID"] = frozen.access_key
             options["AWS_SECRET_ACCESS_KEY"] = frozen.secret_key
             if frozen.token:
                 options["AWS_SESSION_TOKEN"] = frozen.token
         return options
+
+    def _credentials(self) -> Any:
+        """The AWS chain's credentials now (``access_key``, ``secret_key``, ``token``), or None."""
+        credentials = self.session.get_credentials()
+        return None if credentials is None else credentials.get_frozen_credentials()
 
     # -- errors --------------------------------------------------------------------------------
 
