@@ -135,6 +135,35 @@ class TestAckPolicyInSession:
         assert checkpoint_of(tmp_path) == START
 
 
+    def test_a_raw_write_that_fails_acknowledges_and_checkpoints_nothing_past_the_start(
+        self, tmp_path: Path
+    ) -> None:
+        """The file is not durable: neither the checkpoint nor the slot moves past it."""
+        frames = [relation(), *transaction(0x2000, 1, [1]), keepalive(0x2100)]
+        sent: list[Lsn] = []
+        with pytest.raises(faults.InjectedFault):
+            run_session(tmp_path, frames, flush_rows=1, on_status=sent.append,
+                        fault="raw.before_write=raise")
+
+        assert raw_keys_in(tmp_path) == set()
+        assert all(lsn <= START for lsn in sent)
+        assert checkpoint_of(tmp_path) == START
+
+    def test_a_status_update_that_fails_leaves_the_checkpoint_ahead_of_the_slot(
+        self, tmp_path: Path
+    ) -> None:
+        """Checkpointed but not acknowledged is safe: the server only replays (invariant 3)."""
+        frames = [relation(), *transaction(0x2000, 1, [1])]
+        sent: list[Lsn] = []
+        with pytest.raises(faults.InjectedFault):
+            # status 1: the flush inside the transaction (at START); status 2: the stop's,
+            # after the checkpoint recorded the commit
+            run_session(tmp_path, frames, flush_rows=1, on_status=sent.append,
+                        fault="status.before_send=raise@2")
+
+        assert sent == [START]
+        assert checkpoint_of(tmp_path) == 0x2008
+
 # -- property: every acknowledgement is covered by raw and the checkpoint ---------------------
 
 
