@@ -9,7 +9,7 @@ import typer
 
 from cdc import __version__
 from cdc.config import Settings, load_settings
-from cdc.errors import CdcError, ConfigError
+from cdc.errors import CdcError
 from cdc.log import configure, scrub
 
 if TYPE_CHECKING:
@@ -38,6 +38,9 @@ S3EndpointOpt = Annotated[str | None, typer.Option(
     "--s3-endpoint", help="S3-compatible endpoint for an s3:// lake, e.g. "
     "http://127.0.0.1:9000 for MinIO; plain HTTP only when named here (env: CDC_S3_ENDPOINT, "
     "else AWS_ENDPOINT_URL; default: AWS S3)", show_default=False)]
+S3MaxAttemptsOpt = Annotated[int | None, typer.Option(
+    "--s3-max-attempts", help="Attempts per S3 request (adaptive retries) before the command "
+    "stops with a lake error (env: CDC_S3_MAX_ATTEMPTS; default: 10)", show_default=False)]
 SlotOpt = Annotated[str | None, typer.Option(
     "--slot", help="Replication slot name (env: CDC_SLOT; default: cdc)", show_default=False)]
 PublicationOpt = Annotated[str | None, typer.Option(
@@ -90,7 +93,7 @@ def stream(
     dsn: Dsn = None, lake: LakeOpt = None, slot: SlotOpt = None,
     publication: PublicationOpt = None, tables: TablesOpt = None, plugin: PluginOpt = None,
     config: ConfigOpt = None, log_format: LogFormatOpt = None, log_level: LogLevelOpt = None,
-    s3_endpoint: S3EndpointOpt = None,
+    s3_endpoint: S3EndpointOpt = None, s3_max_attempts: S3MaxAttemptsOpt = None,
     flush_rows: Annotated[int | None, typer.Option(
         help="Flush when this many changes are buffered (env: CDC_FLUSH_ROWS; default: 200000)",
         show_default=False)] = None,
@@ -100,21 +103,31 @@ def stream(
     flush_seconds: Annotated[str | None, typer.Option(
         help="Flush when the oldest buffered change is this old, e.g. 10s "
         "(env: CDC_FLUSH_SECONDS; default: 10s)", show_default=False)] = None,
-    until_caught_up: Annotated[bool, typer.Option(
-        "--until-caught-up", help="Drain the slot up to the WAL position at start, flush, "
-        "acknowledge and exit 0 (for cron-style runs)")] = False,
+    until_caught_up: Annotated[bool | None, typer.Option(
+        "--until-caught-up/--no-until-caught-up", help="Drain the slot up to the WAL position "
+        "at start, flush, acknowledge and exit 0, for cron-style runs (env: "
+        "CDC_UNTIL_CAUGHT_UP; default: off)", show_default=False)] = None,
     metrics_port: Annotated[int | None, typer.Option(
         help="Serve Prometheus metrics on this port (env: CDC_METRICS_PORT; default: off)",
         show_default=False)] = None,
     compact_every: Annotated[str | None, typer.Option(
         help="Compact raw into the staged Delta tables this often, in the background; 0 "
         "disables (env: CDC_COMPACT_EVERY; default: 60s)", show_default=False)] = None,
-    key: KeyOpt = None,
+    keys: KeyOpt = None,
     publish_via_partition_root: ViaRootOpt = None, contracts: ContractsOpt = None,
     heartbeat_seconds: Annotated[str | None, typer.Option(
         help="When idle, write a logical message this often so a quiet database's slot "
         "keeps advancing; 0 disables (env: CDC_HEARTBEAT_SECONDS; default: 60s)",
         show_default=False)] = None,
+    status_seconds: Annotated[str | None, typer.Option(
+        help="Send the server a status update (acknowledgement) this often, e.g. 10s "
+        "(env: CDC_STATUS_SECONDS; default: 10s)", show_default=False)] = None,
+    progress_seconds: Annotated[str | None, typer.Option(
+        help="Log a progress line this often (env: CDC_PROGRESS_SECONDS; default: 10s)",
+        show_default=False)] = None,
+    max_backoff_seconds: Annotated[str | None, typer.Option(
+        help="Longest wait between reconnection attempts (env: CDC_MAX_BACKOFF_SECONDS; "
+        "default: 30s)", show_default=False)] = None,
 ) -> None:
     """Stream changes from the slot into <lake>/raw/ until stopped (Ctrl-C / SIGTERM flush,
     acknowledge and exit 0).
@@ -130,13 +143,17 @@ def stream(
                          log_level=log_level, flush_rows=flush_rows, flush_bytes=flush_bytes,
                          flush_seconds=flush_seconds, metrics_port=metrics_port,
                          heartbeat_seconds=heartbeat_seconds, compact_every=compact_every,
-                         keys=key, publish_via_partition_root=publish_via_partition_root,
-                         s3_endpoint=s3_endpoint, contracts=contracts)
+                         keys=keys, publish_via_partition_root=publish_via_partition_root,
+                         s3_endpoint=s3_endpoint, contracts=contracts,
+                         s3_max_attempts=s3_max_attempts, until_caught_up=until_caught_up,
+                         status_seconds=status_seconds, progress_seconds=progress_seconds,
+                         max_backoff_seconds=max_backoff_seconds)
     if settings.metrics_port:
         from cdc.ops.metrics import serve
 
         serve(settings.metrics_port)
-    stats = run_stream(settings, _open_lake(settings), until_caught_up=until_caught_up)
+    stats = run_stream(settings, _open_lake(settings),
+                       until_caught_up=settings.until_caught_up)
     typer.echo(f"streamed {stats.changes} changes in {stats.transactions} transactions "
                f"into {stats.files} files", err=True)
 
@@ -146,21 +163,26 @@ def snapshot(
     dsn: Dsn = None, lake: LakeOpt = None, slot: SlotOpt = None,
     publication: PublicationOpt = None, tables: TablesOpt = None, plugin: PluginOpt = None,
     config: ConfigOpt = None, log_format: LogFormatOpt = None, log_level: LogLevelOpt = None,
-    s3_endpoint: S3EndpointOpt = None, publish_via_partition_root: ViaRootOpt = None,
-    contracts: ContractsOpt = None,
-    mode: Annotated[str, typer.Option(
-        help="consistent: every published table at one instant, tied to a new slot so "
-        "`cdc stream` continues exactly where it ends. updated_at: rows whose updated_at "
+    s3_endpoint: S3EndpointOpt = None, s3_max_attempts: S3MaxAttemptsOpt = None,
+    publish_via_partition_root: ViaRootOpt = None, contracts: ContractsOpt = None,
+    snapshot_mode: Annotated[str | None, typer.Option(
+        "--mode", help="consistent: every published table at one instant, tied to a new slot "
+        "so `cdc stream` continues exactly where it ends. updated_at: rows whose updated_at "
         "column passed the stored watermark (cannot see deletes, and sees only the last "
-        "version of a row between runs)")] = "consistent",
-    workers: Annotated[int, typer.Option(help="Parallel COPY connections")] = 2,
-    chunk_rows: Annotated[int, typer.Option(
-        help="Rows per chunk (primary-key or CTID range) and per raw file")] = 500_000,
-    updated_at_column: Annotated[str, typer.Option(
-        help="updated_at mode: the change-time column of every table")] = "updated_at",
+        "version of a row between runs) (env: CDC_SNAPSHOT_MODE; default: consistent)",
+        show_default=False)] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="Parallel COPY connections (env: CDC_WORKERS; default: 2)",
+        show_default=False)] = None,
+    chunk_rows: Annotated[int | None, typer.Option(
+        help="Rows per chunk (primary-key or CTID range) and per raw file (env: "
+        "CDC_CHUNK_ROWS; default: 500000)", show_default=False)] = None,
+    updated_at_column: Annotated[str | None, typer.Option(
+        help="updated_at mode: the change-time column of every table (env: "
+        "CDC_UPDATED_AT_COLUMN; default: updated_at)", show_default=False)] = None,
     updated_at: Annotated[list[str] | None, typer.Option(
         "--updated-at", help="updated_at mode: per-table column, schema.table=column "
-        "(repeatable)")] = None,
+        "(repeatable; env: CDC_UPDATED_AT, comma-separated)", show_default=False)] = None,
 ) -> None:
     """Backfill the lake's raw layer from the tables' current contents.
 
@@ -177,27 +199,28 @@ def snapshot(
                          tables=tables, plugin=plugin, log_format=log_format,
                          log_level=log_level, s3_endpoint=s3_endpoint,
                          publish_via_partition_root=publish_via_partition_root,
-                         contracts=contracts)
+                         contracts=contracts, s3_max_attempts=s3_max_attempts,
+                         snapshot_mode=snapshot_mode, workers=workers, chunk_rows=chunk_rows,
+                         updated_at_column=updated_at_column, updated_at=updated_at)
     target = _open_lake(settings)
-    if mode == "consistent":
+    if settings.snapshot_mode == "consistent":
         from cdc.snapshot.consistent import ConsistentSnapshot
 
-        result = ConsistentSnapshot(settings, target, workers=workers,
-                                    chunk_rows=chunk_rows).run()
+        result = ConsistentSnapshot(settings, target, workers=settings.workers,
+                                    chunk_rows=settings.chunk_rows).run()
         total = sum(result.rows.values())
         typer.echo(f"snapshot {'resumed and ' if result.resumed else ''}done: {total} rows "
                    f"from {len(result.rows)} tables at {_lsn(result.consistent_point)}; "
                    f"now run cdc stream --slot {settings.slot}", err=True)
-    elif mode == "updated_at":
+    else:  # updated_at (the settings know no other mode)
         from cdc.snapshot.updated_at import UpdatedAtExport, parse_column_overrides
 
-        exported = UpdatedAtExport(settings, target, default_column=updated_at_column,
-                                   columns=parse_column_overrides(updated_at or []),
-                                   page_rows=chunk_rows).run()
+        exported = UpdatedAtExport(settings, target,
+                                   default_column=settings.updated_at_column,
+                                   columns=parse_column_overrides(settings.updated_at),
+                                   page_rows=settings.chunk_rows).run()
         typer.echo(f"updated_at export done: {sum(exported.values())} rows from "
                    f"{len(exported)} tables", err=True)
-    else:
-        raise ConfigError(f"unknown snapshot mode {mode!r}", fix="use consistent or updated_at")
 
 
 def _lsn(lsn: int) -> str:
@@ -209,17 +232,19 @@ def _lsn(lsn: int) -> str:
 @app.command()
 def status(
     dsn: Dsn = None, lake: LakeOpt = None, slot: SlotOpt = None, config: ConfigOpt = None,
-    s3_endpoint: S3EndpointOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines")] = False,
+    s3_endpoint: S3EndpointOpt = None, s3_max_attempts: S3MaxAttemptsOpt = None,
+    status_json: Annotated[bool | None, typer.Option(
+        "--json/--no-json", help="Print JSON for machines (env: CDC_STATUS_JSON; default: "
+        "off)", show_default=False)] = None,
     max_lag_bytes: Annotated[str | None, typer.Option(
-        help="Exit 1 when the slot's unacknowledged WAL exceeds this, e.g. 1GB",
-        show_default=False)] = None,
+        help="Exit 1 when the slot's unacknowledged WAL exceeds this, e.g. 1GB (env: "
+        "CDC_MAX_LAG_BYTES; default: not checked)", show_default=False)] = None,
     max_lag_seconds: Annotated[str | None, typer.Option(
-        help="Exit 1 when the stream is further behind the source than this, e.g. 5m",
-        show_default=False)] = None,
+        help="Exit 1 when the stream is further behind the source than this, e.g. 5m (env: "
+        "CDC_MAX_LAG_SECONDS; default: not checked)", show_default=False)] = None,
     max_compaction_lag_seconds: Annotated[str | None, typer.Option(
-        help="Exit 1 when a staged table is further behind raw than this, e.g. 15m",
-        show_default=False)] = None,
+        help="Exit 1 when a staged table is further behind raw than this, e.g. 15m (env: "
+        "CDC_MAX_COMPACTION_LAG_SECONDS; default: not checked)", show_default=False)] = None,
 ) -> None:
     """Show how far behind the slot, the raw layer and the staged tables are.
 
@@ -230,19 +255,17 @@ def status(
     """
     import json
 
-    from cdc.config import parse_duration, parse_size
     from cdc.ops.status import check, collect, render
     from cdc.staged.compactor import staged_watermark
 
-    s = _settings(config, dsn=dsn, lake=lake, slot=slot, s3_endpoint=s3_endpoint)
+    s = _settings(config, dsn=dsn, lake=lake, slot=slot, s3_endpoint=s3_endpoint,
+                  s3_max_attempts=s3_max_attempts, status_json=status_json,
+                  max_lag_bytes=max_lag_bytes, max_lag_seconds=max_lag_seconds,
+                  max_compaction_lag_seconds=max_compaction_lag_seconds)
     report = collect(s.dsn, _open_lake(s), s.slot, staged=staged_watermark)
-    reasons = check(
-        report,
-        max_lag_bytes=parse_size(max_lag_bytes) if max_lag_bytes else None,
-        max_lag_seconds=parse_duration(max_lag_seconds) if max_lag_seconds else None,
-        max_compaction_lag_seconds=(parse_duration(max_compaction_lag_seconds)
-                                    if max_compaction_lag_seconds else None))
-    if as_json:
+    reasons = check(report, max_lag_bytes=s.max_lag_bytes, max_lag_seconds=s.max_lag_seconds,
+                    max_compaction_lag_seconds=s.max_compaction_lag_seconds)
+    if s.status_json:
         typer.echo(json.dumps({**report.to_dict(), "breaches": reasons}, indent=2))
     else:
         typer.echo(render(report))
@@ -256,6 +279,7 @@ def status(
 @slot_app.command("create")
 def slot_create(dsn: Dsn = None, slot: SlotOpt = None, publication: PublicationOpt = None,
                 tables: TablesOpt = None, plugin: PluginOpt = None,
+                publish_via_partition_root: ViaRootOpt = None,
                 config: ConfigOpt = None) -> None:
     """Create the publication and the replication slot (no-op for what exists)."""
     from cdc.events import format_lsn
@@ -263,7 +287,7 @@ def slot_create(dsn: Dsn = None, slot: SlotOpt = None, publication: PublicationO
     from cdc.source.connection import connect
 
     s = _settings(config, dsn=dsn, slot=slot, publication=publication, tables=tables,
-                  plugin=plugin)
+                  plugin=plugin, publish_via_partition_root=publish_via_partition_root)
     with connect(s.dsn) as conn:
         admin = Admin(conn, s.dsn)
         admin.check_wal_level()
@@ -291,16 +315,17 @@ def slot_drop(dsn: Dsn = None, slot: SlotOpt = None, config: ConfigOpt = None) -
 def compact(
     lake: LakeOpt = None, slot: SlotOpt = None, config: ConfigOpt = None,
     log_format: LogFormatOpt = None, log_level: LogLevelOpt = None,
-    s3_endpoint: S3EndpointOpt = None,
+    s3_endpoint: S3EndpointOpt = None, s3_max_attempts: S3MaxAttemptsOpt = None,
     tables: Annotated[str | None, typer.Option(
-        "--tables", help="Comma-separated schema.table list to compact (default: every table "
-        "in raw)", show_default=False)] = None,
-    key: KeyOpt = None,
-    optimize_every: Annotated[int, typer.Option(
+        "--tables", help="Comma-separated schema.table list to compact (env: CDC_TABLES; "
+        "default: every table in raw)", show_default=False)] = None,
+    keys: KeyOpt = None,
+    optimize_every: Annotated[int | None, typer.Option(
         help="OPTIMIZE (compact small files) and VACUUM a staged table every N commits; "
-        "0: never")] = 10,
-    vacuum_retention_hours: Annotated[int, typer.Option(
-        help="VACUUM after OPTIMIZE deletes files removed longer ago than this")] = 168,
+        "0: never (env: CDC_OPTIMIZE_EVERY; default: 10)", show_default=False)] = None,
+    vacuum_retention_hours: Annotated[int | None, typer.Option(
+        help="VACUUM after OPTIMIZE deletes files removed longer ago than this (env: "
+        "CDC_VACUUM_RETENTION_HOURS; default: 168)", show_default=False)] = None,
 ) -> None:
     """Merge raw changes into the staged Delta tables <lake>/staged/<schema>.<table>/ now.
 
@@ -311,10 +336,12 @@ def compact(
     from cdc.staged.compactor import CompactOptions, compact_lake, parse_keys
 
     settings = _settings(config, need_dsn=False, lake=lake, slot=slot, tables=tables,
-                         keys=key, log_format=log_format, log_level=log_level,
-                         s3_endpoint=s3_endpoint)
-    options = CompactOptions(optimize_every=optimize_every,
-                             vacuum_retention_hours=vacuum_retention_hours)
+                         keys=keys, log_format=log_format, log_level=log_level,
+                         s3_endpoint=s3_endpoint, s3_max_attempts=s3_max_attempts,
+                         optimize_every=optimize_every,
+                         vacuum_retention_hours=vacuum_retention_hours)
+    options = CompactOptions(optimize_every=settings.optimize_every,
+                             vacuum_retention_hours=settings.vacuum_retention_hours)
     results = compact_lake(_open_lake(settings), settings.slot, settings.tables,
                            parse_keys(settings.keys), options=options)
     if not results:
@@ -333,9 +360,10 @@ def query(
         "(e.g. raw_public.invoice, with _op, _commit_lsn, ... and load_date)",
         show_default=False)],
     lake: LakeOpt = None, config: ConfigOpt = None, s3_endpoint: S3EndpointOpt = None,
-    output: Annotated[str, typer.Option(
+    s3_max_attempts: S3MaxAttemptsOpt = None,
+    query_format: Annotated[str | None, typer.Option(
         "--format", help="table (DuckDB's rendering), csv (with a header) or json (one "
-        "object per line)")] = "table",
+        "object per line) (env: CDC_QUERY_FORMAT; default: table)", show_default=False)] = None,
 ) -> None:
     """Run SQL over the lake with DuckDB, offline (no extension download, no source database).
 
@@ -344,8 +372,9 @@ def query(
     """
     from cdc.ops.query import query_main
 
-    settings = _settings(config, need_dsn=False, lake=lake, s3_endpoint=s3_endpoint)
-    query_main(_open_lake(settings), sql, output)
+    settings = _settings(config, need_dsn=False, lake=lake, s3_endpoint=s3_endpoint,
+                         s3_max_attempts=s3_max_attempts, query_format=query_format)
+    query_main(_open_lake(settings), sql, settings.query_format)
 
 
 ddl_app = typer.Typer(help="Print DDL that lets other engines read the lake.",
@@ -356,11 +385,14 @@ app.add_typer(ddl_app, name="ddl")
 @ddl_app.command("athena")
 def ddl_athena(
     lake: LakeOpt = None, config: ConfigOpt = None, s3_endpoint: S3EndpointOpt = None,
-    database: Annotated[str, typer.Option(
-        help="Athena (Glue) database the tables go into")] = "cdc",
-    location: Annotated[str | None, typer.Option(
-        help="Where the lake is in S3, s3://bucket/prefix (default: --lake when it is an "
-        "s3:// lake)", show_default=False)] = None,
+    s3_max_attempts: S3MaxAttemptsOpt = None,
+    athena_database: Annotated[str | None, typer.Option(
+        "--database", help="Athena (Glue) database the tables go into (env: "
+        "CDC_ATHENA_DATABASE; default: cdc)", show_default=False)] = None,
+    athena_location: Annotated[str | None, typer.Option(
+        "--location", help="Where the lake is in S3, s3://bucket/prefix (env: "
+        "CDC_ATHENA_LOCATION; default: --lake when it is an s3:// lake)",
+        show_default=False)] = None,
 ) -> None:
     """Print CREATE EXTERNAL TABLE statements for Athena: every raw table (parquet,
     partition projection on load_date, no crawler needed) as raw_<schema>__<table> and
@@ -368,8 +400,11 @@ def ddl_athena(
     """
     from cdc.ops.athena import athena_ddl
 
-    settings = _settings(config, need_dsn=False, lake=lake, s3_endpoint=s3_endpoint)
-    typer.echo(athena_ddl(_open_lake(settings), database, location), nl=False)
+    settings = _settings(config, need_dsn=False, lake=lake, s3_endpoint=s3_endpoint,
+                         s3_max_attempts=s3_max_attempts, athena_database=athena_database,
+                         athena_location=athena_location)
+    typer.echo(athena_ddl(_open_lake(settings), settings.athena_database,
+                          settings.athena_location or None), nl=False)
 
 
 def _version(value: bool) -> None:

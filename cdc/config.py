@@ -1,8 +1,11 @@
 """One frozen settings object from the config file, ``CDC_*`` env and flags.
 
-Precedence: flags over environment over file over defaults. Every setting has
-all three spellings: ``--flush-rows`` / ``CDC_FLUSH_ROWS`` / ``flush_rows``
-in ``cdc.toml`` (top level or a ``[cdc]`` table). Validated once, here.
+Precedence: flags over environment over file over defaults. Every option of every
+command is a field of ``Settings`` and has all three spellings: ``--flush-rows`` /
+``CDC_FLUSH_ROWS`` / ``flush_rows`` in ``cdc.toml`` (top level or a ``[cdc]`` table);
+``FLAG_NAMES`` lists the flags named otherwise (``--json`` is ``status_json``). Text from
+the environment and the file goes through the field's parser (sizes, durations, lists,
+booleans); everything is validated once, here.
 """
 
 from __future__ import annotations
@@ -10,8 +13,8 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from cdc.errors import ConfigError
 
 DEFAULT_CONFIG_FILE = "cdc.toml"
 PLUGINS = ("pgoutput", "wal2json")
+SNAPSHOT_MODES = ("consistent", "updated_at")
 _NAME = re.compile(r"^[a-z0-9_]{1,63}$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", re.IGNORECASE)
@@ -28,38 +32,10 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6,
 _DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-@dataclass(frozen=True)
-class Settings:
-    dsn: str = ""
-    lake: str = "./lake"
-    s3_endpoint: str = ""  # S3-compatible endpoint URL; else AWS_ENDPOINT_URL, else AWS
-    s3_max_attempts: int = 10  # attempts per S3 request (adaptive retries) before LakeError
-    slot: str = "cdc"
-    publication: str = "cdc"
-    tables: tuple[str, ...] = ()
-    plugin: str = "pgoutput"
-    flush_rows: int = 200_000
-    flush_bytes: int = 128 * 2**20  # estimated memory of buffered changes
-    flush_seconds: float = 10.0
-    status_seconds: float = 10.0
-    progress_seconds: float = 10.0
-    max_backoff_seconds: float = 30.0
-    heartbeat_seconds: float = 60.0  # 0 disables the logical-message heartbeat
-    compact_every: float = 60.0  # seconds between compactions inside cdc stream; 0: never
-    keys: tuple[str, ...] = ()  # schema.table=col1,col2 for tables without a primary key
-    contracts: str = ""  # folder of <schema>.<table>.toml schema contracts; "": none
-    publish_via_partition_root: bool = True  # for a publication cdc creates
-    metrics_port: int = 0  # 0: no metrics endpoint
-    log_format: str = "console"
-    log_level: str = "info"
-
-    def redacted(self) -> dict[str, Any]:
-        """The settings as safe to print (no password)."""
-        from cdc.source.connection import describe
-
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values["dsn"] = describe(self.dsn) if self.dsn else ""
-        return values
+def _parse_int(value: object) -> int:
+    if isinstance(value, bool) or not str(value).strip().lstrip("-").isdigit():
+        raise ValueError(f"not a whole number: {value!r}")
+    return int(str(value))
 
 
 def parse_size(value: object) -> int:
@@ -80,7 +56,8 @@ def parse_duration(value: object) -> float:
     return float(match.group(1)) * _DURATION_UNITS[(match.group(2) or "").lower()]
 
 
-def parse_tables(value: object) -> tuple[str, ...]:
+def _parse_list(value: object) -> tuple[str, ...]:
+    """A list, or ``,``-separated items."""
     items = value if isinstance(value, list | tuple) else str(value).split(",")
     return tuple(str(t).strip() for t in items if str(t).strip())
 
@@ -96,28 +73,90 @@ def parse_bool(value: object) -> bool:
     raise ValueError(f"not a boolean: {value!r} (use true or false)")
 
 
-def parse_keys(value: object) -> tuple[str, ...]:
+def _parse_key_items(value: object) -> tuple[str, ...]:
     """Key overrides: a list, or ``;``-separated ``schema.table=col1,col2`` items."""
     items = value if isinstance(value, list | tuple) else str(value).split(";")
     return tuple(str(k).strip() for k in items if str(k).strip())
 
 
-_PARSERS: dict[str, Any] = {
-    "tables": parse_tables,
-    "flush_rows": int,
-    "flush_bytes": parse_size,
-    "flush_seconds": parse_duration,
-    "status_seconds": parse_duration,
-    "progress_seconds": parse_duration,
-    "max_backoff_seconds": parse_duration,
-    "heartbeat_seconds": parse_duration,
-    "metrics_port": int,
-    "s3_max_attempts": int,
-    "compact_every": parse_duration,
-    "keys": parse_keys,
-    "publish_via_partition_root": parse_bool,
-}
+def _setting(default: Any, parse: Callable[[object], Any] = str) -> Any:
+    """A field of ``Settings`` with the parser its env / file / flag text goes through."""
+    return field(default=default, metadata={"parse": parse})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every option of every command; the field name is the ``cdc.toml`` key and, upper-cased
+    with ``CDC_`` in front, the environment variable. The flag is ``--<name-with-dashes>``
+    except for the few in ``FLAG_NAMES``."""
+
+    dsn: str = ""
+    lake: str = "./lake"
+    s3_endpoint: str = ""  # S3-compatible endpoint URL; else AWS_ENDPOINT_URL, else AWS
+    s3_max_attempts: int = _setting(10, _parse_int)  # per S3 request, then LakeError
+    slot: str = "cdc"
+    publication: str = "cdc"
+    tables: tuple[str, ...] = _setting((), _parse_list)
+    plugin: str = "pgoutput"
+    # cdc stream
+    flush_rows: int = _setting(200_000, _parse_int)
+    flush_bytes: int = _setting(128 * 2**20, parse_size)  # estimated memory of buffered changes
+    flush_seconds: float = _setting(10.0, parse_duration)
+    status_seconds: float = _setting(10.0, parse_duration)
+    progress_seconds: float = _setting(10.0, parse_duration)
+    max_backoff_seconds: float = _setting(30.0, parse_duration)
+    heartbeat_seconds: float = _setting(60.0, parse_duration)  # 0 disables the heartbeat
+    compact_every: float = _setting(60.0, parse_duration)  # seconds between compactions; 0: never
+    until_caught_up: bool = _setting(False, parse_bool)
+    metrics_port: int = _setting(0, _parse_int)  # 0: no metrics endpoint
+    publish_via_partition_root: bool = _setting(True, parse_bool)  # for a publication cdc creates
+    contracts: str = ""  # folder of <schema>.<table>.toml schema contracts; "": none
+    # ``;``-separated schema.table=col1,col2 for tables without a primary key (compact, stream)
+    keys: tuple[str, ...] = _setting((), _parse_key_items)
+    # cdc snapshot
+    snapshot_mode: str = "consistent"
+    workers: int = _setting(2, _parse_int)
+    chunk_rows: int = _setting(500_000, _parse_int)
+    updated_at_column: str = "updated_at"
+    updated_at: tuple[str, ...] = _setting((), _parse_list)  # schema.table=column overrides
+    # cdc compact
+    optimize_every: int = _setting(10, _parse_int)
+    vacuum_retention_hours: int = _setting(168, _parse_int)
+    # cdc status: thresholds (None: not checked)
+    status_json: bool = _setting(False, parse_bool)
+    max_lag_bytes: int | None = _setting(None, parse_size)
+    max_lag_seconds: float | None = _setting(None, parse_duration)
+    max_compaction_lag_seconds: float | None = _setting(None, parse_duration)
+    # cdc query, cdc ddl athena
+    query_format: str = "table"
+    athena_database: str = "cdc"
+    athena_location: str = ""
+    # every command
+    log_format: str = "console"
+    log_level: str = "info"
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as safe to print (no password)."""
+        from cdc.source.connection import describe
+
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["dsn"] = describe(self.dsn) if self.dsn else ""
+        return values
+
+
 FIELDS = tuple(f.name for f in fields(Settings))
+_PARSERS: dict[str, Callable[[object], Any]] = {
+    f.name: f.metadata.get("parse", str) for f in fields(Settings)}
+# Flags whose name is not the field's: a generic word on one command (``cdc status --json``)
+# gets a specific key, so a shared cdc.toml stays readable.
+FLAG_NAMES = {"keys": "--key", "snapshot_mode": "--mode", "status_json": "--json",
+              "query_format": "--format", "athena_database": "--database",
+              "athena_location": "--location"}
+
+
+def flag_name(name: str) -> str:
+    """The command-line flag of the setting ``name``."""
+    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
 
 
 def _read_file(path: Path | None) -> dict[str, Any]:
@@ -166,12 +205,12 @@ def load_settings(
             merged[name] = value
     values: dict[str, Any] = {}
     for name, value in merged.items():
-        parser = _PARSERS.get(name, str)
         try:
-            values[name] = parser(value)
+            values[name] = _PARSERS[name](value)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{name}: {exc}",
-                              fix=f"fix --{name.replace('_', '-')} / CDC_{name.upper()}") from exc
+                              fix=f"fix {flag_name(name)} / CDC_{name.upper()} / "
+                                  f"{name} in the config file") from exc
     return validate(Settings(**values), need_dsn=need_dsn)
 
 
@@ -189,6 +228,17 @@ def validate(s: Settings, *, need_dsn: bool = True) -> Settings:
     if s.flush_rows < 1 or s.flush_bytes < 1 or s.flush_seconds <= 0:
         raise ConfigError("flush limits must be positive",
                           fix="check --flush-rows, --flush-bytes and --flush-seconds")
+    if s.snapshot_mode not in SNAPSHOT_MODES:
+        raise ConfigError(f"unknown snapshot mode {s.snapshot_mode!r}",
+                          fix=f"use --mode {' or --mode '.join(SNAPSHOT_MODES)}")
+    for what in ("workers", "chunk_rows"):
+        if getattr(s, what) < 1:
+            raise ConfigError(f"{what} must be at least 1",
+                              fix=f"fix {flag_name(what)} / CDC_{what.upper()}")
+    for what in ("optimize_every", "vacuum_retention_hours"):
+        if getattr(s, what) < 0:
+            raise ConfigError(f"{what} must not be negative",
+                              fix=f"fix {flag_name(what)} / CDC_{what.upper()} (0: never / none)")
     if s.s3_endpoint and not s.s3_endpoint.startswith(("http://", "https://")):
         raise ConfigError("the S3 endpoint is not an http(s) URL",
                           fix="pass e.g. --s3-endpoint https://minio.internal:9000")
