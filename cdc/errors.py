@@ -85,6 +85,27 @@ class CheckpointError(LakeError):
     """A checkpoint is unreadable or would move backwards."""
 
 
+class RawFileUnreadable(LakeError):
+    """A raw parquet file is listed but cannot be read (permissions, a truncated upload)."""
+
+    def __init__(self, key: str, cause: BaseException) -> None:
+        super().__init__(f"raw file {key} is unreadable: {_first_line(cause)}",
+                         fix="check the lake's permissions, or move the broken file out of raw/")
+
+
+class StagedTableUnreadable(LakeError):
+    """A staged Delta table cannot be opened or its log read."""
+
+    def __init__(self, uri: str, cause: BaseException) -> None:
+        super().__init__(f"staged table {uri} is unreadable: {_first_line(cause)}",
+                         fix="check the lake's permissions; if the table is damaged, delete "
+                         "its folder and run cdc compact, which rebuilds it from raw")
+
+
+def _first_line(cause: BaseException) -> str:
+    return (str(cause).splitlines() or [type(cause).__name__])[0]
+
+
 class CompactionError(LakeError):
     """Raw changes cannot be merged into a staged Delta table (types, keys, a rival compactor)."""
 

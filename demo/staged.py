@@ -12,7 +12,7 @@ from deltalake import DeltaTable
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from cdc.staged.compactor import staged_location
+from cdc.lake.layout import staged_key
 from demo import DemoFailure, lake_args, open_demo_lake
 
 COMPARED = ("invoice", "invoice_line", "customer", "track")
@@ -37,7 +37,7 @@ def compact(lake: str | Path, slot: str) -> str:
 
 
 def staged_table(lake: str | Path, table: str) -> DeltaTable:
-    uri, storage_options = staged_location(open_demo_lake(lake), f"public.{table}")
+    uri, storage_options = open_demo_lake(lake).delta_location(staged_key(f"public.{table}"))
     return DeltaTable(uri, storage_options=storage_options)
 
 

@@ -120,32 +120,21 @@ class TestAckPolicyInSession:
         assert source.acknowledged()[-1] == 0x2200
         assert checkpoint_of(tmp_path) == 0x2200
 
-    def test_nothing_is_acknowledged_past_a_checkpoint_that_failed_to_save(
-        self, tmp_path: Path
+    @pytest.mark.parametrize(("fault", "durable"), [
+        ("checkpoint.before_save=raise", {1}),  # the row is in raw, its commit not recorded
+        ("raw.before_write=raise", set()),  # the file never became durable
+    ], ids=["checkpoint save fails", "raw write fails"])
+    def test_nothing_is_acknowledged_or_checkpointed_past_a_step_that_failed(
+        self, tmp_path: Path, fault: str, durable: set[int]
     ) -> None:
-        """Checkpoint, then acknowledge: a failed save leaves the slot at the old checkpoint."""
+        """Raw, then checkpoint, then acknowledge: a failed step leaves slot and checkpoint at
+        the start."""
         frames = [relation(), *transaction(0x2000, 1, [1]), keepalive(0x2100)]
         sent: list[Lsn] = []
         with pytest.raises(faults.InjectedFault):
-            run_session(tmp_path, frames, flush_rows=1, on_status=sent.append,
-                        fault="checkpoint.before_save=raise")
+            run_session(tmp_path, frames, flush_rows=1, on_status=sent.append, fault=fault)
 
-        assert raw_keys_in(tmp_path) == {1}  # the row is durable in raw ...
-        assert all(lsn <= START for lsn in sent)  # ... but its commit was never acknowledged
-        assert checkpoint_of(tmp_path) == START
-
-
-    def test_a_raw_write_that_fails_acknowledges_and_checkpoints_nothing_past_the_start(
-        self, tmp_path: Path
-    ) -> None:
-        """The file is not durable: neither the checkpoint nor the slot moves past it."""
-        frames = [relation(), *transaction(0x2000, 1, [1]), keepalive(0x2100)]
-        sent: list[Lsn] = []
-        with pytest.raises(faults.InjectedFault):
-            run_session(tmp_path, frames, flush_rows=1, on_status=sent.append,
-                        fault="raw.before_write=raise")
-
-        assert raw_keys_in(tmp_path) == set()
+        assert raw_keys_in(tmp_path) == durable
         assert all(lsn <= START for lsn in sent)
         assert checkpoint_of(tmp_path) == START
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,7 +14,13 @@ from conftest import SourceDb, with_settings
 from rawlake import prepare, run_cdc
 
 from cdc.config import Settings
+from cdc.errors import RawFileUnreadable, StagedTableUnreadable
+from cdc.lake.layout import raw_key, staged_key
+from cdc.lake.store import LocalLake
+from cdc.ops.query import run_query
+from cdc.ops.status import last_commit_ts
 from cdc.sandbox import LocalCluster, free_port
+from cdc.staged.compactor import staged_watermark
 
 
 def stream_args(settings: Settings, *extra: str) -> list[str]:
@@ -137,3 +145,32 @@ class TestMisconfiguration:
         assert result.returncode == 2
         assert "pass --dsn" in error_line(result)
         assert "CDC_DSN" in error_line(result)
+
+
+class TestBrokenLake:
+    """A damaged file in the lake is one error naming it, with a fix that works."""
+
+    def test_a_truncated_raw_file_names_the_file_in_status_and_query(
+            self, tmp_path: Path) -> None:
+        """Status (footer statistics) and query (schemas) raise the same error for it."""
+        lake = LocalLake(tmp_path)
+        key = raw_key("public.t", "2026-01-01", 0x10, 0x20, 0)
+        lake.write_bytes(key, b"PAR1 not really parquet")
+
+        with pytest.raises(RawFileUnreadable, match="move the broken file out of raw/") as seen:
+            last_commit_ts(lake.arrow_filesystem(), key)
+        assert key in str(seen.value)
+        with pytest.raises(RawFileUnreadable, match=key):
+            run_query(lake, "SELECT * FROM raw_public.t", io.StringIO())
+
+    def test_a_damaged_staged_table_is_reported_and_deleting_it_lets_it_be_rebuilt(
+            self, tmp_path: Path) -> None:
+        """The fix says to delete the folder; without it the table is simply not staged yet."""
+        lake = LocalLake(tmp_path)
+        log = f"{staged_key('public.t')}/_delta_log/00000000000000000000.json"
+        lake.write_bytes(log, b"{not json")
+
+        with pytest.raises(StagedTableUnreadable, match="delete its folder and run cdc compact"):
+            staged_watermark(lake, "public.t")
+        shutil.rmtree(tmp_path / staged_key("public.t"))
+        assert staged_watermark(lake, "public.t") == (None, None)

@@ -24,10 +24,11 @@ from rawlake import replay, run_cdc
 from cdc.config import Settings
 from cdc.errors import ConfigError, LakeError
 from cdc.lake.checkpoint import CheckpointStore
+from cdc.lake.layout import staged_key
 from cdc.lake.s3 import S3Lake
 from cdc.lake.store import Lake, open_lake
 from cdc.snapshot.consistent import ConsistentSnapshot
-from cdc.staged.compactor import compact_lake, staged_location
+from cdc.staged.compactor import compact_lake
 from cdc.staged.merge import META
 from cdc.stream.session import Stopper, Streamer
 
@@ -87,7 +88,7 @@ def source_rows(source: SourceDb, table: str) -> list[dict[str, Any]]:
 
 
 def staged_rows(lake: Lake, table: str) -> list[dict[str, Any]]:
-    uri, options = staged_location(lake, table)
+    uri, options = lake.delta_location(staged_key(table))
     rows = DeltaTable(uri, storage_options=options).to_pyarrow_table().to_pylist()
     return sorted(({k: v for k, v in r.items() if k not in META} for r in rows), key=repr)
 
@@ -184,7 +185,7 @@ class TestS3Lake:
         local = open_lake("s3://b-x/lake")
         assert isinstance(local, S3Lake)
         assert local.delta_storage_options()["AWS_ALLOW_HTTP"] == "true"
-        assert staged_location(local, "public.t")[0] == "s3://b-x/lake/staged/public.t"
+        assert local.delta_location(staged_key("public.t"))[0] == "s3://b-x/lake/staged/public.t"
 
 
 class TestStreamingToS3:

@@ -18,10 +18,10 @@ from __future__ import annotations
 import pyarrow as pa
 from deltalake import DeltaTable
 
-from cdc.errors import ConfigError, LakeError
+from cdc.errors import ConfigError, LakeError, StagedTableUnreadable
+from cdc.lake.layout import staged_key
 from cdc.lake.store import Lake
 from cdc.ops.query import raw_schema, raw_tables, staged_tables
-from cdc.staged.compactor import staged_location
 
 
 def athena_type(t: pa.DataType) -> str:
@@ -148,13 +148,11 @@ def athena_ddl(lake: Lake, database: str = "cdc", location: str | None = None) -
         statements.append(raw_ddl(database, table, raw_schema(lake, keys, table),
                                   f"{root}/raw/{table}/", first_day))
     for table in staged_tables(lake):
-        uri, storage = staged_location(lake, table)
+        uri, storage = lake.delta_location(staged_key(table))
         try:
             schema = pa.schema(DeltaTable(uri, storage_options=storage).schema().to_arrow())
         except Exception as exc:  # delta-rs raises DeltaError and plain Exception
-            raise LakeError(f"staged table {uri} is unreadable: {str(exc).splitlines()[0]}",
-                            fix="check the lake's permissions, or rebuild it with cdc compact"
-                            ) from exc
+            raise StagedTableUnreadable(uri, exc) from exc
         target = f"{uri.rstrip('/')}/" if location is None else f"{root}/staged/{table}/"
         statements.append(staged_ddl(database, table, schema, target))
     return "\n\n".join(statements) + "\n"

@@ -41,10 +41,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
-from cdc.errors import CdcError, LakeError
-from cdc.lake.layout import RAW, raw_keys
+from cdc.errors import CdcError, LakeError, RawFileUnreadable, StagedTableUnreadable
+from cdc.lake.layout import RAW, raw_keys, staged_key
 from cdc.lake.store import Lake
-from cdc.staged.compactor import staged_location
 
 FORMATS = ("table", "csv", "json")
 RAW_PREFIX = "raw_"
@@ -100,8 +99,7 @@ def _file_schema(fs: pafs.FileSystem, key: str) -> pa.Schema:
     except FileNotFoundError as exc:
         raise LakeError(f"raw file {key} vanished", fix="run the command again") from exc
     except (OSError, pa.ArrowInvalid) as exc:
-        raise LakeError(f"raw file {key} is unreadable: {str(exc).splitlines()[0]}",
-                        fix="check the lake's permissions, or move the broken file away") from exc
+        raise RawFileUnreadable(key, exc) from exc
 
 
 def raw_dataset(lake: Lake, table: str, keys: list[str]) -> ds.Dataset:
@@ -118,7 +116,7 @@ def raw_dataset(lake: Lake, table: str, keys: list[str]) -> ds.Dataset:
                       partitioning=partitioning, partition_base_dir=f"{RAW}{table}")
 
 
-def connect(lake: Lake, sql: str | None = None) -> duckdb.DuckDBPyConnection:
+def duckdb_views(lake: Lake, sql: str | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the lake's views (those ``sql`` names, or all)."""
     try:
         found = duckdb.get_table_names(sql, qualified=False) if sql is not None else set()
@@ -137,13 +135,11 @@ def connect(lake: Lake, sql: str | None = None) -> duckdb.DuckDBPyConnection:
         con.execute("SET TimeZone = 'UTC'")
     for table in staged:
         if wanted(table):
-            uri, storage = staged_location(lake, table)
+            uri, storage = lake.delta_location(staged_key(table))
             try:
                 dataset = DeltaTable(uri, storage_options=storage).to_pyarrow_dataset()
             except Exception as exc:  # delta-rs raises DeltaError and plain Exception
-                raise LakeError(f"staged table {uri} is unreadable: {str(exc).splitlines()[0]}",
-                                fix="check the lake's permissions, or rebuild the table with "
-                                "cdc compact") from exc
+                raise StagedTableUnreadable(uri, exc) from exc
             _register(con, view_names(table), dataset)
     for table, keys in sorted(raws.items()):
         if wanted(table):
@@ -174,7 +170,7 @@ def run_query(lake: Lake, sql: str, out: IO[str], fmt: str = "table") -> None:
     """Run ``sql`` over the lake and write its result to ``out`` as ``fmt``."""
     if fmt not in FORMATS:
         raise QueryError(f"unknown output format {fmt!r}", fix=f"use one of: {', '.join(FORMATS)}")
-    con = connect(lake, sql)
+    con = duckdb_views(lake, sql)
     try:
         if fmt == "table":
             relation = con.sql(sql)

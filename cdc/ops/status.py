@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from cdc.errors import LakeError
+from cdc.errors import RawFileUnreadable
 from cdc.events import Lsn, format_lsn
 from cdc.lake.checkpoint import CheckpointStore
 from cdc.lake.layout import RAW, raw_keys
@@ -94,7 +94,7 @@ def slot_status(admin: Admin, slot: str) -> tuple[SlotStatus, datetime | None]:
     return SlotStatus(slot, True, bool(row[0]), *row[1:]), server_ts
 
 
-def raw_tables(lake: Lake) -> dict[str, tuple[int, Lsn, str]]:
+def raw_progress(lake: Lake) -> dict[str, tuple[int, Lsn, str]]:
     """Per table: number of raw files, highest commit LSN, key of the file holding it."""
     result: dict[str, tuple[int, Lsn, str]] = {}
     for table, keys in raw_keys(lake.list(RAW)).items():
@@ -113,8 +113,7 @@ def last_commit_ts(fs: pafs.FileSystem, key: str) -> datetime | None:
     except FileNotFoundError:
         return None
     except (OSError, pa.ArrowInvalid) as exc:
-        raise LakeError(f"raw file {key} is unreadable: {str(exc).splitlines()[0]}",
-                        fix="check the lake's permissions, or move the broken file away") from exc
+        raise RawFileUnreadable(key, exc) from exc
     column = meta.schema.to_arrow_schema().get_field_index("_commit_ts")
     latest = None
     for i in range(meta.num_row_groups):
@@ -139,7 +138,7 @@ def collect(dsn: str, lake: Lake, slot: str, staged: StagedProbe | None = None,
     tables = []
     acked_ts: datetime | None = None
     fs = lake.arrow_filesystem()
-    for table, (files, last_lsn, key) in sorted(raw_tables(lake).items()):
+    for table, (files, last_lsn, key) in sorted(raw_progress(lake).items()):
         ts = last_commit_ts(fs, key)
         if ts is not None and (checkpoint is None or last_lsn < checkpoint):
             acked_ts = ts if acked_ts is None or ts > acked_ts else acked_ts

@@ -35,7 +35,7 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
 from cdc import faults
-from cdc.errors import CdcError, CompactionError, ConfigError
+from cdc.errors import CdcError, CompactionError, ConfigError, StagedTableUnreadable
 from cdc.events import Lsn, format_lsn
 from cdc.lake.checkpoint import CheckpointStore
 from cdc.lake.layout import RAW, raw_keys, staged_key
@@ -98,15 +98,6 @@ class RawFile:
         return (self.first_lsn, _MIN if self.first_seq is None else self.first_seq)
 
 
-def staged_location(lake: Lake, table: str) -> tuple[str, dict[str, str] | None]:
-    """The Delta table URI of ``table`` in ``lake`` and the storage options to open it.
-
-    On S3: ``s3://bucket/prefix/staged/<table>`` with options for the lake's endpoint,
-    region and credentials, and conditional PUT for safe concurrent commits.
-    """
-    return lake.delta_location(staged_key(table))
-
-
 def open_staged(uri: str, storage: dict[str, str] | None) -> DeltaTable | None:
     """The Delta table at ``uri``, or None when there is none yet.
 
@@ -126,15 +117,14 @@ def staged_watermark(lake: Lake, table: str) -> tuple[Lsn | None, datetime | Non
     Every change below (watermark + 1, 0) is in the table; (None, None) before its first
     compaction. Read from the Delta log only (file statistics), never from the data.
     """
-    uri, storage = staged_location(lake, table)
+    uri, storage = lake.delta_location(staged_key(table))
     try:
         dt = open_staged(uri, storage)
         if dt is None:
             return None, None
         files = pa.table(dt.get_add_actions(flatten=True))
     except Exception as exc:  # delta-rs raises DeltaError and plain Exception
-        raise CompactionError(f"staged table {uri} is unreadable: {str(exc).splitlines()[0]}",
-                              fix="check the lake's permissions, or rebuild the table") from exc
+        raise StagedTableUnreadable(uri, exc) from exc
     newest = pc.max(files["max._commit_ts"]) if "max._commit_ts" in files.column_names else None
     return dt.transaction_version(APP_ID), newest.as_py() if newest is not None else None
 
@@ -187,7 +177,7 @@ class _TableCompactor:
                  options: CompactOptions) -> None:
         self.lake, self.table, self.key_override = lake, table, key
         self.options = options
-        self.uri, self.storage = staged_location(lake, table)
+        self.uri, self.storage = lake.delta_location(staged_key(table))
 
     def run(self, files: list[RawFile], bound: Lsn) -> TableResult:
         started = time.monotonic()

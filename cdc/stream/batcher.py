@@ -127,7 +127,7 @@ class TableBuffer:
         return batch
 
 
-def raw_schema(relation: Relation, types: Sequence[ColumnType]) -> pa.Schema:
+def relation_schema(relation: Relation, types: Sequence[ColumnType]) -> pa.Schema:
     """Source columns (typed, ``pg_type`` in the field metadata) plus the metadata columns."""
     fields = [
         pa.field(c.name, t.arrow_type, metadata={"pg_type": t.pg_type,
@@ -152,7 +152,7 @@ def raw_table(
     ]
     arrays += [ops, lsns, commit_lsns, seqs, xids,
                commit_ts.cast(pa.timestamp("us", tz="UTC")), unchanged]
-    return pa.Table.from_arrays(arrays, schema=raw_schema(relation, types))
+    return pa.Table.from_arrays(arrays, schema=relation_schema(relation, types))
 
 
 @dataclass
