@@ -96,7 +96,7 @@ def build_load(lake: LocalLake, rows: int, file_rows: int) -> None:
     CheckpointStore(lake, SLOT).save(LOAD_LSN + 1)  # the stream has moved past the snapshot
 
 
-def build_changes(lake: LocalLake, rows: int, changes: int, file_rows: int, pattern: str,
+def build_changes(lake: LocalLake, rows: int, changes: int, file_rows: int, *, pattern: str,
                   seed: int) -> None:
     """``changes`` changes after the load in transactions of TX_CHANGES; checkpoint after."""
     rng = random.Random(seed)
@@ -138,7 +138,8 @@ def phase(args: argparse.Namespace) -> dict[str, Any]:
         build_load(lake, args.rows, args.file_rows)
         return {}
     if args.phase == "build-merge":
-        build_changes(lake, args.rows, args.changes, args.file_rows, args.pattern, args.seed)
+        build_changes(lake, args.rows, args.changes, args.file_rows, pattern=args.pattern,
+                      seed=args.seed)
         return {}
     reset_peak_rss()
     started = time.perf_counter()

@@ -201,7 +201,7 @@ def cdc_command(dsn: str, lake: Path, args: argparse.Namespace) -> list[str]:
             "--chunk-rows", str(args.chunk_rows), "--log-level", "warning"]
 
 
-def run_round(conn: Conn, dsn: str, lake: Path, args: argparse.Namespace,
+def run_round(conn: Conn, dsn: str, lake: Path, args: argparse.Namespace,  # noqa: PLR0917  one round's server, lake, workload and tallies
               server_cpu: ServerCpu, failures: list[str]) -> Round:
     """psql \\copy, then cdc snapshot into ``lake`` on a fresh slot; check the lake."""
     copy = run_measured(copy_command(dsn), server_cpu)

@@ -286,7 +286,7 @@ def busy_runs(rounds: Sequence[Round]) -> list[str]:
             if m.machine_busy is not None and m.machine_busy >= SATURATED]
 
 
-def run_round(dsn: str, slots: tuple[str, str], end_lsn: str, lake: Path,
+def run_round(dsn: str, slots: tuple[str, str], end_lsn: str, lake: Path,  # noqa: PLR0913, PLR0917  one round's server, lake, workload and tallies
               args: argparse.Namespace, expected: Expected, failures: list[str]) -> Round:
     """Drain one slot pair: pg_recvlogical first, then cdc into ``lake``; check the lake."""
     recv_slot, cdc_slot = slots

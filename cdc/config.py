@@ -214,6 +214,15 @@ def load_settings(
     return validate(Settings(**values), need_dsn=need_dsn)
 
 
+# Settings with a fixed set of values (what the error calls them, the values) ...
+_CHOICES = {"plugin": ("output plugin", PLUGINS),
+            "snapshot_mode": ("snapshot mode", SNAPSHOT_MODES),
+            "log_format": ("log format", ("console", "json"))}
+# ... and whole numbers with a least value.
+_AT_LEAST = {"workers": 1, "chunk_rows": 1, "s3_max_attempts": 1, "optimize_every": 0,
+             "vacuum_retention_hours": 0}
+
+
 def validate(s: Settings, *, need_dsn: bool = True) -> Settings:
     if need_dsn and not s.dsn:
         raise ConfigError("no source database given",
@@ -222,28 +231,19 @@ def validate(s: Settings, *, need_dsn: bool = True) -> Settings:
         if not _NAME.match(getattr(s, what)):
             raise ConfigError(f"{what} name {getattr(s, what)!r} is not valid",
                               fix="use 1-63 characters of lower-case letters, digits and _")
-    if s.plugin not in PLUGINS:
-        raise ConfigError(f"output plugin {s.plugin!r} is not supported",
-                          fix=f"use one of: {', '.join(PLUGINS)}")
+    for what, (label, choices) in _CHOICES.items():
+        if getattr(s, what) not in choices:
+            raise ConfigError(f"{label} {getattr(s, what)!r} is not supported",
+                              fix=f"set {flag_name(what)} / CDC_{what.upper()} to one of: "
+                              f"{', '.join(choices)}")
+    for what, least in _AT_LEAST.items():
+        if getattr(s, what) < least:
+            raise ConfigError(f"{what} must be at least {least}",
+                              fix=f"fix {flag_name(what)} / CDC_{what.upper()}")
     if s.flush_rows < 1 or s.flush_bytes < 1 or s.flush_seconds <= 0:
         raise ConfigError("flush limits must be positive",
                           fix="check --flush-rows, --flush-bytes and --flush-seconds")
-    if s.snapshot_mode not in SNAPSHOT_MODES:
-        raise ConfigError(f"unknown snapshot mode {s.snapshot_mode!r}",
-                          fix=f"use --mode {' or --mode '.join(SNAPSHOT_MODES)}")
-    for what in ("workers", "chunk_rows"):
-        if getattr(s, what) < 1:
-            raise ConfigError(f"{what} must be at least 1",
-                              fix=f"fix {flag_name(what)} / CDC_{what.upper()}")
-    for what in ("optimize_every", "vacuum_retention_hours"):
-        if getattr(s, what) < 0:
-            raise ConfigError(f"{what} must not be negative",
-                              fix=f"fix {flag_name(what)} / CDC_{what.upper()} (0: never / none)")
     if s.s3_endpoint and not s.s3_endpoint.startswith(("http://", "https://")):
         raise ConfigError("the S3 endpoint is not an http(s) URL",
                           fix="pass e.g. --s3-endpoint https://minio.internal:9000")
-    if s.s3_max_attempts < 1:
-        raise ConfigError("s3_max_attempts must be at least 1", fix="fix CDC_S3_MAX_ATTEMPTS")
-    if s.log_format not in ("console", "json"):
-        raise ConfigError(f"log format {s.log_format!r} is not known", fix="use console or json")
     return s

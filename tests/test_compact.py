@@ -134,52 +134,59 @@ class Workload:
                 conn.execute("UPDATE accounts SET tier = 'gold' WHERE id % 3 = 0")
 
     def _change(self, conn: Any, table: str) -> None:
+        op = self.rng.choices(("insert", "update", "delete"), (5, 4, 1))[0]
+        {"accounts": self._change_accounts, "lines": self._change_lines,
+         "docs": self._change_docs}[table](conn, op)
+
+    def _change_accounts(self, conn: Any, op: str) -> None:
         rng = self.rng
-        op = rng.choices(("insert", "update", "delete"), (5, 4, 1))[0]
-        if table == "accounts":
-            existing = self.ids("accounts")
-            if op == "insert" or not existing:
-                self.next_id += 1
-                conn.execute(
-                    "INSERT INTO accounts VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                    (self.next_id, self.maybe(f"name {rng.random()}"),
-                     self.maybe(round(rng.uniform(-1e6, 1e6), 2)),
-                     self.maybe(dt.date(2000, 1, 1) + dt.timedelta(days=rng.randrange(9000))),
-                     self.maybe(dt.datetime(2024, 1, 1, 12, 0, 0, rng.randrange(10**6))),
-                     self.maybe(dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
-                                + dt.timedelta(seconds=rng.randrange(10**7))),
-                     self.maybe(rng.random() < 0.5), self.maybe(rng.randbytes(8))))
-            elif op == "update":
-                conn.execute("UPDATE accounts SET name = %s, balance = balance + 1 WHERE id = %s",
-                             (self.maybe(f"renamed {rng.random()}"), rng.choice(existing)))
-            else:
-                conn.execute("DELETE FROM accounts WHERE id = %s", (rng.choice(existing),))
-        elif table == "lines":
-            existing = self.source.execute("SELECT order_id, n FROM lines")
-            if op == "insert" or not existing:
-                conn.execute("INSERT INTO lines VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                             (rng.randrange(1, 30), rng.randrange(1, 5), self.maybe("sku"),
-                              rng.randrange(100)))
-            elif op == "update":
-                conn.execute("UPDATE lines SET qty = qty + 1, sku = %s WHERE order_id = %s "
-                             "AND n = %s", (self.maybe(f"sku{rng.random()}"),
-                                            *rng.choice(existing)))
-            else:
-                conn.execute("DELETE FROM lines WHERE order_id = %s AND n = %s",
-                             rng.choice(existing))
+        existing = self.ids("accounts")
+        if op == "insert" or not existing:
+            self.next_id += 1
+            conn.execute(
+                "INSERT INTO accounts VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                (self.next_id, self.maybe(f"name {rng.random()}"),
+                 self.maybe(round(rng.uniform(-1e6, 1e6), 2)),
+                 self.maybe(dt.date(2000, 1, 1) + dt.timedelta(days=rng.randrange(9000))),
+                 self.maybe(dt.datetime(2024, 1, 1, 12, 0, 0, rng.randrange(10**6))),
+                 self.maybe(dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+                            + dt.timedelta(seconds=rng.randrange(10**7))),
+                 self.maybe(rng.random() < 0.5), self.maybe(rng.randbytes(8))))
+        elif op == "update":
+            conn.execute("UPDATE accounts SET name = %s, balance = balance + 1 WHERE id = %s",
+                         (self.maybe(f"renamed {rng.random()}"), rng.choice(existing)))
         else:
-            existing = self.ids("docs")
-            if op == "insert" or not existing:
-                self.next_id += 1
-                body = rng.choice("abcdef") * BIG + str(self.next_id)
-                conn.execute("INSERT INTO docs VALUES (%s, %s, 0)", (self.next_id, body))
-            elif op == "update" and rng.random() < 0.8:  # body untouched: TOAST unchanged
-                conn.execute("UPDATE docs SET n = n + 1 WHERE id = %s", (rng.choice(existing),))
-            elif op == "update":
-                conn.execute("UPDATE docs SET body = %s WHERE id = %s",
-                             (self.maybe("z" * BIG), rng.choice(existing)))
-            else:
-                conn.execute("DELETE FROM docs WHERE id = %s", (rng.choice(existing),))
+            conn.execute("DELETE FROM accounts WHERE id = %s", (rng.choice(existing),))
+
+    def _change_lines(self, conn: Any, op: str) -> None:
+        rng = self.rng
+        existing = self.source.execute("SELECT order_id, n FROM lines")
+        if op == "insert" or not existing:
+            conn.execute("INSERT INTO lines VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                         (rng.randrange(1, 30), rng.randrange(1, 5), self.maybe("sku"),
+                          rng.randrange(100)))
+        elif op == "update":
+            conn.execute("UPDATE lines SET qty = qty + 1, sku = %s WHERE order_id = %s "
+                         "AND n = %s", (self.maybe(f"sku{rng.random()}"),
+                                        *rng.choice(existing)))
+        else:
+            conn.execute("DELETE FROM lines WHERE order_id = %s AND n = %s",
+                         rng.choice(existing))
+
+    def _change_docs(self, conn: Any, op: str) -> None:
+        rng = self.rng
+        existing = self.ids("docs")
+        if op == "insert" or not existing:
+            self.next_id += 1
+            body = rng.choice("abcdef") * BIG + str(self.next_id)
+            conn.execute("INSERT INTO docs VALUES (%s, %s, 0)", (self.next_id, body))
+        elif op == "update" and rng.random() < 0.8:  # body untouched: TOAST unchanged
+            conn.execute("UPDATE docs SET n = n + 1 WHERE id = %s", (rng.choice(existing),))
+        elif op == "update":
+            conn.execute("UPDATE docs SET body = %s WHERE id = %s",
+                         (self.maybe("z" * BIG), rng.choice(existing)))
+        else:
+            conn.execute("DELETE FROM docs WHERE id = %s", (rng.choice(existing),))
 
 
 @pytest.fixture

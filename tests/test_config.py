@@ -54,6 +54,12 @@ class TestValidation:
         ({"dsn": "x", "plugin": "decoderbufs"}, "output plugin 'decoderbufs' is not supported"),
         ({"dsn": "x", "flush_rows": 0}, "flush limits must be positive"),
         ({"dsn": "x", "flush_bytes": "lots"}, "not a size"),
+        ({"dsn": "x", "snapshot_mode": "fast"}, "snapshot mode 'fast' is not supported"),
+        ({"dsn": "x", "log_format": "xml"}, "log format 'xml' is not supported"),
+        ({"dsn": "x", "workers": 0}, "workers must be at least 1"),
+        ({"dsn": "x", "optimize_every": "-1"}, "optimize_every must be at least 0"),
+        ({"dsn": "x", "chunk_rows": "1.5"}, "not a whole number"),
+        ({"dsn": "x", "max_lag_seconds": "soon"}, "not a duration"),
     ])
     def test_invalid_settings_are_refused_with_a_fix(self, flags: dict[str, object],
                                                       message: str) -> None:

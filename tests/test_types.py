@@ -255,25 +255,20 @@ def _is_array(pg_type: str) -> bool:
 def _source_expr(name: str, pg_type: str, kind: str) -> str:
     """The SELECT expression that reads one column in the compared form."""
     col = f'"{name}"'
-    if kind == "text":  # the type's output function (x::text differs for inet: it adds /128)
-        def text(x: str) -> str:
-            return f"CASE WHEN num_nulls({x}) = 1 THEN NULL ELSE format('%s', {x}) END"
-
-        if not _is_array(pg_type):
-            return text(col)
-        return (f"CASE WHEN {col} IS NULL THEN NULL ELSE ARRAY(SELECT {text('x')} FROM "
-                f"unnest({col}) WITH ORDINALITY AS u(x, o) ORDER BY o) END")
     if kind == "py":
         if pg_type == "posint[]":
             return f"{col}::int[]"
         if pg_type.startswith("real"):  # float4 → float8 is exact; psycopg parses real as double
             return f"{col}::float8" + ("[]" if _is_array(pg_type) else "")
         return col
-    # temporal: exact integers from extract(epoch ...) (±Infinity for ±infinity)
-    scale = {"days": "/ 86400", "us": "* 1000000", "time": "* 1000000"}[kind]
+    if kind == "text":  # the type's output function (x::text differs for inet: it adds /128)
+        def one(x: str) -> str:
+            return f"CASE WHEN num_nulls({x}) = 1 THEN NULL ELSE format('%s', {x}) END"
+    else:  # temporal: exact integers from extract(epoch ...) (±Infinity for ±infinity)
+        scale = {"days": "/ 86400", "us": "* 1000000", "time": "* 1000000"}[kind]
 
-    def one(x: str) -> str:
-        return f"(extract(epoch FROM {x}) {scale})::numeric"
+        def one(x: str) -> str:
+            return f"(extract(epoch FROM {x}) {scale})::numeric"
 
     if not _is_array(pg_type):
         return one(col)
@@ -308,41 +303,45 @@ def _storage(column: pa.ChunkedArray | pa.Array, kind: str, *, staged: bool) -> 
         return [values[offsets[i]:offsets[i + 1]] if valid[i] else None
                 for i in range(len(column))]
     if kind in ("days", "us"):
-        storage = pa.int32() if pa.types.is_date32(t) else pa.int64()
-        top = DATE_INFINITY if pa.types.is_date32(t) else TIMESTAMP_INFINITY
-        high, low = ((DELTA_DATE_MAX, DELTA_DATE_MIN) if pa.types.is_date32(t)
-                     else (DELTA_TIMESTAMP_MAX, DELTA_TIMESTAMP_MIN))
-        if staged:
-            top = high
-        ints = column.view(storage).to_pylist()
-        out: list[Any] = []
-        for v in ints:
-            if v is None:
-                out.append(None)
-            elif v == top:
-                out.append(Decimal("Infinity"))
-            elif v == (low if staged else -top):
-                out.append(Decimal("-Infinity"))
-            else:
-                out.append(Decimal(v))
-        return out
+        return _epoch_storage(column, staged=staged)
     if kind == "time":
-        if pa.types.is_string(t) or pa.types.is_large_string(t):  # staged: HH:MM:SS.ffffff
-            def micros(s: str | None) -> Decimal | None:
-                if s is None:
-                    return None
-                h, m, sec = s.split(":")
-                return Decimal(int(h) * 3600 + int(m) * 60) * 1_000_000 + \
-                    Decimal(sec) * 1_000_000
-            return [micros(s) for s in column.to_pylist()]
-        return [None if v is None else Decimal(v) for v in column.view(pa.int64()).to_pylist()]
-    if pa.types.is_decimal(t):
-        return column.to_pylist()
-    if staged and (pa.types.is_string(t) or pa.types.is_large_string(t)) and kind == "py":
-        values = column.to_pylist()
-        # numeric wider than 38 digits is text in staged
-        return values
+        return _time_storage(column)
+    # decimals, and numeric wider than 38 digits (text in staged), compare as they are
     return column.to_pylist()
+
+
+def _epoch_storage(column: pa.Array, *, staged: bool) -> list[Any]:
+    """Dates (days) and timestamps (µs) as exact integers, their infinity sentinels as ±Infinity."""
+    t = column.type
+    storage = pa.int32() if pa.types.is_date32(t) else pa.int64()
+    top = DATE_INFINITY if pa.types.is_date32(t) else TIMESTAMP_INFINITY
+    high, low = ((DELTA_DATE_MAX, DELTA_DATE_MIN) if pa.types.is_date32(t)
+                 else (DELTA_TIMESTAMP_MAX, DELTA_TIMESTAMP_MIN))
+    if staged:
+        top = high
+    out: list[Any] = []
+    for v in column.view(storage).to_pylist():
+        if v is None:
+            out.append(None)
+        elif v == top:
+            out.append(Decimal("Infinity"))
+        elif v == (low if staged else -top):
+            out.append(Decimal("-Infinity"))
+        else:
+            out.append(Decimal(v))
+    return out
+
+
+def _time_storage(column: pa.Array) -> list[Decimal | None]:
+    """Times as exact microseconds: time64 in raw, ``HH:MM:SS.ffffff`` text in staged."""
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        def micros(s: str | None) -> Decimal | None:
+            if s is None:
+                return None
+            h, m, sec = s.split(":")
+            return Decimal(int(h) * 3600 + int(m) * 60) * 1_000_000 + Decimal(sec) * 1_000_000
+        return [micros(s) for s in column.to_pylist()]
+    return [None if v is None else Decimal(v) for v in column.view(pa.int64()).to_pylist()]
 
 
 Columns = dict[str, tuple[str, str, list[str]]]

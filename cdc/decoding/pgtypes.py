@@ -364,7 +364,7 @@ _TIMESTAMPTZ = _temporal(pa.timestamp("us", tz="UTC"), timestamp=True,
                          placeholder="1970-01-01 00:00:00+00")
 
 
-def column_type(type_oid: int, type_modifier: int, type_name: str | None = None,
+def column_type(type_oid: int, type_modifier: int, type_name: str | None = None,  # noqa: PLR0911  dispatch on the type OID: one return per type family
                 facts: TypeFacts | None = None) -> ColumnType:
     """The raw-layer representation of a Postgres column type.
 

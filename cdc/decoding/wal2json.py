@@ -94,7 +94,7 @@ class Wal2JsonDecoder:
         self.relations: dict[tuple[str, str], Relation] = {}
         self.oids: dict[tuple[str, str], int] = {}
 
-    def decode(self, payload: bytes) -> list[Event]:
+    def decode(self, payload: bytes) -> list[Event]:  # noqa: PLR0911, PLR0912  dispatch on the message's action letter
         try:
             msg = json.loads(payload, parse_float=str, parse_int=str)
             action = msg["action"]

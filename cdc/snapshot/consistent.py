@@ -136,7 +136,7 @@ def select_query(relation: Relation, where: sql.Composable,
         columns, table, where, tail)
 
 
-def snapshot_batch(relation: Relation, types: Sequence[ColumnType],
+def snapshot_batch(relation: Relation, types: Sequence[ColumnType],  # noqa: PLR0913  the batch's constant columns, by keyword
                    columns: Sequence[pa.ChunkedArray], *, lsn: Lsn, first_seq: int, ts_us: int,
                    label: str) -> Batch:
     """Rows read at ``lsn`` as a raw batch of ``_op = 'r'`` rows."""

@@ -35,7 +35,7 @@ def describe(dsn: str) -> str:
             f"/{params.get('dbname') or '(default db)'}")
 
 
-def translate(exc: psycopg.Error, dsn: str) -> CdcError:
+def translate(exc: psycopg.Error, dsn: str) -> CdcError:  # noqa: PLR0911  the one translation table: a return per error
     """Map a psycopg error to a cdc error with a fix (never quoting the DSN's password)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     where = describe(dsn)

@@ -27,7 +27,7 @@ def delta_type(arrow_type: pa.DataType) -> pa.DataType:
     return arrow_type
 
 
-def for_delta(column: pa.Array | pa.ChunkedArray,
+def for_delta(column: pa.Array | pa.ChunkedArray,  # noqa: PLR0911  one return per Arrow type family
               name: str = "a column") -> pa.Array | pa.ChunkedArray:
     """A raw column as Delta can hold it.
 

@@ -82,7 +82,7 @@ class TableBuffer:
     def __len__(self) -> int:
         return len(self.ops)
 
-    def append(
+    def append(  # noqa: PLR0913, PLR0917  once per change: no per-change object
         self, op: str, row: Row | None, lsn: Lsn, commit_lsn: Lsn, seq: int, xid: int, ts: int
     ) -> None:
         unchanged: list[str] | None = None
@@ -138,7 +138,7 @@ def relation_schema(relation: Relation, types: Sequence[ColumnType]) -> pa.Schem
     return pa.schema([*fields, *META_SCHEMA], metadata=metadata)
 
 
-def raw_table(
+def raw_table(  # noqa: PLR0913  a keyword per metadata column of the raw layout
     relation: Relation, types: Sequence[ColumnType],
     text_columns: Sequence[Sequence[str | None] | pa.Array | pa.ChunkedArray], *,
     ops: pa.Array, lsns: pa.Array, commit_lsns: pa.Array, seqs: pa.Array, xids: pa.Array,
@@ -175,7 +175,7 @@ class Batcher:
                                                            self.type_facts)
         return buf
 
-    def add(self, buffer: TableBuffer, op: Op | str, row: Row | None, nbytes: int, lsn: Lsn,
+    def add(self, buffer: TableBuffer, op: Op | str, row: Row | None, nbytes: int, lsn: Lsn,  # noqa: PLR0913, PLR0917  once per change: no per-change object
             commit_lsn: Lsn, seq: int, xid: int, ts: int) -> None:
         buffer.append(op, row, lsn, commit_lsn, seq, xid, ts)
         self.rows += 1
