@@ -12,7 +12,7 @@ import structlog
 from conftest import SourceDb, with_settings
 from rawlake import prepare, raw_files, read_raw, stream_until_caught_up
 
-from cdc.config import Settings, load_settings
+from cdc.config import Settings
 from cdc.decoding.pgtypes import INT8, TEXT, column_type
 from cdc.errors import ConfigError, ContractError
 from cdc.events import UNCHANGED, Column, Relation
@@ -39,6 +39,11 @@ def contract_dir(tmp_path: Path, table: str, text: str) -> Path:
     folder.mkdir(exist_ok=True)
     (folder / f"{table}.toml").write_text(text)
     return folder
+
+
+def under_contract(settings: Settings, tmp_path: Path, text: str) -> Settings:
+    """The settings with ``text`` as the contract of public.t."""
+    return with_settings(settings, contracts=str(contract_dir(tmp_path, "public.t", text)))
 
 
 def contracts(policy: str, **columns: tuple[str | None, bool]) -> Contracts:
@@ -113,15 +118,6 @@ class TestChecker:
         with pytest.raises(ConfigError, match=r"<schema>\.<table>\.toml"):
             load_contracts(str(folder))
 
-    def test_the_setting_has_a_flag_an_env_var_and_a_file_key(self, tmp_path: Path) -> None:
-        """--contracts / CDC_CONTRACTS / contracts."""
-        config = tmp_path / "cdc.toml"
-        config.write_text('dsn = "postgresql://x/db"\ncontracts = "/from/file"\n')
-        assert load_settings({}, config, {}).contracts == "/from/file"
-        assert load_settings({}, config, {"CDC_CONTRACTS": "/env"}).contracts == "/env"
-        assert load_settings({"contracts": "/flag"}, config,
-                             {"CDC_CONTRACTS": "/env"}).contracts == "/flag"
-
     def test_schema_check_raises_under_fail_and_only_reports_otherwise(self) -> None:
         """fail: ContractError (exit code 7); quarantine, evolve: the violations."""
         types = [column_type(c.type_oid, c.type_modifier) for c in RELATION.columns]
@@ -182,9 +178,8 @@ class TestStream:
     ) -> None:
         """A bigint where the contract says integer: ContractError, nothing written or acked."""
         source.execute("CREATE TABLE t (id int PRIMARY KEY, n bigint)")
-        folder = contract_dir(tmp_path, "public.t", 'policy = "fail"\n[columns.id]\n'
-                              'type = "integer"\n[columns.n]\ntype = "integer"\n')
-        checked = with_settings(settings, contracts=str(folder))
+        checked = under_contract(settings, tmp_path, 'policy = "fail"\n[columns.id]\n'
+                                 'type = "integer"\n[columns.n]\ntype = "integer"\n')
         prepare(checked)
         source.execute("INSERT INTO t VALUES (1, 10)")
         after = source.current_lsn()
@@ -205,10 +200,9 @@ class TestStream:
         from cdc.staged.compactor import raw_files as compact_raw_files
 
         source.execute("CREATE TABLE t (id int PRIMARY KEY, name text)")
-        folder = contract_dir(tmp_path, "public.t", 'policy = "quarantine"\n[columns.id]\n'
-                              'type = "integer"\nnullable = false\n[columns.name]\n'
-                              'type = "text"\nnullable = false\n')
-        checked = with_settings(settings, contracts=str(folder))
+        checked = under_contract(settings, tmp_path, 'policy = "quarantine"\n[columns.id]\n'
+                                 'type = "integer"\nnullable = false\n[columns.name]\n'
+                                 'type = "text"\nnullable = false\n')
         prepare(checked)
         source.execute("INSERT INTO t VALUES (1, 'a'), (2, NULL), (3, 'c')")
         source.execute("DELETE FROM t WHERE id = 1")
@@ -232,9 +226,8 @@ class TestStream:
     ) -> None:
         """ADD COLUMN mid-stream under evolve: the stream goes on; the new file has it."""
         source.execute("CREATE TABLE t (id int PRIMARY KEY)")
-        folder = contract_dir(tmp_path, "public.t", 'policy = "evolve"\n[columns.id]\n'
-                              'type = "integer"\nnullable = false\n')
-        checked = with_settings(settings, contracts=str(folder))
+        checked = under_contract(settings, tmp_path, 'policy = "evolve"\n[columns.id]\n'
+                                 'type = "integer"\nnullable = false\n')
         prepare(checked)
         source.execute("INSERT INTO t VALUES (1)")
         source.execute("ALTER TABLE t ADD COLUMN note text")
@@ -261,9 +254,8 @@ class TestSnapshot:
         """Checked before copying: ContractError, no slot, no rows."""
         source.execute("CREATE TABLE t (id int PRIMARY KEY, n bigint)")
         source.execute("INSERT INTO t VALUES (1, 1)")
-        folder = contract_dir(tmp_path, "public.t", '[columns.id]\ntype = "integer"\n'
-                              '[columns.n]\ntype = "integer"\n')
-        checked = with_settings(settings, contracts=str(folder))
+        checked = under_contract(settings, tmp_path, '[columns.id]\ntype = "integer"\n'
+                                 '[columns.n]\ntype = "integer"\n')
 
         with pytest.raises(ContractError, match=r"public\.t: column n: expected integer, "
                            r"found bigint"):
@@ -278,10 +270,9 @@ class TestSnapshot:
         """Snapshot reads are checked like inserts."""
         source.execute("CREATE TABLE t (id int PRIMARY KEY, name text)")
         source.execute("INSERT INTO t VALUES (1, 'a'), (2, NULL)")
-        folder = contract_dir(tmp_path, "public.t", 'policy = "quarantine"\n[columns.id]\n'
-                              'type = "integer"\n[columns.name]\ntype = "text"\n'
-                              'nullable = false\n')
-        checked = with_settings(settings, contracts=str(folder))
+        checked = under_contract(settings, tmp_path, 'policy = "quarantine"\n[columns.id]\n'
+                                 'type = "integer"\n[columns.name]\ntype = "text"\n'
+                                 'nullable = false\n')
 
         ConsistentSnapshot(checked, LocalLake(checked.lake)).run()
 

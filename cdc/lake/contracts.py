@@ -57,6 +57,9 @@ FAIL, QUARANTINE, EVOLVE = "fail", "quarantine", "evolve"
 POLICIES = (FAIL, QUARANTINE, EVOLVE)
 REJECTED_PREFIX = "raw/_rejected/"
 REASON_COLUMN = "_reason"
+# the fix of a broken contract under policy fail (schema or rows)
+_FAIL_FIX = ("nothing past the last acknowledged change was acknowledged; change the source or "
+             "the contract (or its policy to quarantine or evolve), then run again")
 #: ops whose rows carry every column (a delete carries its key, a truncate nothing)
 _FULL_ROW_OPS = pa.array(["c", "u", "r"], pa.string())
 _ALIASES = {
@@ -223,8 +226,7 @@ class Contracts:
         if contract.policy == FAIL:
             raise ContractError(
                 f"schema contract broken: {text} (contract {contract.path or contract.table})",
-                fix="nothing past the last acknowledged change was acknowledged; change the "
-                "source or the contract (or its policy to quarantine or evolve), then run again")
+                fix=_FAIL_FIX)
         log.warning("contract_drift" if contract.policy == EVOLVE else "contract_violation",
                     table=contract.table, policy=contract.policy, violations=text)
 
@@ -266,8 +268,7 @@ class Contracts:
             raise ContractError(
                 f"schema contract broken: {contract.table}: {count} rows: {first} "
                 f"(contract {contract.path or contract.table})",
-                fix="nothing past the last acknowledged change was acknowledged; change the "
-                "source or the contract (or its policy to quarantine or evolve), then run again")
+                fix=_FAIL_FIX)
         if contract.policy == EVOLVE:
             log.warning("contract_drift", table=contract.table, policy=contract.policy,
                         rows=count, violations=reasons.filter(bad)[0].as_py())
