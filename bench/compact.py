@@ -16,6 +16,11 @@ hot set at every table size. Raw input is written by one process and compacted b
 another, so the peak RSS reported is the compaction's own (VmHWM, reset before it starts).
 Target: the 10M merge takes ≤ 2x the 1M merge.
 
+After the staged merge, the same raw input is compacted into the table's history
+(``history/``, SCD2) and measured apart: the load opens one version per row, the merge
+closes the current versions of the updated and deleted keys and appends the new ones
+(``--no-history`` skips it).
+
     python bench/compact.py                                   # 1M and 10M, both patterns
     python bench/compact.py --sizes 1000000 --pattern random --keep /tmp/lake
 """
@@ -36,10 +41,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cdc.history.writer import compact_history
 from cdc.lake.checkpoint import CheckpointStore
 from cdc.lake.raw import encode
 from cdc.lake.store import LocalLake
-from cdc.staged.compactor import CompactOptions, compact_lake
+from cdc.staged.compactor import CompactOptions, compact_lake, raw_files
 from cdc.stream.batcher import META_SCHEMA
 
 TABLE = "public.bench"
@@ -141,19 +147,32 @@ def phase(args: argparse.Namespace) -> dict[str, Any]:
         build_changes(lake, args.rows, args.changes, args.file_rows, pattern=args.pattern,
                       seed=args.seed)
         return {}
+    options = CompactOptions(optimize_every=0)
     reset_peak_rss()
     started = time.perf_counter()
-    [result] = compact_lake(lake, SLOT, options=CompactOptions(optimize_every=0))
+    [result] = compact_lake(lake, SLOT, options=options, history=False)
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "changes": result.changes, "commits": result.commits,
-            "rss_mb": peak_rss_mb(), "version": result.version}
+    measured = {"seconds": seconds, "changes": result.changes, "commits": result.commits,
+                "rss_mb": peak_rss_mb(), "version": result.version}
+    if args.no_history:
+        return measured
+    bound = CheckpointStore(lake, SLOT).load()
+    assert bound is not None
+    reset_peak_rss()
+    started = time.perf_counter()
+    history = compact_history(lake, TABLE, raw_files(lake)[TABLE], bound, options=options)
+    assert history is not None
+    return {**measured, "history_seconds": time.perf_counter() - started,
+            "history_opened": history.opened, "history_closed": history.closed,
+            "history_commits": history.commits, "history_rss_mb": peak_rss_mb()}
 
 
 def run_phase(lake: Path, name: str, rows: int, args: argparse.Namespace,
               pattern: str) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--phase", name, "--lake", str(lake), "--rows", str(rows),
            "--changes", str(args.changes), "--file-rows", str(args.file_rows),
-           "--pattern", pattern, "--seed", str(args.seed)]
+           "--pattern", pattern, "--seed", str(args.seed),
+           *(["--no-history"] if args.no_history else [])]
     subprocess.run([*cmd[:3], f"build-{name}", *cmd[4:]], check=True, capture_output=True)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return dict(json.loads(out.strip().splitlines()[-1]))
@@ -169,6 +188,8 @@ def main() -> None:
     parser.add_argument("--pattern", choices=("random", "recent", "both"), default="both")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--keep", help="build the lakes under this folder and keep them")
+    parser.add_argument("--no-history", action="store_true",
+                        help="measure the staged merge only, not history maintenance")
     parser.add_argument("--phase", choices=("load", "merge", "build-load", "build-merge"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--lake", help=argparse.SUPPRESS)
@@ -194,6 +215,14 @@ def main() -> None:
                   f"merge {merge['changes']:,} changes {merge['seconds']:6.2f} s "
                   f"({merge['changes'] / merge['seconds']:,.0f} changes/s, {merge['commits']} "
                   f"commits, peak RSS {merge['rss_mb']:.0f} MB)", flush=True)
+            if not args.no_history:
+                print(f"{'':>6} {'':>10}  history: load {load['history_seconds']:6.1f} s "
+                      f"({load['history_opened']:,} versions, peak RSS "
+                      f"{load['history_rss_mb']:.0f} MB); merge {merge['history_seconds']:6.2f} s "
+                      f"({merge['changes'] / merge['history_seconds']:,.0f} changes/s: "
+                      f"{merge['history_closed']:,} closed, {merge['history_opened']:,} opened, "
+                      f"{merge['history_commits']} commits, peak RSS "
+                      f"{merge['history_rss_mb']:.0f} MB)", flush=True)
         if len(sizes) == 2:
             ratio = merges[sizes[1]] / merges[sizes[0]]
             verdict = "meets" if ratio <= TARGET_RATIO else "misses"

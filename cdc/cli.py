@@ -70,6 +70,10 @@ ContractsOpt = Annotated[str | None, typer.Option(
     "--contracts", help="Folder of schema contracts, one <schema>.<table>.toml per checked "
     "table (columns, types, nullability; policy fail, quarantine or evolve) (env: "
     "CDC_CONTRACTS; default: none)", show_default=False)]
+HistoryOpt = Annotated[str | None, typer.Option(
+    "--history", help="on or off: maintain <lake>/history/<schema>.<table>/, every committed "
+    "version of each row of a keyed table (SCD2), beside its staged table (env: CDC_HISTORY; "
+    "default: on)", show_default=False)]
 LogLevelOpt = Annotated[str | None, typer.Option(
     "--log-level", help="debug, info, warning, error (env: CDC_LOG_LEVEL; default: info)",
     show_default=False)]
@@ -115,6 +119,7 @@ def stream(
         "disables (env: CDC_COMPACT_EVERY; default: 60s)", show_default=False)] = None,
     keys: KeyOpt = None,
     publish_via_partition_root: ViaRootOpt = None, contracts: ContractsOpt = None,
+    history: HistoryOpt = None,
     heartbeat_seconds: Annotated[str | None, typer.Option(
         help="When idle, write a logical message this often so a quiet database's slot "
         "keeps advancing; 0 disables (env: CDC_HEARTBEAT_SECONDS; default: 60s)",
@@ -147,7 +152,7 @@ def stream(
                          s3_endpoint=s3_endpoint, contracts=contracts,
                          s3_max_attempts=s3_max_attempts, until_caught_up=until_caught_up,
                          status_seconds=status_seconds, progress_seconds=progress_seconds,
-                         max_backoff_seconds=max_backoff_seconds)
+                         max_backoff_seconds=max_backoff_seconds, history=history)
     if settings.metrics_port:
         from cdc.ops.metrics import serve
 
@@ -249,12 +254,13 @@ def status(
     """Show how far behind the slot, the raw layer and the staged tables are.
 
     Slot: active or not, restart/confirmed LSNs, the server's WAL position, retained WAL,
-    wal_status and safe_wal_size. Lake: the checkpoint and each table's newest raw change and
-    staged watermark. With --max-lag-* thresholds it exits 1 with one line per breach (for
-    cron or a health check).
+    wal_status and safe_wal_size. Lake: the checkpoint and each table's newest raw change,
+    staged watermark and history watermark. With --max-lag-* thresholds it exits 1 with one
+    line per breach (for cron or a health check).
     """
     import json
 
+    from cdc.history.writer import history_watermark
     from cdc.ops.status import check, collect, render
     from cdc.staged.compactor import staged_watermark
 
@@ -262,7 +268,8 @@ def status(
                   s3_max_attempts=s3_max_attempts, status_json=status_json,
                   max_lag_bytes=max_lag_bytes, max_lag_seconds=max_lag_seconds,
                   max_compaction_lag_seconds=max_compaction_lag_seconds)
-    report = collect(s.dsn, _open_lake(s), s.slot, staged=staged_watermark)
+    report = collect(s.dsn, _open_lake(s), s.slot, staged=staged_watermark,
+                     history=history_watermark)
     reasons = check(report, max_lag_bytes=s.max_lag_bytes, max_lag_seconds=s.max_lag_seconds,
                     max_compaction_lag_seconds=s.max_compaction_lag_seconds)
     if s.status_json:
@@ -319,7 +326,7 @@ def compact(
     tables: Annotated[str | None, typer.Option(
         "--tables", help="Comma-separated schema.table list to compact (env: CDC_TABLES; "
         "default: every table in raw)", show_default=False)] = None,
-    keys: KeyOpt = None,
+    keys: KeyOpt = None, history: HistoryOpt = None,
     optimize_every: Annotated[int | None, typer.Option(
         help="OPTIMIZE (compact small files) and VACUUM a staged table every N commits; "
         "0: never (env: CDC_OPTIMIZE_EVERY; default: 10)", show_default=False)] = None,
@@ -327,7 +334,9 @@ def compact(
         help="VACUUM after OPTIMIZE deletes files removed longer ago than this (env: "
         "CDC_VACUUM_RETENTION_HOURS; default: 168)", show_default=False)] = None,
 ) -> None:
-    """Merge raw changes into the staged Delta tables <lake>/staged/<schema>.<table>/ now.
+    """Merge raw changes into the staged Delta tables <lake>/staged/<schema>.<table>/ now,
+    and (unless --history off) every committed version of each keyed table's rows into
+    <lake>/history/<schema>.<table>/.
 
     Applies every change below the stream's checkpoint exactly once (the applied position is
     recorded in each Delta commit), so running it again, or after a crash, is safe. Needs no
@@ -339,11 +348,12 @@ def compact(
                          keys=keys, log_format=log_format, log_level=log_level,
                          s3_endpoint=s3_endpoint, s3_max_attempts=s3_max_attempts,
                          optimize_every=optimize_every,
-                         vacuum_retention_hours=vacuum_retention_hours)
+                         vacuum_retention_hours=vacuum_retention_hours, history=history)
     options = CompactOptions(optimize_every=settings.optimize_every,
                              vacuum_retention_hours=settings.vacuum_retention_hours)
     results = compact_lake(_open_lake(settings), settings.slot, settings.tables,
-                           parse_keys(settings.keys), options=options)
+                           parse_keys(settings.keys), options=options,
+                           history=settings.history)
     if not results:
         typer.echo(f"nothing to compact: slot {settings.slot} has no checkpoint in "
                    f"{settings.lake} yet (cdc stream or cdc snapshot writes it)", err=True)
@@ -356,25 +366,38 @@ def compact(
 def query(
     sql: Annotated[str, typer.Argument(
         help="SQL (DuckDB dialect) over the lake's views: staged tables as <schema>.<table> "
-        "(e.g. public.invoice), raw change history as raw_<schema>.<table> "
-        "(e.g. raw_public.invoice, with _op, _commit_lsn, ... and load_date)",
+        "(e.g. public.invoice), every committed version of each row as "
+        "history_<schema>.<table> (with _valid_from, _valid_to, _is_current, ...), raw "
+        "change history as raw_<schema>.<table> (e.g. raw_public.invoice, with _op, "
+        "_commit_lsn, ... and load_date)",
         show_default=False)],
     lake: LakeOpt = None, config: ConfigOpt = None, s3_endpoint: S3EndpointOpt = None,
     s3_max_attempts: S3MaxAttemptsOpt = None,
     query_format: Annotated[str | None, typer.Option(
         "--format", help="table (DuckDB's rendering), csv (with a header) or json (one "
         "object per line) (env: CDC_QUERY_FORMAT; default: table)", show_default=False)] = None,
+    as_of: Annotated[str | None, typer.Option(
+        "--as-of", help="Run the query as of this time (ISO 8601, UTC unless a zone is given, "
+        "e.g. 2026-11-30T12:00:00Z): each <schema>.<table> is that table as it was then, "
+        "from its history (env: CDC_AS_OF)", show_default=False)] = None,
+    as_of_lsn: Annotated[str | None, typer.Option(
+        "--as-of-lsn", help="Like --as-of, right after the source commit at this LSN, "
+        "e.g. 0/1A2B3C (exact: commit times can tie, LSNs cannot) (env: CDC_AS_OF_LSN)",
+        show_default=False)] = None,
 ) -> None:
     """Run SQL over the lake with DuckDB, offline (no extension download, no source database).
 
     Example: cdc query "SELECT _op, count(*) FROM raw_public.invoice GROUP BY 1".
     Bad SQL or an unknown table exits 2 with one line naming the fix.
     """
+    from cdc.history.as_of import parse_as_of
     from cdc.ops.query import query_main
 
     settings = _settings(config, need_dsn=False, lake=lake, s3_endpoint=s3_endpoint,
-                         s3_max_attempts=s3_max_attempts, query_format=query_format)
-    query_main(_open_lake(settings), sql, settings.query_format)
+                         s3_max_attempts=s3_max_attempts, query_format=query_format,
+                         as_of=as_of, as_of_lsn=as_of_lsn)
+    query_main(_open_lake(settings), sql, settings.query_format,
+               parse_as_of(settings.as_of or None, settings.as_of_lsn or None))
 
 
 ddl_app = typer.Typer(help="Print DDL that lets other engines read the lake.",
@@ -395,8 +418,9 @@ def ddl_athena(
         show_default=False)] = None,
 ) -> None:
     """Print CREATE EXTERNAL TABLE statements for Athena: every raw table (parquet,
-    partition projection on load_date, no crawler needed) as raw_<schema>__<table> and
-    every staged Delta table as <schema>__<table>.
+    partition projection on load_date, no crawler needed) as raw_<schema>__<table>, every
+    staged Delta table as <schema>__<table> and every history Delta table as
+    history_<schema>__<table>.
     """
     from cdc.ops.athena import athena_ddl
 

@@ -119,7 +119,8 @@ class Settings:
     chunk_rows: int = _setting(500_000, _parse_int)
     updated_at_column: str = "updated_at"
     updated_at: tuple[str, ...] = _setting((), _parse_list)  # schema.table=column overrides
-    # cdc compact
+    # cdc compact (and the compaction inside cdc stream)
+    history: bool = _setting(True, parse_bool)  # history/<schema>.<table>/ (SCD2) beside staged
     optimize_every: int = _setting(10, _parse_int)
     vacuum_retention_hours: int = _setting(168, _parse_int)
     # cdc status: thresholds (None: not checked)
@@ -129,6 +130,8 @@ class Settings:
     max_compaction_lag_seconds: float | None = _setting(None, parse_duration)
     # cdc query, cdc ddl athena
     query_format: str = "table"
+    as_of: str = ""  # ISO 8601 time: query the tables as they were then (from history)
+    as_of_lsn: str = ""  # a commit LSN (0/1A2B3C), likewise
     athena_database: str = "cdc"
     athena_location: str = ""
     # every command

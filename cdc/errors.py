@@ -102,6 +102,15 @@ class StagedTableUnreadable(LakeError):
                          "its folder and run cdc compact, which rebuilds it from raw")
 
 
+class HistoryTableUnreadable(LakeError):
+    """A history (SCD2) Delta table cannot be opened or its log read."""
+
+    def __init__(self, uri: str, cause: BaseException) -> None:
+        super().__init__(f"history table {uri} is unreadable: {_first_line(cause)}",
+                         fix="check the lake's permissions; if the table is damaged, delete "
+                         "its folder and run cdc compact, which rebuilds it from raw")
+
+
 def _first_line(cause: BaseException) -> str:
     return (str(cause).splitlines() or [type(cause).__name__])[0]
 

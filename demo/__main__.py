@@ -3,7 +3,8 @@
 Starts a throwaway PostgreSQL, seeds ``media_retail``, backfills it with
 ``cdc snapshot``, runs ``cdc stream`` while sales traffic flows, stops it with
 SIGTERM and prints what landed (snapshot rows apart from changes); then
-compacts raw into staged Delta tables and queries them with DuckDB.
+compacts raw into staged and history Delta tables, queries them with DuckDB and
+prints one customer's address/email history and a repriced track's price history.
 Exits non-zero if the streamer fails, does not acknowledge everything, or the
 lake is missing changes the traffic made.
 
@@ -30,11 +31,11 @@ from psycopg.rows import TupleRow
 
 from cdc.errors import CdcError
 from cdc.sandbox import LocalCluster
-from demo import DemoFailure, seed, staged, streamer, summary, traffic
+from demo import DemoFailure, history, seed, staged, streamer, summary, traffic
 
 DATABASE = "media_retail"
 SLOT = PUBLICATION = "cdc_demo"
-LAKE_ENTRIES = {"raw", "staged", "_cdc"}
+LAKE_ENTRIES = {"raw", "staged", "history", "_cdc"}
 #: how long the streamer gets to acknowledge the end of traffic before SIGTERM
 ACK_TIMEOUT = 60.0
 S3_BUCKET = "media-retail"
@@ -197,6 +198,7 @@ def run_demo(args: argparse.Namespace) -> int:
                                     seeded)
             if not args.no_stream:
                 problems += staged.run(args.lake, SLOT, admin)
+                problems += history.run(args.lake)
     print(f"demo took {time.monotonic() - started:.0f}s")
     if problems:
         raise DemoFailure("\n  ".join(["", *problems]))

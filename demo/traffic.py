@@ -21,7 +21,7 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 
-from demo.seed import CUSTOMER_COLUMNS, PRICES, customer_values
+from demo.seed import COUNTRIES, CUSTOMER_COLUMNS, PRICES, customer_values
 
 Connection = psycopg.Connection[TupleRow]
 #: rows changed, by (table, operation) with operations as in the lake: c, u, d
@@ -93,10 +93,18 @@ class SalesTraffic:
         self.changes["track", "u"] += len(rows)
 
     def edit_customer(self) -> None:
-        """Either merge new preferences into the jsonb column or change the email."""
-        customer_id = self.rng.choice(self.customer_ids)
+        """Merge new preferences into the jsonb column, change the email, or move house."""
+        # half the edits go to ten regulars: the demo then shows a customer's long history
+        regulars = self.customer_ids[:10] if self.rng.random() < 0.5 else self.customer_ids
+        customer_id = self.rng.choice(regulars)
         with self.conn.transaction():
-            if self.rng.random() < 0.5:
+            choice = self.rng.random()
+            if choice < 0.4:
+                city, country = self.rng.choice(COUNTRIES)
+                cur = self.conn.execute(
+                    "UPDATE public.customer SET city = %s, country = %s"
+                    " WHERE customer_id = %s", (city, country, customer_id))
+            elif choice < 0.7:
                 preferences = {"format": self.rng.choice(("mp3", "aac", "flac")),
                                "newsletter": self.rng.random() < 0.5}
                 cur = self.conn.execute(

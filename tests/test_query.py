@@ -138,11 +138,12 @@ class TestQuery:
         assert "ann" in out
 
     def test_every_lake_table_is_listed_by_show_all_tables(self, streamed: Settings) -> None:
-        """A query naming no table sees every view (staged and raw_ schemas)."""
+        """A query naming no table sees every view (staged, history_ and raw_ schemas)."""
         rows = query_csv(streamed, "SELECT schema, name FROM (SHOW ALL TABLES) "
                          "WHERE schema <> 'main' ORDER BY 1, 2")
 
         assert [(r["schema"], r["name"]) for r in rows] == [
+            ("history_public", "customer"), ("history_public", "invoice"),
             ("public", "customer"), ("public", "invoice"),
             ("raw_public", "customer"), ("raw_public", "invoice")]
 
@@ -222,7 +223,7 @@ class TestAthenaDdl:
         assert result.returncode == 0, result.stderr
         ddl = result.stdout
         lines = ddl.splitlines()
-        assert ddl.count("CREATE EXTERNAL TABLE") == 4
+        assert ddl.count("CREATE EXTERNAL TABLE") == 6  # raw, staged and history of two
         assert "CREATE EXTERNAL TABLE IF NOT EXISTS `shop`.`raw_public__invoice` (" in lines
         assert "CREATE EXTERNAL TABLE IF NOT EXISTS `shop`.`raw_public__customer` (" in lines
         raw = ddl[ddl.index("`raw_public__invoice`"):]

@@ -222,7 +222,8 @@ class TestStreamingToS3:
     def test_snapshot_stream_and_compact_on_s3_give_a_staged_table_equal_to_the_source(
         self, source: SourceDb, s3_settings: Settings
     ) -> None:
-        """cdc snapshot, stream, `cdc compact` and `cdc status` all work on an s3:// lake."""
+        """cdc snapshot, stream, `cdc compact` (staged and history), `cdc query` and `cdc
+        status` all work on an s3:// lake."""
         source.execute("CREATE TABLE t (id int PRIMARY KEY, v text, n int)")
         source.execute("INSERT INTO t SELECT g, 'v' || g, g FROM generate_series(1, 3000) g")
         lake = lake_of(s3_settings)
@@ -237,11 +238,17 @@ class TestStreamingToS3:
         compacted = run_cdc(["compact", *common])
         assert compacted.returncode == 0, compacted.stderr
         assert staged_rows(lake, "public.t") == source_rows(source, "t")
+        history = run_cdc(["query", "--lake", s.lake, "--s3-endpoint", s.s3_endpoint, "--format",
+                           "csv", "SELECT count(*) FILTER (WHERE _is_current) AS current, "
+                           "count(*) FILTER (WHERE _op = 'u') AS updated FROM history_public.t"])
+        assert history.returncode == 0, history.stderr
+        assert history.stdout == f"current,updated\n{len(source_rows(source, 't'))},428\n"
         status = run_cdc(["status", "--dsn", s.dsn, "--json", *common])
         assert status.returncode == 0, status.stderr
         table = json.loads(status.stdout)["tables"][0]
         assert table["table"] == "public.t"
         assert table["staged_commit_lsn"] is not None
+        assert table["history_commit_lsn"] == table["staged_commit_lsn"]
         assert table["compaction_lag_seconds"] == 0.0
 
     def test_delta_commits_on_s3_are_conditional_puts(

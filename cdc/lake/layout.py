@@ -16,6 +16,7 @@ from cdc.events import Lsn
 
 RAW = "raw/"
 STAGED = "staged/"
+HISTORY = "history/"
 _NAME = re.compile(r"^([0-9A-F]{16})-([0-9A-F]{16})-([^/]+)\.parquet$")
 _SEQ = re.compile(r"^-?\d+$")
 
@@ -81,3 +82,8 @@ def raw_keys(keys: Iterable[str]) -> dict[str, list[RawKey]]:
 def staged_key(table: str) -> str:
     """The key of a table's staged Delta folder, relative to the lake root."""
     return f"{STAGED}{table}"
+
+
+def history_key(table: str) -> str:
+    """The key of a table's history (SCD2) Delta folder, relative to the lake root."""
+    return f"{HISTORY}{table}"

@@ -6,7 +6,9 @@
   partition to ``NOW``), so no crawler or ``MSCK REPAIR`` is needed as days go by;
 - staged ``staged/<schema>.<table>/`` → ``<database>.<schema>__<table>``:
   ``TBLPROPERTIES ('table_type'='DELTA')``; Athena reads the columns from the Delta log
-  (they are listed in a comment for reference).
+  (they are listed in a comment for reference);
+- history ``history/<schema>.<table>/`` → ``<database>.history_<schema>__<table>``, a Delta
+  table like staged.
 
 Athena table names have no dots, hence ``<schema>__<table>``. Arrow types map to Athena
 types (:func:`athena_type`); ``timestamp[us, UTC]`` becomes ``timestamp``: Athena's
@@ -18,10 +20,11 @@ from __future__ import annotations
 import pyarrow as pa
 from deltalake import DeltaTable
 
-from cdc.errors import ConfigError, LakeError, StagedTableUnreadable
+from cdc.errors import ConfigError, HistoryTableUnreadable, LakeError, StagedTableUnreadable
+from cdc.history.writer import history_location
 from cdc.lake.layout import staged_key
 from cdc.lake.store import Lake
-from cdc.ops.query import raw_schema, raw_tables, staged_tables
+from cdc.ops.query import HISTORY_PREFIX, history_tables, raw_schema, raw_tables, staged_tables
 
 
 def athena_type(t: pa.DataType) -> str:
@@ -111,8 +114,10 @@ def raw_ddl(database: str, table: str, schema: pa.Schema, location: str,
     )
 
 
-def staged_ddl(database: str, table: str, schema: pa.Schema | None, location: str) -> str:
-    """``CREATE EXTERNAL TABLE`` for one staged Delta table (columns from the Delta log)."""
+def staged_ddl(database: str, table: str, schema: pa.Schema | None, location: str,
+               name: str | None = None) -> str:
+    """``CREATE EXTERNAL TABLE`` for one staged (or, named, history) Delta table (columns
+    from the Delta log)."""
     lines = []
     if schema is not None:
         readable, skipped = _columns(schema)
@@ -120,7 +125,8 @@ def staged_ddl(database: str, table: str, schema: pa.Schema | None, location: st
                      + ", ".join(f"{name} {kind}" for name, kind in readable))
         lines.extend(skipped)
     lines.append(
-        f"CREATE EXTERNAL TABLE IF NOT EXISTS {_q(database)}.{_q(athena_name(table, raw=False))}\n"
+        f"CREATE EXTERNAL TABLE IF NOT EXISTS {_q(database)}."
+        f"{_q(name or athena_name(table, raw=False))}\n"
         f"LOCATION {_s(location)}\n"
         "TBLPROPERTIES ('table_type'='DELTA');")
     return "\n".join(lines)
@@ -149,10 +155,21 @@ def athena_ddl(lake: Lake, database: str = "cdc", location: str | None = None) -
                                   f"{root}/raw/{table}/", first_day))
     for table in staged_tables(lake):
         uri, storage = lake.delta_location(staged_key(table))
-        try:
-            schema = pa.schema(DeltaTable(uri, storage_options=storage).schema().to_arrow())
-        except Exception as exc:  # delta-rs raises DeltaError and plain Exception
-            raise StagedTableUnreadable(uri, exc) from exc
         target = f"{uri.rstrip('/')}/" if location is None else f"{root}/staged/{table}/"
-        statements.append(staged_ddl(database, table, schema, target))
+        statements.append(staged_ddl(database, table,
+                                     _delta_schema(uri, storage, StagedTableUnreadable), target))
+    for table in history_tables(lake):
+        uri, storage = history_location(lake, table)
+        target = f"{uri.rstrip('/')}/" if location is None else f"{root}/history/{table}/"
+        statements.append(staged_ddl(database, table,
+                                     _delta_schema(uri, storage, HistoryTableUnreadable), target,
+                                     HISTORY_PREFIX + athena_name(table, raw=False)))
     return "\n\n".join(statements) + "\n"
+
+
+def _delta_schema(uri: str, storage: dict[str, str] | None,
+                  unreadable: type[StagedTableUnreadable | HistoryTableUnreadable]) -> pa.Schema:
+    try:
+        return pa.schema(DeltaTable(uri, storage_options=storage).schema().to_arrow())
+    except Exception as exc:  # delta-rs raises DeltaError and plain Exception
+        raise unreadable(uri, exc) from exc

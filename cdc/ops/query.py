@@ -5,6 +5,11 @@ Each lake table becomes a DuckDB view:
 - a staged Delta table ``staged/<schema>.<table>/`` is the view ``<schema>.<table>``
   (``public.invoice``), read through ``DeltaTable.to_pyarrow_dataset()`` (only the files of
   the current version, never removed ones);
+- a history table ``history/<schema>.<table>/`` (every committed version of each row) is
+  the view ``history_<schema>.<table>``;
+- with ``as_of`` (a commit LSN or a time), each staged view instead shows its table as it
+  was then: the history versions valid at that point (keyless tables, which have no
+  history: the staged rows committed by then);
 - a raw history ``raw/<schema>.<table>/`` is the view ``raw_<schema>.<table>``
   (``raw_public.invoice``): every change with its metadata columns (``_op``, ``_lsn``,
   ``_commit_lsn``, ``_seq``, ``_xid``, ``_commit_ts``, ``_unchanged``) plus ``load_date``
@@ -41,12 +46,22 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
-from cdc.errors import CdcError, LakeError, RawFileUnreadable, StagedTableUnreadable
-from cdc.lake.layout import RAW, raw_keys, staged_key
+from cdc.errors import (
+    CdcError,
+    HistoryTableUnreadable,
+    LakeError,
+    RawFileUnreadable,
+    StagedTableUnreadable,
+)
+from cdc.history.as_of import AsOf
+from cdc.history.versions import HISTORY_META
+from cdc.history.writer import history_location
+from cdc.lake.layout import HISTORY, RAW, STAGED, raw_keys, staged_key
 from cdc.lake.store import Lake
 
 FORMATS = ("table", "csv", "json")
 RAW_PREFIX = "raw_"
+HISTORY_PREFIX = "history_"
 _BATCH = 10_000
 
 
@@ -63,7 +78,16 @@ def raw_tables(lake: Lake) -> dict[str, list[str]]:
 
 def staged_tables(lake: Lake) -> list[str]:
     """``schema.table`` names that have a staged Delta table (a ``_delta_log`` folder)."""
-    names = {key.split("/")[1] for key in lake.list("staged/")
+    return _delta_tables(lake, STAGED)
+
+
+def history_tables(lake: Lake) -> list[str]:
+    """``schema.table`` names that have a history Delta table."""
+    return _delta_tables(lake, HISTORY)
+
+
+def _delta_tables(lake: Lake, prefix: str) -> list[str]:
+    names = {key.split("/")[1] for key in lake.list(prefix)
              if len(key.split("/")) > 3 and key.split("/")[2] == "_delta_log"}
     return sorted(names)
 
@@ -116,8 +140,10 @@ def raw_dataset(lake: Lake, table: str, keys: list[str]) -> ds.Dataset:
                       partitioning=partitioning, partition_base_dir=f"{RAW}{table}")
 
 
-def duckdb_views(lake: Lake, sql: str | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the lake's views (those ``sql`` names, or all)."""
+def duckdb_views(lake: Lake, sql: str | None = None,
+                 as_of: AsOf | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the lake's views (those ``sql`` names, or all);
+    with ``as_of``, staged names show their tables as they were then."""
     try:
         found = duckdb.get_table_names(sql, qualified=False) if sql is not None else set()
         named = {n.lower() for n in found}
@@ -125,7 +151,7 @@ def duckdb_views(lake: Lake, sql: str | None = None) -> duckdb.DuckDBPyConnectio
         raise _query_error(exc, []) from exc
     except duckdb.Error:  # it binds some clauses (JOIN ... USING): register every view
         named = set()
-    raws, staged = raw_tables(lake), staged_tables(lake)
+    raws, staged, histories = raw_tables(lake), staged_tables(lake), history_tables(lake)
 
     def wanted(table: str) -> bool:
         return not named or view_names(table)[1].lower() in named  # identifiers ignore case
@@ -133,14 +159,32 @@ def duckdb_views(lake: Lake, sql: str | None = None) -> duckdb.DuckDBPyConnectio
     con = duckdb.connect()
     with contextlib.suppress(duckdb.Error):  # fails only without the ICU extension
         con.execute("SET TimeZone = 'UTC'")
-    for table in staged:
+    for table in histories:
         if wanted(table):
-            uri, storage = lake.delta_location(staged_key(table))
-            try:
-                dataset = DeltaTable(uri, storage_options=storage).to_pyarrow_dataset()
-            except Exception as exc:  # delta-rs raises DeltaError and plain Exception
-                raise StagedTableUnreadable(uri, exc) from exc
-            _register(con, view_names(table), dataset)
+            schema, name = view_names(table)
+            uri, storage = history_location(lake, table)
+            dataset = _delta_table(uri, storage, HistoryTableUnreadable).to_pyarrow_dataset()
+            _register(con, (HISTORY_PREFIX + schema, name), dataset)
+            if as_of is not None and table in staged:
+                columns = [c for c in dataset.schema.names if c not in HISTORY_META]
+                select = ", ".join(_ident(c) for c in [*columns, "_valid_from", "_valid_from_lsn"])
+                _register(con, (schema, name), dataset,
+                          f"SELECT {select} FROM {{}} WHERE {as_of.versions()}")
+    for table in staged:
+        if not wanted(table) or (as_of is not None and table in histories):
+            continue
+        uri, storage = lake.delta_location(staged_key(table))
+        delta = _delta_table(uri, storage, StagedTableUnreadable)
+        select = "SELECT *"
+        if as_of is not None:
+            if not _is_append(delta):  # keyed, but its history is off or not built yet
+                if named:
+                    raise QueryError(f"{table} has no history table, so --as-of cannot show "
+                                     "it as it was", fix="build it from raw: cdc compact "
+                                     "--history on (the default)")
+                continue
+            select = f"SELECT * FROM {{}} WHERE {as_of.appended()}"
+        _register(con, view_names(table), delta.to_pyarrow_dataset(), select)
     for table, keys in sorted(raws.items()):
         if wanted(table):
             schema, name = view_names(table)
@@ -149,12 +193,30 @@ def duckdb_views(lake: Lake, sql: str | None = None) -> duckdb.DuckDBPyConnectio
     return con
 
 
-def _register(con: duckdb.DuckDBPyConnection, view: tuple[str, str], data: Any) -> None:
+def _is_append(staged: DeltaTable) -> bool:
+    """A staged table of a table without a key: an append of its inserts (its description
+    says so, see ``staged.compactor``), so its rows committed by a point are its state then."""
+    return "has no primary key" in (staged.metadata().description or "")
+
+
+def _delta_table(uri: str, storage: dict[str, str] | None,
+                 unreadable: type[StagedTableUnreadable | HistoryTableUnreadable]) -> DeltaTable:
+    try:
+        return DeltaTable(uri, storage_options=storage)
+    except Exception as exc:  # delta-rs raises DeltaError and plain Exception
+        raise unreadable(uri, exc) from exc
+
+
+def _register(con: duckdb.DuckDBPyConnection, view: tuple[str, str], data: Any,
+              select: str = "SELECT *") -> None:
+    """Register ``data`` and create the view ``schema.name`` as ``select`` over it (its
+    ``{}`` is the data; without one, ``SELECT *`` of it)."""
     schema, name = view
     hidden = f"_cdc_dataset_{schema}.{name}"  # a temporary view in main; the dot keeps it unique
     con.register(hidden, data)
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {_ident(schema)}")
-    con.execute(f"CREATE VIEW {_ident(schema)}.{_ident(name)} AS SELECT * FROM {_ident(hidden)}")
+    body = select.format(_ident(hidden)) if "{}" in select else f"{select} FROM {_ident(hidden)}"
+    con.execute(f"CREATE VIEW {_ident(schema)}.{_ident(name)} AS {body}")
 
 
 def _ident(name: str) -> str:
@@ -163,14 +225,16 @@ def _ident(name: str) -> str:
 
 def lake_views(lake: Lake) -> list[str]:
     """Every view name a query can use, e.g. ``public.invoice``, ``raw_public.invoice``."""
-    return [*staged_tables(lake), *(RAW_PREFIX + t for t in sorted(raw_tables(lake)))]
+    return [*staged_tables(lake), *(HISTORY_PREFIX + t for t in history_tables(lake)),
+            *(RAW_PREFIX + t for t in sorted(raw_tables(lake)))]
 
 
-def run_query(lake: Lake, sql: str, out: IO[str], fmt: str = "table") -> None:
-    """Run ``sql`` over the lake and write its result to ``out`` as ``fmt``."""
+def run_query(lake: Lake, sql: str, out: IO[str], fmt: str = "table",
+              as_of: AsOf | None = None) -> None:
+    """Run ``sql`` over the lake (as of ``as_of``) and write its result to ``out`` as ``fmt``."""
     if fmt not in FORMATS:
         raise QueryError(f"unknown output format {fmt!r}", fix=f"use one of: {', '.join(FORMATS)}")
-    con = duckdb_views(lake, sql)
+    con = duckdb_views(lake, sql, as_of)
     try:
         if fmt == "table":
             relation = con.sql(sql)
@@ -265,14 +329,15 @@ def _query_error(exc: duckdb.Error, views: list[str]) -> CdcError:
     if isinstance(exc, duckdb.CatalogException):
         known = ", ".join(views[:20]) + (", ..." if len(views) > 20 else "")
         return QueryError(message, fix=f"the lake's tables are: {known or 'none yet'} "
-                          "(staged <schema>.<table>, raw history raw_<schema>.<table>)")
+                          "(staged <schema>.<table>, versions history_<schema>.<table>, raw "
+                          "history raw_<schema>.<table>)")
     return QueryError(message, fix="fix the query (see cdc query --help)")
 
 
-def query_main(lake: Lake, sql: str, fmt: str) -> None:
+def query_main(lake: Lake, sql: str, fmt: str, as_of: AsOf | None = None) -> None:
     """Entry for the CLI: the result on stdout; a reader that stops early (``| head``) is fine."""
     try:
-        run_query(lake, sql, sys.stdout, fmt)
+        run_query(lake, sql, sys.stdout, fmt, as_of)
         sys.stdout.flush()
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)

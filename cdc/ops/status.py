@@ -54,6 +54,7 @@ class TableStatus:
     staged_commit_lsn: str | None = None
     staged_commit_ts: str | None = None
     compaction_lag_seconds: float | None = None
+    history_commit_lsn: str | None = None  # every change below the next LSN is in history
 
 
 @dataclass
@@ -127,10 +128,11 @@ def last_commit_ts(fs: pafs.FileSystem, key: str) -> datetime | None:
 
 
 StagedProbe = Callable[[Lake, str], tuple[Lsn | None, datetime | None]]
+HistoryProbe = Callable[[Lake, str], Lsn | None]
 
 
 def collect(dsn: str, lake: Lake, slot: str, staged: StagedProbe | None = None,
-            now: datetime | None = None) -> Status:
+            now: datetime | None = None, *, history: HistoryProbe | None = None) -> Status:
     now = now or datetime.now(UTC)
     with connect(dsn) as conn:
         slot_info, server_ts = slot_status(Admin(conn, dsn), slot)
@@ -148,6 +150,10 @@ def collect(dsn: str, lake: Lake, slot: str, staged: StagedProbe | None = None,
             entry.staged_commit_lsn = format_lsn(staged_lsn) if staged_lsn is not None else None
             entry.staged_commit_ts = _iso(staged_ts)
             entry.compaction_lag_seconds = compaction_lag(last_lsn, ts, staged_lsn, staged_ts)
+        if history is not None:
+            history_lsn = history(lake, table)
+            entry.history_commit_lsn = (format_lsn(history_lsn) if history_lsn is not None
+                                        else None)
         tables.append(entry)
     status = Status(slot_info, format_lsn(checkpoint) if checkpoint is not None else None,
                     lag_seconds(slot_info, acked_ts, server_ts, now), _iso(acked_ts),
@@ -242,10 +248,11 @@ def render(status: Status) -> str:
     lines.append(f"checkpoint {status.checkpoint_lsn or '-'}; time lag {lag}")
     if status.tables:
         header = ("table", "files", "raw commit lsn", "raw commit time", "staged lsn",
-                  "compaction lag")
+                  "compaction lag", "history lsn")
         rows = [(t.table, str(t.raw_files), t.raw_last_commit_lsn or "-",
                  (t.raw_last_commit_ts or "-")[:19], t.staged_commit_lsn or "-",
-                 "-" if t.compaction_lag_seconds is None else f"{t.compaction_lag_seconds:.0f} s")
+                 "-" if t.compaction_lag_seconds is None else f"{t.compaction_lag_seconds:.0f} s",
+                 t.history_commit_lsn or "-")
                 for t in status.tables]
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         for r in [header, *rows]:

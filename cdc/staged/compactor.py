@@ -154,10 +154,12 @@ def raw_files(lake: Lake) -> dict[str, list[RawFile]]:
 
 def compact_lake(lake: Lake, slot: str, tables: Sequence[str] = (),
                  keys: Mapping[str, tuple[str, ...]] | None = None, *,
-                 options: CompactOptions | None = None) -> list[TableResult]:
+                 options: CompactOptions | None = None,
+                 history: bool = True) -> list[TableResult]:
     """Compact every table (or ``tables``) up to the slot's checkpoint; safe beside streaming.
 
-    Returns one result per table; an empty list when the slot has no checkpoint yet.
+    Returns one result per table; an empty list when the slot has no checkpoint yet. With
+    ``history``, each keyed table's history (``cdc.history``) follows its staged table.
     """
     bound = CheckpointStore(lake, slot).load()  # before listing: files below it exist
     if bound is None:
@@ -169,6 +171,11 @@ def compact_lake(lake: Lake, slot: str, tables: Sequence[str] = (),
         compactor = _TableCompactor(lake, table, (keys or {}).get(table),
                                     options or CompactOptions())
         results.append(compactor.run(files.get(table, []), bound))
+        if history:  # same raw files and bound; its own watermark (cdc/history/writer.py)
+            from cdc.history.writer import compact_history
+
+            compact_history(lake, table, files.get(table, []), bound,
+                            key=(keys or {}).get(table), options=options)
     return results
 
 
@@ -420,8 +427,10 @@ class CompactionLoop:
     """
 
     def __init__(self, lake: Lake, slot: str, interval: float,
-                 keys: Mapping[str, tuple[str, ...]] | None = None) -> None:
+                 keys: Mapping[str, tuple[str, ...]] | None = None, *,
+                 history: bool = True) -> None:
         self.lake = lake
+        self.history = history
         self.slot = slot
         self.interval = interval
         self.keys = keys
@@ -441,7 +450,8 @@ class CompactionLoop:
 
         while not self.stopping.wait(self.interval):
             try:
-                for result in compact_lake(self.lake, self.slot, keys=self.keys):
+                for result in compact_lake(self.lake, self.slot, keys=self.keys,
+                                           history=self.history):
                     metrics.COMPACTION_RUNS.labels(result.table).inc()
                     metrics.COMPACTION_SECONDS.observe(result.seconds)
             except CdcError as exc:

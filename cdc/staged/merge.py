@@ -70,6 +70,16 @@ def dedupe(table: pa.Table) -> pa.Table:
     return table if pc.all(first).as_py() else table.filter(first)
 
 
+def check_key(rows: pa.Table, key: Sequence[str], table: str) -> None:
+    """Raise unless every key column is present and never NULL in ``rows``."""
+    for k in key:
+        missing = k not in rows.column_names
+        if missing or rows[k].null_count:
+            problem = "not in its raw changes" if missing else "NULL in some changes"
+            raise CompactionError(f"key column {k!r} of {table} is {problem}",
+                                  fix=f"name NOT NULL key columns: --key {table}=col1,col2")
+
+
 def latest_per_key(rows: pa.Table, key: Sequence[str],
                    table: str) -> tuple[pa.Table, list[str]]:
     """The last change per key with unchanged TOAST values filled from earlier ones.
@@ -77,12 +87,7 @@ def latest_per_key(rows: pa.Table, key: Sequence[str],
     Returns the rows (with a delete flag) and the names of ``keep`` flag columns: true where
     a value is still unchanged and the staged row's value must stay.
     """
-    for k in key:
-        missing = k not in rows.column_names
-        if missing or rows[k].null_count:
-            problem = "not in its raw changes" if missing else "NULL in some changes"
-            raise CompactionError(f"key column {k!r} of {table} is {problem}",
-                                  fix=f"name NOT NULL key columns: --key {table}=col1,col2")
+    check_key(rows, key, table)
     order = _arange(rows.num_rows)
     rows = rows.append_column("__cdc_i", order)
     rows = rows.sort_by([*((k, "ascending") for k in key), ("__cdc_i", "ascending")])

@@ -160,7 +160,8 @@ class Streamer:
                  start_lsn=format_lsn(start),
                  until=format_lsn(target) if target is not None else None)
         compactor = (CompactionLoop(self.lake, self.settings.slot, self.settings.compact_every,
-                                    parse_keys(self.settings.keys)).start()
+                                    parse_keys(self.settings.keys),
+                                    history=self.settings.history).start()
                      if self.settings.compact_every > 0 else None)
         try:
             return self._stream(target)

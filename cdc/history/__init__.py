@@ -1,0 +1,1 @@
+"""History: SCD2 versions of every row from raw, beside the staged tables."""
