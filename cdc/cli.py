@@ -47,8 +47,19 @@ PublicationOpt = Annotated[str | None, typer.Option(
     "--publication", help="Publication name; created when missing (env: CDC_PUBLICATION; "
     "default: cdc)", show_default=False)]
 TablesOpt = Annotated[str | None, typer.Option(
-    "--tables", help="Comma-separated schema.table list for a new publication (default: all "
-    "tables) (env: CDC_TABLES)", show_default=False)]
+    "--tables", help="Comma-separated schema.table list for a new publication (default: every "
+    "table that qualifies, see cdc check; new ones are added as they appear) (env: CDC_TABLES)",
+    show_default=False)]
+ExcludeOpt = Annotated[str | None, typer.Option(
+    "--exclude-tables", help="Comma-separated schema.table list cdc leaves out of the "
+    "publication it manages (quote names with dots or capitals: '\"Sales.EU\".\"Orders\"') "
+    "(env: CDC_EXCLUDE_TABLES)", show_default=False)]
+KeylessOpt = Annotated[str | None, typer.Option(
+    "--keyless-tables", help="Tables without a usable replica identity (no primary key, a "
+    "DEFERRABLE key, REPLICA IDENTITY NOTHING): refuse them (publishing their updates would make"
+    " the application's UPDATE/DELETE fail), or insert-only: publish only their inserts and "
+    "truncates, for append-only tables (env: CDC_KEYLESS_TABLES; default: refuse)",
+    show_default=False)]
 PluginOpt = Annotated[str | None, typer.Option(
     "--plugin", help="Output plugin (env: CDC_PLUGIN; default: pgoutput)", show_default=False)]
 ConfigOpt = Annotated[str | None, typer.Option(
@@ -98,6 +109,11 @@ def stream(
     publication: PublicationOpt = None, tables: TablesOpt = None, plugin: PluginOpt = None,
     config: ConfigOpt = None, log_format: LogFormatOpt = None, log_level: LogLevelOpt = None,
     s3_endpoint: S3EndpointOpt = None, s3_max_attempts: S3MaxAttemptsOpt = None,
+    exclude_tables: ExcludeOpt = None, keyless_tables: KeylessOpt = None,
+    table_sync_seconds: Annotated[str | None, typer.Option(
+        help="Without --tables: add tables created meanwhile that qualify to the publication "
+        "this often while streaming; 0: only at start (env: CDC_TABLE_SYNC_SECONDS; default: "
+        "60s)", show_default=False)] = None,
     flush_rows: Annotated[int | None, typer.Option(
         help="Flush when this many changes are buffered (env: CDC_FLUSH_ROWS; default: 200000)",
         show_default=False)] = None,
@@ -137,7 +153,9 @@ def stream(
     """Stream changes from the slot into <lake>/raw/ until stopped (Ctrl-C / SIGTERM flush,
     acknowledge and exit 0).
 
-    Creates the publication (FOR ALL TABLES unless --tables) and the slot when missing.
+    Runs `cdc check` first and stops on what would harm the source. Creates the publication
+    (an explicit, checked table list; tables created later are added when they qualify) and
+    the slot when missing.
     A position is acknowledged to the slot only after everything up to it is durable in
     the lake and recorded in <lake>/_cdc/checkpoints/.
     """
@@ -152,7 +170,9 @@ def stream(
                          s3_endpoint=s3_endpoint, contracts=contracts,
                          s3_max_attempts=s3_max_attempts, until_caught_up=until_caught_up,
                          status_seconds=status_seconds, progress_seconds=progress_seconds,
-                         max_backoff_seconds=max_backoff_seconds, history=history)
+                         max_backoff_seconds=max_backoff_seconds, history=history,
+                         exclude_tables=exclude_tables, keyless_tables=keyless_tables,
+                         table_sync_seconds=table_sync_seconds)
     if settings.metrics_port:
         from cdc.ops.metrics import serve
 
@@ -170,6 +190,7 @@ def snapshot(
     config: ConfigOpt = None, log_format: LogFormatOpt = None, log_level: LogLevelOpt = None,
     s3_endpoint: S3EndpointOpt = None, s3_max_attempts: S3MaxAttemptsOpt = None,
     publish_via_partition_root: ViaRootOpt = None, contracts: ContractsOpt = None,
+    exclude_tables: ExcludeOpt = None, keyless_tables: KeylessOpt = None,
     snapshot_mode: Annotated[str | None, typer.Option(
         "--mode", help="consistent: every published table at one instant, tied to a new slot "
         "so `cdc stream` continues exactly where it ends. updated_at: rows whose updated_at "
@@ -206,7 +227,8 @@ def snapshot(
                          publish_via_partition_root=publish_via_partition_root,
                          contracts=contracts, s3_max_attempts=s3_max_attempts,
                          snapshot_mode=snapshot_mode, workers=workers, chunk_rows=chunk_rows,
-                         updated_at_column=updated_at_column, updated_at=updated_at)
+                         updated_at_column=updated_at_column, updated_at=updated_at,
+                         exclude_tables=exclude_tables, keyless_tables=keyless_tables)
     target = _open_lake(settings)
     if settings.snapshot_mode == "consistent":
         from cdc.snapshot.consistent import ConsistentSnapshot
@@ -283,39 +305,87 @@ def status(
 
 
 
+@app.command("check")
+def check_cmd(
+    dsn: Dsn = None, slot: SlotOpt = None, publication: PublicationOpt = None,
+    tables: TablesOpt = None, exclude_tables: ExcludeOpt = None,
+    keyless_tables: KeylessOpt = None, config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines")] = False,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="Exit 1 on warnings too")] = False,
+) -> None:
+    """Preflight: what would break the source or be lost, one line per problem with its fix.
+
+    Checks wal_level, free slots and WAL senders, the REPLICATION privilege,
+    max_slot_wal_keep_size and the slot's wal_status, and every table the publication covers
+    or would cover: a usable replica identity, UNLOGGED, partitioning and
+    publish_via_partition_root, generated columns, columns named like cdc's metadata. Only
+    reads the catalog. Exits 0 when there is no error (warnings are printed), 1 otherwise.
+    `cdc stream`, `cdc snapshot` and `cdc slot create` run it first.
+    """
+    import json
+
+    from cdc.source import publication as pub
+    from cdc.source.connection import connect
+
+    s = _settings(config, dsn=dsn, slot=slot, publication=publication, tables=tables,
+                  exclude_tables=exclude_tables, keyless_tables=keyless_tables)
+    with connect(s.dsn) as conn:
+        report = pub.check(conn, s)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for finding in report.findings:
+            typer.echo(finding.line())
+        if not report.findings:
+            typer.echo(f"ok: {len(report.plan.cover)} tables, nothing would break or be lost")
+    if report.errors or (strict and report.findings):
+        raise typer.Exit(1)
+
+
 @slot_app.command("create")
 def slot_create(dsn: Dsn = None, slot: SlotOpt = None, publication: PublicationOpt = None,
                 tables: TablesOpt = None, plugin: PluginOpt = None,
                 publish_via_partition_root: ViaRootOpt = None,
-                config: ConfigOpt = None) -> None:
-    """Create the publication and the replication slot (no-op for what exists)."""
+                config: ConfigOpt = None, exclude_tables: ExcludeOpt = None,
+                keyless_tables: KeylessOpt = None) -> None:
+    """Create the publication and the replication slot (no-op for what exists), after the
+    checks of `cdc check`."""
     from cdc.events import format_lsn
+    from cdc.source import publication as pub
     from cdc.source.admin import Admin
     from cdc.source.connection import connect
 
     s = _settings(config, dsn=dsn, slot=slot, publication=publication, tables=tables,
-                  plugin=plugin, publish_via_partition_root=publish_via_partition_root)
+                  plugin=plugin, publish_via_partition_root=publish_via_partition_root,
+                  exclude_tables=exclude_tables, keyless_tables=keyless_tables)
     with connect(s.dsn) as conn:
-        admin = Admin(conn, s.dsn)
-        admin.check_wal_level()
-        admin.ensure_publication(s.publication, s.tables,
-                                 via_partition_root=s.publish_via_partition_root)
-        info, created = admin.ensure_slot(s.slot, s.plugin)
+        names = pub.prepare(conn, s)
+        info, created = Admin(conn, s.dsn).ensure_slot(s.slot, s.plugin)
     lsn = format_lsn(info.confirmed_flush) if info.confirmed_flush else "?"
     typer.echo(f"slot {s.slot} {'created' if created else 'exists'} at {lsn}; "
-               f"publication {s.publication}")
+               f"publication {', '.join(names)}")
 
 
 @slot_app.command("drop")
-def slot_drop(dsn: Dsn = None, slot: SlotOpt = None, config: ConfigOpt = None) -> None:
-    """Drop the replication slot so the server stops retaining WAL for it."""
+def slot_drop(dsn: Dsn = None, slot: SlotOpt = None, publication: PublicationOpt = None,
+              config: ConfigOpt = None,
+              keep_publication: Annotated[bool, typer.Option(
+                  "--keep-publication", help="Leave the publication even when cdc created "
+                  "it")] = False) -> None:
+    """Drop the replication slot so the server stops retaining WAL for it, and the publication
+    when cdc created it (its COMMENT says so); says what it left."""
+    from cdc.source import publication as pub
     from cdc.source.admin import Admin
     from cdc.source.connection import connect
 
-    s = _settings(config, dsn=dsn, slot=slot)
+    s = _settings(config, dsn=dsn, slot=slot, publication=publication)
     with connect(s.dsn) as conn:
         dropped = Admin(conn, s.dsn).drop_slot(s.slot)
+        said = [] if keep_publication else pub.drop(conn, s.dsn, s.publication)
     typer.echo(f"slot {s.slot} {'dropped' if dropped else 'did not exist'}")
+    for line in said:
+        typer.echo(line)
 
 
 @app.command()
@@ -357,9 +427,11 @@ def compact(
     if not results:
         typer.echo(f"nothing to compact: slot {settings.slot} has no checkpoint in "
                    f"{settings.lake} yet (cdc stream or cdc snapshot writes it)", err=True)
+    from cdc.lake.layout import display_name
+
     for r in results:
-        typer.echo(f"{r.table}: {r.changes} changes in {r.commits} commits, staged version "
-                   f"{r.version if r.version is not None else '-'}", err=True)
+        typer.echo(f"{display_name(r.table)}: {r.changes} changes in {r.commits} commits, "
+                   f"staged version {r.version if r.version is not None else '-'}", err=True)
 
 
 @app.command()
@@ -448,7 +520,8 @@ def main() -> None:
     try:
         app()
     except CdcError as exc:
-        print(f"cdc: error: {scrub(str(exc))}", file=sys.stderr)
+        for line in scrub(str(exc)).splitlines() or [""]:
+            print(f"cdc: error: {line}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print("cdc: interrupted", file=sys.stderr)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cdc.errors import ConfigError
+from cdc.log import SecretStr
 
 DEFAULT_CONFIG_FILE = "cdc.toml"
 PLUGINS = ("pgoutput", "wal2json")
@@ -62,6 +63,14 @@ def _parse_list(value: object) -> tuple[str, ...]:
     return tuple(str(t).strip() for t in items if str(t).strip())
 
 
+def parse_tables(value: object) -> tuple[str, ...]:
+    """Table names: a list, or ``,``-separated items (commas inside "quoted names" stay)."""
+    from cdc.names import split_table_list
+
+    items = value if isinstance(value, list | tuple) else split_table_list(str(value))
+    return tuple(str(t).strip() for t in items if str(t).strip())
+
+
 def parse_bool(value: object) -> bool:
     if isinstance(value, bool):
         return value
@@ -96,7 +105,10 @@ class Settings:
     s3_max_attempts: int = _setting(10, _parse_int)  # per S3 request, then LakeError
     slot: str = "cdc"
     publication: str = "cdc"
-    tables: tuple[str, ...] = _setting((), _parse_list)
+    tables: tuple[str, ...] = _setting((), parse_tables)
+    # tables the publication cdc manages leaves out; keyless: refuse or insert-only
+    exclude_tables: tuple[str, ...] = _setting((), parse_tables)
+    keyless_tables: str = "refuse"
     plugin: str = "pgoutput"
     # cdc stream
     flush_rows: int = _setting(200_000, _parse_int)
@@ -108,6 +120,8 @@ class Settings:
     heartbeat_seconds: float = _setting(60.0, parse_duration)  # 0 disables the heartbeat
     compact_every: float = _setting(60.0, parse_duration)  # seconds between compactions; 0: never
     until_caught_up: bool = _setting(False, parse_bool)
+    # add new tables to a managed publication this often while streaming; 0: at start only
+    table_sync_seconds: float = _setting(60.0, parse_duration)
     metrics_port: int = _setting(0, _parse_int)  # 0: no metrics endpoint
     publish_via_partition_root: bool = _setting(True, parse_bool)  # for a publication cdc creates
     contracts: str = ""  # folder of <schema>.<table>.toml schema contracts; "": none
@@ -137,6 +151,10 @@ class Settings:
     # every command
     log_format: str = "console"
     log_level: str = "info"
+
+    def __repr__(self) -> str:  # tracebacks with locals print this: never the password
+        shown = ", ".join(f"{k}={v!r}" for k, v in self.redacted().items())
+        return f"Settings({shown})"
 
     def redacted(self) -> dict[str, Any]:
         """The settings as safe to print (no password)."""
@@ -178,6 +196,11 @@ def _read_file(path: Path | None) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}",
                           fix="fix the file's syntax") from exc
     section = data.get("cdc", data)
+    beside = sorted(set(data) - {"cdc"}) if "cdc" in data else []
+    if beside:
+        raise ConfigError(f"config file {path} has keys beside its [cdc] table: "
+                          f"{', '.join(beside)}",
+                          fix="move them into the [cdc] table, or remove them")
     unknown = sorted(set(section) - set(FIELDS) - {"cdc"})
     if unknown:
         raise ConfigError(f"config file {path} has unknown keys: {', '.join(unknown)}",
@@ -220,16 +243,45 @@ def load_settings(
 # Settings with a fixed set of values (what the error calls them, the values) ...
 _CHOICES = {"plugin": ("output plugin", PLUGINS),
             "snapshot_mode": ("snapshot mode", SNAPSHOT_MODES),
-            "log_format": ("log format", ("console", "json"))}
+            "log_format": ("log format", ("console", "json")),
+            "log_level": ("log level", ("debug", "info", "warning", "error")),
+            "keyless_tables": ("keyless tables policy", ("refuse", "insert-only"))}
 # ... and whole numbers with a least value.
 _AT_LEAST = {"workers": 1, "chunk_rows": 1, "s3_max_attempts": 1, "optimize_every": 0,
              "vacuum_retention_hours": 0}
+
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def check_dsn(dsn: str) -> None:
+    """A malformed DSN is a configuration error, told without the password it may hold."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    from cdc.log import redact_libpq
+
+    scheme = _SCHEME.match(dsn)
+    if scheme and scheme.group(1).lower() not in ("postgresql", "postgres"):
+        raise ConfigError(f"the DSN's scheme {scheme.group(1)!r}:// is not PostgreSQL's",
+                          fix="write postgresql://user:password@host:5432/db or key=value "
+                          "pairs (host=... dbname=...)")
+    try:
+        conninfo_to_dict(dsn)
+    except ProgrammingError as exc:
+        raise ConfigError(f"the DSN is malformed: {redact_libpq(str(exc).strip())}",
+                          fix="percent-encode special characters of a URL's password (@ %40, "
+                          ": %3A, / %2F, % %25, space %20), or write key=value pairs with "
+                          "'single-quoted' values") from None
 
 
 def validate(s: Settings, *, need_dsn: bool = True) -> Settings:
     if need_dsn and not s.dsn:
         raise ConfigError("no source database given",
                           fix="pass --dsn postgresql://user@host/db or set CDC_DSN")
+    if not 0 <= s.metrics_port <= 65535:
+        raise ConfigError(f"metrics port {s.metrics_port} is not a TCP port",
+                          fix="use 1-65535 for --metrics-port / CDC_METRICS_PORT (0: off)")
     for what in ("slot", "publication"):
         if not _NAME.match(getattr(s, what)):
             raise ConfigError(f"{what} name {getattr(s, what)!r} is not valid",
@@ -246,4 +298,7 @@ def validate(s: Settings, *, need_dsn: bool = True) -> Settings:
     if s.flush_rows < 1 or s.flush_bytes < 1 or s.flush_seconds <= 0:
         raise ConfigError("flush limits must be positive",
                           fix="check --flush-rows, --flush-bytes and --flush-seconds")
+    if s.dsn:  # last: the other settings' errors come first
+        check_dsn(s.dsn)
+        object.__setattr__(s, "dsn", SecretStr(s.dsn))  # its repr never shows the password
     return s  # the S3 endpoint is checked where it is used (lake.s3.resolve_endpoint)

@@ -79,7 +79,11 @@ class Relation:
 
     @property
     def qualified_name(self) -> str:
-        return f"{self.schema}.{self.name}"
+        """``schema.table`` with each part quoted where SQL needs it, so that ``"s.x".t`` and
+        ``s."x.t"`` stay apart (``public.invoice`` for ordinary names)."""
+        from cdc.names import quote_ident
+
+        return f"{quote_ident(self.schema)}.{quote_ident(self.name)}"
 
     @property
     def key_columns(self) -> tuple[str, ...]:

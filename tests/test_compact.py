@@ -281,6 +281,7 @@ class TestTablesAndKeys:
         self, source: SourceDb, settings: Settings
     ) -> None:
         """No key: staged holds every inserted row, duplicates included; the description says so."""
+        settings = with_settings(settings, keyless_tables="insert-only")  # append-only
         source.execute("CREATE TABLE events (kind text, at timestamptz)")
         prepare(settings)
         source.execute("INSERT INTO events VALUES ('a', now()), ('a', NULL), ('a', NULL)")
@@ -300,6 +301,7 @@ class TestTablesAndKeys:
     ) -> None:
         """Appends are not idempotent: chunks end only between transactions, so a re-run after a
         crash appends nothing twice."""
+        small_flushes = with_settings(small_flushes, keyless_tables="insert-only")  # append-only
         source.execute("CREATE TABLE events (n int)")
         prepare(small_flushes)
         for start in range(0, 100, 20):
@@ -510,6 +512,7 @@ class TestReadersAndCommand:
         self, source: SourceDb, settings: Settings
     ) -> None:
         """A copy of a raw file under another name (a replay) does not double anything."""
+        settings = with_settings(settings, keyless_tables="insert-only")  # append-only
         source.execute("CREATE TABLE t (id int PRIMARY KEY, v int)")
         source.execute("CREATE TABLE e (v int)")
         prepare(settings)

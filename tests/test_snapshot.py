@@ -105,6 +105,7 @@ class TestConsistentSnapshot:
         self, source: SourceDb, settings: Settings, lake_dir: Path, reader: Any
     ) -> None:
         """CTID block ranges cover every row exactly once, NULL and '' kept apart."""
+        settings = with_settings(settings, keyless_tables="insert-only")  # append-only
         source.execute("CREATE TABLE events (kind text, n int)")
         source.execute("INSERT INTO events SELECT 'k' || (g % 7), g "
                        "FROM generate_series(1, 20000) g")

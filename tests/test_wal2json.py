@@ -143,3 +143,30 @@ def test_one_workload_gives_the_same_raw_rows_through_pgoutput_and_wal2json(
     assert not raw_files(Path(json_settings.lake), "public.other")
     schemas = [pq.read_schema(f) for f in raw_files(Path(json_settings.lake), "public.w")]
     assert schemas == [pq.read_schema(f) for f in raw_files(Path(settings.lake), "public.w")]
+
+
+@pytest.mark.skipif(not _wal2json_installed(),
+                    reason="the wal2json plugin is not installed (scripts/ensure-postgres.sh "
+                    "installs postgresql-15-wal2json)")
+def test_insert_only_tables_keep_only_inserts_through_either_plugin(
+    source: SourceDb, settings: Settings, tmp_path: Path
+) -> None:
+    """wal2json ignores publications: the decoder drops an insert-only table's updates and
+    deletes as pgoutput never sends them, instead of stopping on a delete without identity."""
+    source.execute("CREATE TABLE events (kind text, n int)")
+    source.execute("CREATE TABLE k (id int PRIMARY KEY, v int)")
+    pg = with_settings(settings, keyless_tables="insert-only")
+    js = with_settings(pg, slot=settings.slot + "_j", plugin="wal2json",
+                       lake=str(tmp_path / "lake_j"))
+    prepare(pg)
+    prepare(js)
+    for statement in ("INSERT INTO events VALUES ('a', 1), ('b', 2)", "INSERT INTO k VALUES (1, 1)",
+                      "UPDATE events SET n = 9", "DELETE FROM events WHERE kind = 'a'",
+                      "UPDATE k SET v = 2", "INSERT INTO events VALUES ('c', 3)"):
+        source.execute(statement)
+    stream_until_caught_up(pg)
+    stream_until_caught_up(js)
+    for lake in (Path(pg.lake), Path(js.lake)):
+        assert [(r["_op"], r["kind"]) for r in read_raw(lake, "public.events")] == [
+            ("c", "a"), ("c", "b"), ("c", "c")]
+        assert [r["_op"] for r in read_raw(lake, "public.k")] == ["c", "u"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Container
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -87,12 +87,24 @@ def _text(value: Any, type_oid: Any = None) -> Value:
 class Wal2JsonDecoder:
     """Stateful: remembers each table's columns to synthesise Relation events."""
 
-    def __init__(self, tables: Container[tuple[str, str]] | None = None,
-                 describe: Describe | None = None) -> None:
-        self.tables = tables  # the publication's tables; None: every table
+    def __init__(self, tables: Iterable[tuple[str, str]] | None = None,
+                 describe: Describe | None = None,
+                 insert_only: Iterable[tuple[str, str]] = ()) -> None:
+        # the publication's tables; None: every table
+        self.tables = set(tables) if tables is not None else None
         self.describe = describe
+        # tables published for inserts and truncates only (wal2json ignores publications)
+        self.insert_only = set(insert_only)
         self.relations: dict[tuple[str, str], Relation] = {}
         self.oids: dict[tuple[str, str], int] = {}
+
+    def publish(self, tables: Iterable[tuple[str, str]], *, insert_only: bool = False) -> None:
+        """Tables added to the publication while the stream runs."""
+        added = set(tables)
+        if self.tables is not None:
+            self.tables |= added
+        if insert_only:
+            self.insert_only |= added
 
     def decode(self, payload: bytes) -> list[Event]:  # noqa: PLR0911, PLR0912  dispatch on the message's action letter
         try:
@@ -110,6 +122,8 @@ class Wal2JsonDecoder:
             return []  # M (logical messages) carry nothing for the raw layer
         table = (msg["schema"], msg["table"])
         if self.tables is not None and table not in self.tables:
+            return []
+        if action in ("U", "D") and table in self.insert_only:
             return []
         events: list[Event] = []
         columns = msg.get("columns")

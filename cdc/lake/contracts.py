@@ -47,6 +47,7 @@ import structlog
 from cdc.decoding.pgtypes import ColumnType
 from cdc.errors import ConfigError, ContractError
 from cdc.events import Relation
+from cdc.lake.columns import lake_column
 from cdc.lake.raw import RawSink, encode, file_key
 from cdc.lake.store import Lake
 from cdc.stream.batcher import Batch
@@ -249,8 +250,8 @@ class Contracts:
         table = batch.table
         n = table.num_rows
         schema = table.schema
-        found = [(c.name, (schema.field(c.name).metadata or {}).get(b"pg_type", b"").decode())
-                 for c in batch.relation.columns]
+        found = [(c.name, (schema.field(lake_column(c.name)).metadata or {}).get(
+            b"pg_type", b"").decode()) for c in batch.relation.columns]
         violations = contract.violations(found)
         if violations and contract.policy == FAIL:
             self._schema_violated(contract, violations)
@@ -285,7 +286,8 @@ class Contracts:
         bad: Any = None
         reasons: Any = None
         full_rows: Any = None
-        for name in contract.not_nullable:
+        for source_name in contract.not_nullable:
+            name = lake_column(source_name)
             if name not in table.column_names:
                 continue  # a missing column is a schema violation, reported as such
             column = table[name]

@@ -25,7 +25,8 @@ ROW_GROUP_ROWS = 1_000_000
 
 
 def file_key(batch: Batch, load_date: str, *, prefix: str = RAW) -> str:
-    return raw_key(table_segment(batch.qualified_name), load_date, batch.first_commit_lsn,
+    relation = batch.relation
+    return raw_key(table_segment(relation.schema, relation.name), load_date, batch.first_commit_lsn,
                    batch.last_commit_lsn, batch.label or batch.first_seq, prefix=prefix)
 
 

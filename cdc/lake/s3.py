@@ -29,11 +29,13 @@ from botocore.exceptions import (
     ClientError,
     IncompleteReadError,
     NoCredentialsError,
+    ProfileNotFound,
     ReadTimeoutError,
     ResponseStreamingError,
 )
 
 from cdc.errors import ConfigError, LakeError
+from cdc.lake.layout import check_key
 
 MULTIPART_BYTES = 64 * 2**20
 PROBE_KEY = "_cdc/.write-check"
@@ -71,6 +73,14 @@ def public_endpoint(endpoint: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.hostname or ""))
 
 
+class StorageOptions(dict[str, str]):
+    """delta-rs storage options whose ``repr`` (tracebacks with locals) hides credentials."""
+
+    def __repr__(self) -> str:
+        return repr({k: "***" if any(w in k.upper() for w in ("SECRET", "TOKEN", "KEY_ID"))
+                     else v for k, v in self.items()})
+
+
 class S3Lake:
     """A lake under ``s3://bucket/prefix``."""
 
@@ -79,7 +89,11 @@ class S3Lake:
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.endpoint = resolve_endpoint(endpoint)
         self.max_attempts = max_attempts
-        self.session = boto3.session.Session()
+        try:
+            self.session = boto3.session.Session()
+        except ProfileNotFound as exc:
+            raise ConfigError(f"AWS profile not found: {exc}",
+                              fix="check AWS_PROFILE against ~/.aws/config, or unset it") from exc
         self.region = self.session.region_name or "us-east-1"
         config = Config(retries={"total_max_attempts": max_attempts, "mode": "adaptive"},
                         connect_timeout=connect_timeout, read_timeout=read_timeout,
@@ -96,6 +110,7 @@ class S3Lake:
         return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
 
     def object_key(self, key: str) -> str:
+        check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def write_bytes(self, key: str, data: bytes) -> None:
@@ -174,14 +189,14 @@ class S3Lake:
     def delta_location(self, key: str) -> tuple[str, dict[str, str] | None]:
         return f"{self.uri}/{key}", self.delta_storage_options()
 
-    def delta_storage_options(self) -> dict[str, str]:
+    def delta_storage_options(self) -> StorageOptions:
         """Storage options for delta-rs that reach the same bucket with the same identity.
 
         ``conditional_put=etag`` makes every Delta commit a put-if-absent (S3 conditional
         writes; MinIO and moto support them too), so two writers can never overwrite each
         other's commit: no locking provider is needed.
         """
-        options = {"AWS_REGION": self.region, "conditional_put": "etag"}
+        options = StorageOptions({"AWS_REGION": self.region, "conditional_put": "etag"})
         if self.endpoint:
             options["AWS_ENDPOINT_URL"] = self.endpoint
             if self.endpoint.startswith("http://"):

@@ -22,6 +22,7 @@ from typing import Protocol
 import pyarrow.fs as pafs
 
 from cdc.errors import ConfigError, LakeError
+from cdc.lake.layout import check_key
 
 
 class Lake(Protocol):
@@ -67,7 +68,10 @@ class LocalLake:
         return self.root / key
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        target = self.path(key)
+        target = self.path(check_key(key))
+        if not target.resolve().is_relative_to(self.root.resolve()):  # a symlink out
+            raise LakeError(f"refusing to write {target}: it resolves outside the lake "
+                            f"{self.root}", fix="remove the symbolic link that leads out")
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)

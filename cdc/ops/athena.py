@@ -10,9 +10,10 @@
 - history ``history/<schema>.<table>/`` → ``<database>.history_<schema>__<table>``, a Delta
   table like staged.
 
-Athena table names have no dots, hence ``<schema>__<table>``. Arrow types map to Athena
-types (:func:`athena_type`); ``timestamp[us, UTC]`` becomes ``timestamp``: Athena's
-parquet timestamps carry no zone, the values are UTC.
+Athena table names have no dots, hence ``<schema>__<table>`` (other names:
+``cdc.ops.names``). Arrow types map to Athena types (:func:`athena_type`);
+``timestamp[us, UTC]`` becomes ``timestamp``: Athena's parquet timestamps carry no zone,
+the values are UTC.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from deltalake import DeltaTable
 
 from cdc.errors import ConfigError, HistoryTableUnreadable, LakeError, StagedTableUnreadable
 from cdc.history.writer import history_location
-from cdc.lake.layout import staged_key
+from cdc.lake.layout import display_name, staged_key
 from cdc.lake.store import Lake
-from cdc.ops.query import HISTORY_PREFIX, history_tables, raw_schema, raw_tables, staged_tables
+from cdc.ops.names import athena_name
+from cdc.ops.query import history_tables, raw_schema, raw_tables, staged_tables
 
 
 def athena_type(t: pa.DataType) -> str:
@@ -55,12 +57,6 @@ def _unsupported(t: pa.DataType) -> LakeError:
     return LakeError(f"Arrow type {t} has no Athena equivalent",
                      fix="leave the column out of the generated DDL by hand, or cast it at "
                      "the source")
-
-
-def athena_name(table: str, *, raw: bool) -> str:
-    """``public.invoice`` → ``public__invoice`` (staged) or ``raw_public__invoice`` (raw)."""
-    schema, _, name = table.partition(".")
-    return f"{'raw_' if raw else ''}{schema}__{name}"
 
 
 def _q(name: str) -> str:
@@ -98,7 +94,7 @@ def raw_ddl(database: str, table: str, schema: pa.Schema, location: str,
     return "".join(f"{note}\n" for note in skipped) + (
         f"CREATE EXTERNAL TABLE IF NOT EXISTS {_q(database)}.{_q(athena_name(table, raw=True))} "
         f"(\n{columns}\n)\n"
-        f"COMMENT {_s(f'cdc raw change history of {table}')}\n"
+        f"COMMENT {_s(f'cdc raw change history of {display_name(table)}')}\n"
         "PARTITIONED BY (`load_date` string)\n"
         "STORED AS PARQUET\n"
         f"LOCATION {_s(location)}\n"
@@ -121,7 +117,7 @@ def staged_ddl(database: str, table: str, schema: pa.Schema | None, location: st
     lines = []
     if schema is not None:
         readable, skipped = _columns(schema)
-        lines.append(f"-- {table} columns (read by Athena from the Delta log): "
+        lines.append(f"-- {display_name(table)} columns (read by Athena from the Delta log): "
                      + ", ".join(f"{name} {kind}" for name, kind in readable))
         lines.extend(skipped)
     lines.append(
@@ -163,7 +159,7 @@ def athena_ddl(lake: Lake, database: str = "cdc", location: str | None = None) -
         target = f"{uri.rstrip('/')}/" if location is None else f"{root}/history/{table}/"
         statements.append(staged_ddl(database, table,
                                      _delta_schema(uri, storage, HistoryTableUnreadable), target,
-                                     HISTORY_PREFIX + athena_name(table, raw=False)))
+                                     athena_name(table, history=True)))
     return "\n\n".join(statements) + "\n"
 
 

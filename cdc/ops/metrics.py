@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from cdc.errors import ConfigError
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 CHANGES = Counter("cdc_changes_written", "Changes written to raw, by table and op",
@@ -38,4 +40,8 @@ ERRORS = Counter("cdc_errors", "Errors by kind (exception class)", ["kind"], reg
 
 def serve(port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104 - scraped from outside
     """Serve /metrics in a background thread."""
-    start_http_server(port, addr=addr, registry=REGISTRY)
+    try:
+        start_http_server(port, addr=addr, registry=REGISTRY)
+    except (OSError, OverflowError) as exc:
+        raise ConfigError(f"cannot serve metrics on port {port}: {exc}",
+                          fix="choose a free port with --metrics-port / CDC_METRICS_PORT") from exc

@@ -3,8 +3,9 @@
 Each lake table becomes a DuckDB view:
 
 - a staged Delta table ``staged/<schema>.<table>/`` is the view ``<schema>.<table>``
-  (``public.invoice``), read through ``DeltaTable.to_pyarrow_dataset()`` (only the files of
-  the current version, never removed ones);
+  (``public.invoice``; views carry the tables' real names, see ``cdc.ops.names``), read
+  through ``DeltaTable.to_pyarrow_dataset()`` (only the files of the current version, never
+  removed ones);
 - a history table ``history/<schema>.<table>/`` (every committed version of each row) is
   the view ``history_<schema>.<table>``;
 - with ``as_of`` (a commit LSN or a time), each staged view instead shows its table as it
@@ -56,12 +57,20 @@ from cdc.errors import (
 from cdc.history.as_of import AsOf
 from cdc.history.versions import HISTORY_META
 from cdc.history.writer import history_location
-from cdc.lake.layout import HISTORY, RAW, STAGED, raw_keys, staged_key
+from cdc.lake.layout import (
+    HISTORY,
+    RAW,
+    STAGED,
+    display_name,
+    raw_keys,
+    segment_table,
+    staged_key,
+)
 from cdc.lake.store import Lake
+from cdc.names import quote_ident
+from cdc.ops.names import view_map
 
 FORMATS = ("table", "csv", "json")
-RAW_PREFIX = "raw_"
-HISTORY_PREFIX = "history_"
 _BATCH = 10_000
 
 
@@ -77,25 +86,19 @@ def raw_tables(lake: Lake) -> dict[str, list[str]]:
 
 
 def staged_tables(lake: Lake) -> list[str]:
-    """``schema.table`` names that have a staged Delta table (a ``_delta_log`` folder)."""
+    """Segments of the tables that have a staged Delta table (a ``_delta_log`` folder)."""
     return _delta_tables(lake, STAGED)
 
 
 def history_tables(lake: Lake) -> list[str]:
-    """``schema.table`` names that have a history Delta table."""
+    """Segments of the tables that have a history Delta table."""
     return _delta_tables(lake, HISTORY)
 
 
 def _delta_tables(lake: Lake, prefix: str) -> list[str]:
     names = {key.split("/")[1] for key in lake.list(prefix)
              if len(key.split("/")) > 3 and key.split("/")[2] == "_delta_log"}
-    return sorted(names)
-
-
-def view_names(table: str) -> tuple[str, str]:
-    """``public.invoice`` → (``public``, ``invoice``): the DuckDB schema and view name."""
-    schema, _, name = table.partition(".")
-    return schema, name
+    return sorted(n for n in names if segment_table(n) is not None)
 
 
 def raw_schema(lake: Lake, keys: list[str], table: str) -> pa.Schema:
@@ -152,26 +155,27 @@ def duckdb_views(lake: Lake, sql: str | None = None,
     except duckdb.Error:  # it binds some clauses (JOIN ... USING): register every view
         named = set()
     raws, staged, histories = raw_tables(lake), staged_tables(lake), history_tables(lake)
+    views = view_map(staged, raws, histories)
 
-    def wanted(table: str) -> bool:
-        return not named or view_names(table)[1].lower() in named  # identifiers ignore case
+    def wanted(layer: str, table: str) -> bool:
+        view = views.get((layer, table))
+        return view is not None and (not named or view[1].lower() in named)  # case-blind
 
     con = duckdb.connect()
     with contextlib.suppress(duckdb.Error):  # fails only without the ICU extension
         con.execute("SET TimeZone = 'UTC'")
     for table in histories:
-        if wanted(table):
-            schema, name = view_names(table)
+        if wanted("history", table):
             uri, storage = history_location(lake, table)
             dataset = _delta_table(uri, storage, HistoryTableUnreadable).to_pyarrow_dataset()
-            _register(con, (HISTORY_PREFIX + schema, name), dataset)
-            if as_of is not None and table in staged:
+            _register(con, views[("history", table)], dataset)
+            if as_of is not None and ("staged", table) in views:
                 columns = [c for c in dataset.schema.names if c not in HISTORY_META]
                 select = ", ".join(_ident(c) for c in [*columns, "_valid_from", "_valid_from_lsn"])
-                _register(con, (schema, name), dataset,
+                _register(con, views[("staged", table)], dataset,
                           f"SELECT {select} FROM {{}} WHERE {as_of.versions()}")
     for table in staged:
-        if not wanted(table) or (as_of is not None and table in histories):
+        if not wanted("staged", table) or (as_of is not None and table in histories):
             continue
         uri, storage = lake.delta_location(staged_key(table))
         delta = _delta_table(uri, storage, StagedTableUnreadable)
@@ -179,16 +183,16 @@ def duckdb_views(lake: Lake, sql: str | None = None,
         if as_of is not None:
             if not _is_append(delta):  # keyed, but its history is off or not built yet
                 if named:
-                    raise QueryError(f"{table} has no history table, so --as-of cannot show "
+                    raise QueryError(f"{display_name(table)} has no history table, so --as-of "
+                                     "cannot show "
                                      "it as it was", fix="build it from raw: cdc compact "
                                      "--history on (the default)")
                 continue
             select = f"SELECT * FROM {{}} WHERE {as_of.appended()}"
-        _register(con, view_names(table), delta.to_pyarrow_dataset(), select)
+        _register(con, views[("staged", table)], delta.to_pyarrow_dataset(), select)
     for table, keys in sorted(raws.items()):
-        if wanted(table):
-            schema, name = view_names(table)
-            _register(con, (RAW_PREFIX + schema, name), raw_dataset(lake, table, keys))
+        if wanted("raw", table):
+            _register(con, views[("raw", table)], raw_dataset(lake, table, keys))
     con.execute("SET schema = 'main'")
     return con
 
@@ -212,7 +216,7 @@ def _register(con: duckdb.DuckDBPyConnection, view: tuple[str, str], data: Any,
     """Register ``data`` and create the view ``schema.name`` as ``select`` over it (its
     ``{}`` is the data; without one, ``SELECT *`` of it)."""
     schema, name = view
-    hidden = f"_cdc_dataset_{schema}.{name}"  # a temporary view in main; the dot keeps it unique
+    hidden = f"_cdc_dataset_{len(schema)}_{schema}.{name}"  # a temporary view in main
     con.register(hidden, data)
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {_ident(schema)}")
     body = select.format(_ident(hidden)) if "{}" in select else f"{select} FROM {_ident(hidden)}"
@@ -225,8 +229,11 @@ def _ident(name: str) -> str:
 
 def lake_views(lake: Lake) -> list[str]:
     """Every view name a query can use, e.g. ``public.invoice``, ``raw_public.invoice``."""
-    return [*staged_tables(lake), *(HISTORY_PREFIX + t for t in history_tables(lake)),
-            *(RAW_PREFIX + t for t in sorted(raw_tables(lake)))]
+    views = view_map(staged_tables(lake), raw_tables(lake), history_tables(lake))
+    order = {"staged": 0, "history": 1, "raw": 2}
+    return [f"{quote_ident(schema)}.{quote_ident(name)}"
+            for _, (schema, name) in sorted(views.items(),
+                                             key=lambda kv: (order[kv[0][0]], kv[0][1]))]
 
 
 def run_query(lake: Lake, sql: str, out: IO[str], fmt: str = "table",

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from cdc.errors import RawFileUnreadable
 from cdc.events import Lsn, format_lsn
 from cdc.lake.checkpoint import CheckpointStore
-from cdc.lake.layout import RAW, raw_keys
+from cdc.lake.layout import RAW, display_name, raw_keys
 from cdc.lake.store import Lake
 from cdc.source.admin import Admin
 from cdc.source.connection import connect
@@ -144,7 +144,7 @@ def collect(dsn: str, lake: Lake, slot: str, staged: StagedProbe | None = None,
         ts = last_commit_ts(fs, key)
         if ts is not None and (checkpoint is None or last_lsn < checkpoint):
             acked_ts = ts if acked_ts is None or ts > acked_ts else acked_ts
-        entry = TableStatus(table, files, format_lsn(last_lsn), _iso(ts))
+        entry = TableStatus(display_name(table), files, format_lsn(last_lsn), _iso(ts))
         if staged is not None:
             staged_lsn, staged_ts = staged(lake, table)
             entry.staged_commit_lsn = format_lsn(staged_lsn) if staged_lsn is not None else None

@@ -43,6 +43,7 @@ from cdc.lake.contracts import Contracts
 from cdc.lake.raw import RawSink
 from cdc.lake.store import Lake
 from cdc.snapshot.readers import TextReader, open_reader
+from cdc.source import publication
 from cdc.source.admin import Admin, parse_table_name
 from cdc.source.connection import connect, translated
 from cdc.stream.batcher import Batch, raw_table
@@ -257,10 +258,8 @@ class ConsistentSnapshot:
         self.lake.check_writable()
         stored = self.lake.read_bytes(progress_key(s.slot))
         with connect(s.dsn) as conn:
+            publication.prepare(conn, s)  # cdc check's findings first
             admin = Admin(conn, s.dsn)
-            admin.check_wal_level()
-            admin.ensure_publication(s.publication, s.tables,
-                                     via_partition_root=s.publish_via_partition_root)
             relations = self._relations(admin)
             existing = admin.slot(s.slot)
             if stored is not None:

@@ -30,8 +30,10 @@ from cdc.config import Settings
 from cdc.decoding.pgtypes import column_type
 from cdc.errors import ConfigError, SourceError
 from cdc.events import Relation
+from cdc.lake.layout import table_segment
 from cdc.lake.raw import RawSink
 from cdc.lake.store import Lake
+from cdc.names import TableName
 from cdc.snapshot.consistent import select_query, snapshot_batch
 from cdc.snapshot.readers import csv_columns
 from cdc.source.admin import Admin, parse_table_name
@@ -49,12 +51,12 @@ def parse_column_overrides(items: Sequence[str]) -> dict[str, str]:
             raise ConfigError(f"--updated-at {item!r} is not schema.table=column",
                               fix="write e.g. --updated-at public.invoice=modified_at")
         schema, name = parse_table_name(table)
-        result[f"{schema}.{name}"] = column.strip()
+        result[TableName(schema, name).display()] = column.strip()  # = qualified_name
     return result
 
 
-def watermark_key(table: str) -> str:
-    return f"_cdc/watermarks/{table}.json"
+def watermark_key(relation: Relation) -> str:
+    return f"_cdc/watermarks/{table_segment(relation.schema, relation.name)}.json"
 
 
 class UpdatedAtExport:
@@ -110,7 +112,7 @@ class UpdatedAtExport:
         facts = admin.type_facts(relation)
         types = [column_type(c.type_oid, c.type_modifier, type_names.get(c.type_oid), facts)
                  for c in relation.columns]
-        stored = self.lake.read_bytes(watermark_key(name))
+        stored = self.lake.read_bytes(watermark_key(relation))
         mark: list[str] | None = json.loads(stored)["after"] if stored else None
         written = seq = page = 0
         while True:
@@ -128,7 +130,7 @@ class UpdatedAtExport:
                 raise SourceError(f"{name}.{column} is NULL in some rows; they cannot be paged",
                                   fix=f"fill {column} (e.g. with a default) or use cdc stream")
             mark = [str(v) for v in last]
-            self.lake.write_bytes(watermark_key(name), json.dumps(
+            self.lake.write_bytes(watermark_key(relation), json.dumps(
                 {"table": name, "columns": order, "after": mark}).encode())
             written += rows
             seq += rows

@@ -16,6 +16,7 @@ from cdc.errors import (
     SourceError,
 )
 from cdc.events import Column, Lsn, Relation, parse_lsn
+from cdc.names import parse_table_name as parse_name
 from cdc.source.connection import describe, translated
 
 
@@ -29,9 +30,9 @@ class SlotInfo:
 
 
 def parse_table_name(name: str) -> tuple[str, str]:
-    """``schema.table`` or ``table`` (schema public) → (schema, table)."""
-    schema, dot, table = name.strip().rpartition(".")
-    return (schema if dot else "public"), table
+    """``schema.table``, ``table`` (schema public) or ``"a.b"."c d"`` → (schema, table)."""
+    parsed = parse_name(name)
+    return parsed.schema, parsed.table
 
 
 class Admin:
@@ -48,7 +49,7 @@ class Admin:
             return self.conn.execute(query, params).fetchone()  # type: ignore[arg-type]
 
     def check_wal_level(self) -> None:
-        row = self._one("SHOW wal_level")
+        row = self._one("SELECT current_setting('wal_level')")
         level = str(row[0]) if row else "?"
         if level != "logical":
             raise SourceError(
@@ -105,50 +106,26 @@ class Admin:
         self._one("SELECT pg_drop_replication_slot(%s)", (name,))
         return True
 
-    def ensure_publication(self, name: str, tables: Sequence[str], *,
-                           via_partition_root: bool = True) -> None:
-        """Create the publication when missing (FOR ALL TABLES, or the named tables).
-
-        ``via_partition_root`` (PostgreSQL 13+): changes to a partition are published as
-        changes of its partitioned table, so they land under the parent in raw.
-        """
-        exists = self._one("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,))
-        if exists is None:
-            if tables:
-                self._check_tables_exist(tables)
-                idents = sql.SQL(", ").join(sql.Identifier(*parse_table_name(t)) for t in tables)
-                stmt = sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
-                    sql.Identifier(name), idents)
-            else:
-                stmt = sql.SQL("CREATE PUBLICATION {} FOR ALL TABLES").format(sql.Identifier(name))
-            if via_partition_root and self.conn.info.server_version >= 130000:
-                stmt = sql.SQL("{} WITH (publish_via_partition_root = true)").format(stmt)
-            try:
-                with self.conn.transaction():
-                    self.conn.execute(stmt)
-            except psycopg.Error as exc:
-                raise PublicationError(
-                    f"publication {name!r} does not exist and could not be created: "
-                    f"{str(exc).strip().splitlines()[0]}",
-                    fix=f"create it as a superuser or table owner: {stmt.as_string(self.conn)}",
-                ) from exc
-        row = self._one("SELECT p.puballtables, (SELECT count(*) FROM pg_publication_tables t "
-                        "WHERE t.pubname = p.pubname) FROM pg_publication p WHERE p.pubname = %s",
-                        (name,))
-        # FOR ALL TABLES picks up tables created later, so it is never "empty"
-        if row is not None and not row[0] and row[1] == 0:
-            raise PublicationError(
-                f"publication {name!r} publishes no tables",
-                fix=f"add tables: ALTER PUBLICATION {name} ADD TABLE <schema.table>, "
-                "or create tables first",
-            )
-
     def published_tables(self, publication: str) -> list[tuple[str, str]]:
-        """(schema, table) of every table the publication publishes, sorted."""
+        """(schema, table) of every table the publication (and its insert-only companion,
+        ``<publication>_inserts``) publishes, sorted."""
+        from cdc.source.publication import inserts_name
+
+        return self._published([publication, inserts_name(publication)])
+
+    def insert_only_tables(self, publication: str) -> list[tuple[str, str]]:
+        """(schema, table) of the tables only the insert-only companion publishes."""
+        from cdc.source.publication import inserts_name
+
+        main, both = (set(self._published([publication])),
+                      self._published([publication, inserts_name(publication)]))
+        return [t for t in both if t not in main]
+
+    def _published(self, names: list[str]) -> list[tuple[str, str]]:
         with translated(self.dsn):
             rows = self.conn.execute(
-                "SELECT schemaname::text, tablename::text FROM pg_publication_tables "
-                "WHERE pubname = %s ORDER BY 1, 2", (publication,)).fetchall()
+                "SELECT DISTINCT schemaname::text, tablename::text FROM pg_publication_tables "
+                "WHERE pubname = ANY(%s) ORDER BY 1, 2", (names,)).fetchall()
         return [(str(r[0]), str(r[1])) for r in rows]
 
     def describe_table(self, schema: str, table: str) -> tuple[Relation, dict[int, str]]:
@@ -178,15 +155,3 @@ class Admin:
 
         with translated(self.dsn):
             return load_type_facts(fetch, [c.type_oid for c in relation.columns])
-
-    def _check_tables_exist(self, tables: Sequence[str]) -> None:
-        for table in tables:
-            schema, name = parse_table_name(table)
-            regclass = sql.Identifier(schema, name).as_string(self.conn)
-            row = self._one("SELECT to_regclass(%s)", (regclass,))
-            if row is None or row[0] is None:
-                raise PublicationError(
-                    f"table {schema}.{name} named in --tables does not exist",
-                    fix="check the --tables list (schema.table, comma-separated)")
-
-

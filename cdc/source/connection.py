@@ -6,8 +6,10 @@ and the DSN is only ever shown through ``describe`` (never its password).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import quote
 
 import psycopg
 from psycopg import errors as pgerrors
@@ -19,6 +21,7 @@ from cdc.errors import (
     SlotBusy,
     SourceError,
 )
+from cdc.log import redact_libpq, scrub
 
 #: session settings that make the server's text output what pgtypes parses
 SESSION_OPTIONS = "-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=postgres " \
@@ -35,9 +38,24 @@ def describe(dsn: str) -> str:
             f"/{params.get('dbname') or '(default db)'}")
 
 
+def without_password(text: str, dsn: str) -> str:
+    """``text`` with the DSN's password (as written and percent-decoded) replaced by ***."""
+    secrets = set()
+    with contextlib.suppress(psycopg.ProgrammingError):
+        password = conninfo_to_dict(dsn).get("password")
+        if password:
+            secrets |= {str(password), quote(str(password)), quote(str(password), safe="")}
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return scrub(text)
+
+
 def translate(exc: psycopg.Error, dsn: str) -> CdcError:  # noqa: PLR0911  the one translation table: a return per error
     """Map a psycopg error to a cdc error with a fix (never quoting the DSN's password)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = without_password(text, dsn)
+    if isinstance(exc, psycopg.ProgrammingError) and "connection" in text.lower():
+        text = redact_libpq(text)  # a conninfo error quotes the bad token back
     where = describe(dsn)
     if isinstance(exc, pgerrors.InsufficientPrivilege) or "replication role" in text:
         return SourceError(f"{where}: {text}",
@@ -71,7 +89,10 @@ def translated(dsn: str) -> Iterator[None]:
 
 def connect(dsn: str, *, replication: bool = False) -> psycopg.Connection[tuple[object, ...]]:
     """An autocommit connection with the session settings cdc relies on."""
-    kwargs: dict[str, object] = {"options": SESSION_OPTIONS, "application_name": "cdc"}
+    # client_encoding: on a SQL_ASCII database psycopg would otherwise return text as bytes
+    # (SHOW wal_level gave b'logical')
+    kwargs: dict[str, object] = {"options": SESSION_OPTIONS, "application_name": "cdc",
+                                 "client_encoding": "utf8"}
     if replication:
         kwargs["replication"] = "database"
     with translated(dsn):

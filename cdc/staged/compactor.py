@@ -38,8 +38,10 @@ from cdc import faults
 from cdc.errors import CdcError, CompactionError, ConfigError, StagedTableUnreadable
 from cdc.events import Lsn, format_lsn
 from cdc.lake.checkpoint import CheckpointStore
-from cdc.lake.layout import RAW, raw_keys, staged_key
+from cdc.lake.columns import lake_column
+from cdc.lake.layout import RAW, raw_keys, segment_of, staged_key
 from cdc.lake.store import Lake
+from cdc.names import parse_table_list, parse_table_name
 from cdc.staged.merge import (
     DELETED,
     KEEP,
@@ -167,15 +169,18 @@ def compact_lake(lake: Lake, slot: str, tables: Sequence[str] = (),
         return []
     files = raw_files(lake)
     results = []
-    for table in tables or sorted(files):
-        compactor = _TableCompactor(lake, table, (keys or {}).get(table),
+    wanted = [segment_of(n) for n in parse_table_list(tables)]  # names → lake segments
+    by_segment = {segment_of(parse_table_name(k)): tuple(lake_column(c) for c in v)
+                  for k, v in (keys or {}).items()}
+    for table in wanted or sorted(files):
+        compactor = _TableCompactor(lake, table, by_segment.get(table),
                                     options or CompactOptions())
         results.append(compactor.run(files.get(table, []), bound))
         if history:  # same raw files and bound; its own watermark (cdc/history/writer.py)
             from cdc.history.writer import compact_history
 
             compact_history(lake, table, files.get(table, []), bound,
-                            key=(keys or {}).get(table), options=options)
+                            key=by_segment.get(table), options=options)
     return results
 
 

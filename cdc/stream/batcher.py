@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from cdc.decoding.pgtypes import ColumnType, PgType, TypeFacts, column_type, convert_column
 from cdc.events import UNCHANGED, Lsn, Op, Relation, Row
+from cdc.lake.columns import lake_column
 
 #: metadata columns of every raw file, after the source columns (DESIGN.md section 2)
 META_SCHEMA = pa.schema(
@@ -93,7 +94,7 @@ class TableBuffer:
             unchanged = []
             for col, value, meta in zip(self.columns, row, self.relation.columns, strict=True):
                 if value is UNCHANGED:
-                    unchanged.append(meta.name)
+                    unchanged.append(lake_column(meta.name))
                     col.append(None)
                 else:
                     col.append(value)  # type: ignore[arg-type]
@@ -129,12 +130,14 @@ class TableBuffer:
 
 def relation_schema(relation: Relation, types: Sequence[ColumnType]) -> pa.Schema:
     """Source columns (typed, ``pg_type`` in the field metadata) plus the metadata columns."""
-    fields = [
-        pa.field(c.name, t.arrow_type, metadata={"pg_type": t.pg_type,
-                                                 "pg_key": "1" if c.is_key else "0"})
+    fields = [  # a column named like cdc's own lands renamed (cdc.lake.columns)
+        pa.field(lake_column(c.name), t.arrow_type, metadata={
+            "pg_type": t.pg_type, "pg_key": "1" if c.is_key else "0", "pg_name": c.name})
         for c, t in zip(relation.columns, types, strict=True)
     ]
-    metadata = {"cdc_table": relation.qualified_name, "cdc_key": ",".join(relation.key_columns)}
+    metadata = {"cdc_table": relation.qualified_name, "cdc_schema": relation.schema,
+                "cdc_name": relation.name,
+                "cdc_key": ",".join(lake_column(k) for k in relation.key_columns)}
     return pa.schema([*fields, *META_SCHEMA], metadata=metadata)
 
 

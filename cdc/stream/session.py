@@ -45,6 +45,7 @@ from cdc.lake.raw import RawSink
 from cdc.lake.store import Lake
 from cdc.ops import metrics
 from cdc.snapshot.consistent import snapshot_in_progress
+from cdc.source import publication
 from cdc.source.admin import Admin
 from cdc.source.catalog import Catalog, SideConnection
 from cdc.source.connection import connect, describe
@@ -109,10 +110,12 @@ class Streamer:
         self.limits = FlushLimits(settings.flush_rows, settings.flush_bytes,
                                   settings.flush_seconds)
         self.contracts = Contracts.load(settings.contracts)
+        self.publications = [settings.publication]  # and its insert-only companion, if any
 
     def _replication(self, start_lsn: Lsn) -> Source:
         s = self.settings
-        return ReplicationStream(s.dsn, s.slot, s.publication, start_lsn, s.plugin)
+        return ReplicationStream(s.dsn, s.slot, ",".join(self.publications), start_lsn,
+                                 s.plugin)
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -124,11 +127,8 @@ class Streamer:
             raise SlotError(f"the snapshot into slot {s.slot!r} has not finished",
                             fix="run cdc snapshot again to finish it, then cdc stream")
         with connect(s.dsn) as conn:
-            admin = Admin(conn, s.dsn)
-            admin.check_wal_level()
-            admin.ensure_publication(s.publication, s.tables,
-                                     via_partition_root=s.publish_via_partition_root)
-            slot, created = admin.ensure_slot(s.slot, s.plugin)
+            self.publications = publication.prepare(conn, s)  # cdc check's findings first
+            slot, created = Admin(conn, s.dsn).ensure_slot(s.slot, s.plugin)
         stored = self.checkpoint.load()
         if created or stored is None:
             assert slot.confirmed_flush is not None
@@ -214,6 +214,7 @@ class Session:
         self.next_status = 0.0
         self.side = SideConnection(self.settings.dsn)
         self.heartbeat = Heartbeat(self.side, self.settings.heartbeat_seconds)
+        self.table_keeper = publication.TableKeeper(self.side, self.settings)
         self.catalog = Catalog(self.side)
         self.wal2json: Wal2JsonDecoder | None = None
         if self.settings.plugin == "wal2json":
@@ -221,7 +222,8 @@ class Session:
             self.wal2json = Wal2JsonDecoder(
                 set(admin.published_tables(self.settings.publication)),
                 lambda schema, table: Admin(self.side.get(), self.settings.dsn).describe_table(
-                    schema, table)[0])
+                    schema, table)[0],
+                insert_only=set(admin.insert_only_tables(self.settings.publication)))
         self.next_progress = time.monotonic() + self.settings.progress_seconds
 
     def run(self) -> None:
@@ -410,6 +412,10 @@ class Session:
                                 else max(time.time() - self.commit_ts / 1e6, 0))
         if idle:
             self.heartbeat.maybe_beat()
+        added, inserts = self.table_keeper.maybe_sync()
+        if self.wal2json is not None:  # wal2json ignores publications: its decoder filters
+            self.wal2json.publish((t.schema, t.table) for t in added)
+            self.wal2json.publish(((t.schema, t.table) for t in inserts), insert_only=True)
 
     def progress(self) -> None:
         now = time.monotonic()
