@@ -310,9 +310,12 @@ def check_cmd(
     dsn: Dsn = None, slot: SlotOpt = None, publication: PublicationOpt = None,
     tables: TablesOpt = None, exclude_tables: ExcludeOpt = None,
     keyless_tables: KeylessOpt = None, config: ConfigOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines")] = False,
-    strict: Annotated[bool, typer.Option(
-        "--strict", help="Exit 1 on warnings too")] = False,
+    check_json: Annotated[bool | None, typer.Option(
+        "--json/--no-json", help="Print JSON for machines (env: CDC_CHECK_JSON; default: "
+        "off)", show_default=False)] = None,
+    check_strict: Annotated[bool | None, typer.Option(
+        "--strict/--no-strict", help="Exit 1 on warnings too (env: CDC_CHECK_STRICT; "
+        "default: off)", show_default=False)] = None,
 ) -> None:
     """Preflight: what would break the source or be lost, one line per problem with its fix.
 
@@ -329,17 +332,18 @@ def check_cmd(
     from cdc.source.connection import connect
 
     s = _settings(config, dsn=dsn, slot=slot, publication=publication, tables=tables,
-                  exclude_tables=exclude_tables, keyless_tables=keyless_tables)
+                  exclude_tables=exclude_tables, keyless_tables=keyless_tables,
+                  check_json=check_json, check_strict=check_strict)
     with connect(s.dsn) as conn:
         report = pub.check(conn, s)
-    if as_json:
+    if s.check_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         for finding in report.findings:
             typer.echo(finding.line())
         if not report.findings:
             typer.echo(f"ok: {len(report.plan.cover)} tables, nothing would break or be lost")
-    if report.errors or (strict and report.findings):
+    if report.errors or (s.check_strict and report.findings):
         raise typer.Exit(1)
 
 
@@ -370,19 +374,21 @@ def slot_create(dsn: Dsn = None, slot: SlotOpt = None, publication: PublicationO
 @slot_app.command("drop")
 def slot_drop(dsn: Dsn = None, slot: SlotOpt = None, publication: PublicationOpt = None,
               config: ConfigOpt = None,
-              keep_publication: Annotated[bool, typer.Option(
-                  "--keep-publication", help="Leave the publication even when cdc created "
-                  "it")] = False) -> None:
+              keep_publication: Annotated[bool | None, typer.Option(
+                  "--keep-publication/--no-keep-publication", help="Leave the publication "
+                  "even when cdc created it (env: CDC_KEEP_PUBLICATION; default: off)",
+                  show_default=False)] = None) -> None:
     """Drop the replication slot so the server stops retaining WAL for it, and the publication
     when cdc created it (its COMMENT says so); says what it left."""
     from cdc.source import publication as pub
     from cdc.source.admin import Admin
     from cdc.source.connection import connect
 
-    s = _settings(config, dsn=dsn, slot=slot, publication=publication)
+    s = _settings(config, dsn=dsn, slot=slot, publication=publication,
+                  keep_publication=keep_publication)
     with connect(s.dsn) as conn:
         dropped = Admin(conn, s.dsn).drop_slot(s.slot)
-        said = [] if keep_publication else pub.drop(conn, s.dsn, s.publication)
+        said = [] if s.keep_publication else pub.drop(conn, s.dsn, s.publication)
     typer.echo(f"slot {s.slot} {'dropped' if dropped else 'did not exist'}")
     for line in said:
         typer.echo(line)

@@ -142,6 +142,10 @@ class Settings:
     max_lag_bytes: int | None = _setting(None, parse_size)
     max_lag_seconds: float | None = _setting(None, parse_duration)
     max_compaction_lag_seconds: float | None = _setting(None, parse_duration)
+    # cdc check, cdc slot drop
+    check_json: bool = _setting(False, parse_bool)
+    check_strict: bool = _setting(False, parse_bool)  # warnings fail too
+    keep_publication: bool = _setting(False, parse_bool)  # even one cdc created
     # cdc query, cdc ddl athena
     query_format: str = "table"
     as_of: str = ""  # ISO 8601 time: query the tables as they were then (from history)
@@ -171,6 +175,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
 # Flags whose name is not the field's: a generic word on one command (``cdc status --json``)
 # gets a specific key, so a shared cdc.toml stays readable.
 FLAG_NAMES = {"keys": "--key", "snapshot_mode": "--mode", "status_json": "--json",
+              "check_json": "--json", "check_strict": "--strict",
               "query_format": "--format", "athena_database": "--database",
               "athena_location": "--location"}
 
