@@ -84,18 +84,21 @@ class TestSegments:
 class TestEngineNames:
     def test_views_carry_real_names_and_case_twins_stay_apart(self) -> None:
         segs = [table_segment(s, t) for s, t in HOSTILE]
-        views = view_map(segs, segs)
+        views = view_map(segs, segs, segs)
         assert views[("staged", table_segment("Sales.EU", "Order Items"))] == (
             "Sales.EU", "Order Items")
         assert views[("raw", table_segment("s.x", "t"))] == ("raw_s.x", "t")
         assert views[("staged", "public.foo")] == ("public", "foo")
         assert views[("staged", table_segment("public", "Foo"))] == ("public", "-46oo")
         lowered = [(s.lower(), t.lower()) for s, t in views.values()]
-        assert len(set(lowered)) == len(lowered) == 2 * len(HOSTILE)
+        assert views[("history", "public.foo")] == ("history_public", "foo")
+        assert len(set(lowered)) == len(lowered) == 3 * len(HOSTILE)
 
     def test_athena_names_are_valid_and_distinct(self) -> None:
-        segs = [table_segment(s, t) for s, t in HOSTILE] + [table_segment("raw_public", "orders")]
-        names = [athena_name(s, raw=r) for s in segs for r in (True, False)]
+        segs = [table_segment(s, t) for s, t in HOSTILE] + [
+            table_segment("raw_public", "orders"), table_segment("history_public", "orders")]
+        names = [athena_name(s, raw=r, history=h) for s in segs
+                 for r, h in ((True, False), (False, True), (False, False))]
         assert all(re.fullmatch(r"[a-z0-9_]{1,255}", n) for n in names)
         assert len(set(names)) == len(names)
         assert athena_name("public.invoice", raw=True) == "raw_public__invoice"
@@ -179,7 +182,7 @@ class TestHostileNamesEndToEnd:
         ddl = run_cdc(["ddl", "athena", "--lake", settings.lake, "--location", "s3://b/lake"])
         assert ddl.returncode == 0, ddl.stderr
         tables = re.findall(r"CREATE EXTERNAL TABLE IF NOT EXISTS `cdc`\.`([^`]+)`", ddl.stdout)
-        assert len(tables) == len(set(tables)) == 2 * len(HOSTILE)
+        assert len(tables) == len(set(tables)) == 3 * len(HOSTILE)  # raw, staged, history
         assert all(re.fullmatch(r"[a-z0-9_]+", t) for t in tables)
 
 
