@@ -7,7 +7,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from conftest import SourceDb
+from conftest import SourceDb, with_settings
 from rawlake import dedupe, prepare, read_raw, run_cdc, stream_until_caught_up
 from test_history import COLUMNS, Workload, compact, replayed, small, stream_phases
 
@@ -80,6 +80,7 @@ class TestWhichTablesGetHistory:
     ) -> None:
         """Keyless tables: raw is their history (--as-of shows the inserts committed by
         then); --history off skips keyed ones, and --as-of then says how to build it."""
+        settings = with_settings(settings, keyless_tables="insert-only")  # append-only
         source.execute("CREATE TABLE events (v int)")
         source.execute("CREATE TABLE person (id int PRIMARY KEY, name text)")
         prepare(settings)
