@@ -21,8 +21,14 @@ After the staged merge, the same raw input is compacted into the table's history
 closes the current versions of the updated and deleted keys and appends the new ones
 (``--no-history`` skips it).
 
+``--raw-history N`` measures instead what the raw layer's age costs: a lake with N old
+raw files over a year of ``load_date`` partitions, compacted, then one new file; the run
+that applies it is timed with listing calls and keys listed, once listing all of raw (no
+floor recorded, as before the floor existed) and once from the recorded floor.
+
     python bench/compact.py                                   # 1M and 10M, both patterns
     python bench/compact.py --sizes 1000000 --pattern random --keep /tmp/lake
+    python bench/compact.py --raw-history 50000
 """
 
 from __future__ import annotations
@@ -35,17 +41,23 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from deltalake import DeltaTable
 
 from cdc.history.writer import compact_history
 from cdc.lake.checkpoint import CheckpointStore
+from cdc.lake.layout import compaction_floor_key
 from cdc.lake.raw import encode
 from cdc.lake.store import LocalLake
-from cdc.staged.compactor import CompactOptions, compact_lake, raw_files
+from cdc.staged.compactor import CompactOptions, compact_lake
+from cdc.staged.files import list_raw
 from cdc.stream.batcher import META_SCHEMA
 
 TABLE = "public.bench"
@@ -88,7 +100,10 @@ def raw_rows(ids: pa.Array, ops: pa.Array, commit_lsns: pa.Array, seqs: pa.Array
 
 
 def write_raw(lake: LocalLake, table: pa.Table, name: str) -> None:
-    lake.write_bytes(f"raw/{TABLE}/load_date=2026-01-01/{name}.parquet", encode(table))
+    """Into today's partition, as the stream writes (compaction trusts writers' clocks to
+    within a day: a file dated older than the day before its run is not listed)."""
+    today = datetime.now(UTC).date()
+    lake.write_bytes(f"raw/{TABLE}/load_date={today}/{name}.parquet", encode(table))
 
 
 def build_load(lake: LocalLake, rows: int, file_rows: int) -> None:
@@ -124,6 +139,65 @@ def build_changes(lake: LocalLake, rows: int, changes: int, file_rows: int, *, p
     CheckpointStore(lake, SLOT).save(lsns[-1] + 1)
 
 
+class CountingLake(LocalLake):
+    """A local lake that counts listings: file listings (keys returned) and folder ones."""
+
+    def __init__(self, root: str | Path) -> None:
+        super().__init__(root)
+        self.lists = self.keys = self.folder_lists = 0
+
+    def list(self, prefix: str) -> list[str]:
+        keys = super().list(prefix)
+        self.lists, self.keys = self.lists + 1, self.keys + len(keys)
+        return keys
+
+    def arrow_filesystem(self) -> pafs.SubTreeFileSystem:
+        self.folder_lists += 1  # compaction lists one folder per filesystem it asks for
+        return super().arrow_filesystem()
+
+
+def raw_history(root: Path, old_files: int, seed: int) -> None:
+    """Compaction of one new raw file beside ``old_files`` compacted ones over a year."""
+    lake = CountingLake(root)
+    rng = random.Random(seed)
+    days = [date(2025, 1, 1) + timedelta(days=d) for d in range(365)]
+    lsn = LOAD_LSN
+    for i in range(old_files):  # written directly (no fsync per file): the build, not the test
+        ids = pa.array([rng.randrange(1, 100_000), rng.randrange(1, 100_000)], pa.int64())
+        table = raw_rows(ids, pa.array(["c", "c"]), pa.array([lsn, lsn], pa.int64()),
+                         pa.array([0, 1], pa.int64()))
+        path = lake.path(f"raw/{TABLE}/load_date={days[i * 365 // old_files]}/"
+                         f"{lsn:016X}-{lsn:016X}-0.parquet")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path)
+        lsn += 0x100
+    CheckpointStore(lake, SLOT).save(lsn)
+    today = days[-1]
+    started = time.perf_counter()
+    compact_lake(lake, SLOT, options=CompactOptions(optimize_every=0, today=lambda: today))
+    print(f"{old_files:,} old raw files in {len(days)} partitions, first compaction "
+          f"{time.perf_counter() - started:.1f} s")
+    for label in ("all of raw (no floor recorded)", "from the recorded floor"):
+        if label.startswith("all"):  # staged's and history's floors
+            for consumer in ("staged", "history"):
+                lake.path(compaction_floor_key(TABLE, consumer)).unlink(missing_ok=True)
+        ids = pa.array([1, 2], pa.int64())
+        table = raw_rows(ids, pa.array(["u", "u"]), pa.array([lsn, lsn], pa.int64()),
+                         pa.array([0, 1], pa.int64()))
+        lake.write_bytes(f"raw/{TABLE}/load_date={today}/{lsn:016X}-{lsn:016X}-0.parquet",
+                         encode(table))
+        lsn += 0x100
+        CheckpointStore(lake, SLOT).save(lsn)
+        lake.lists = lake.keys = lake.folder_lists = 0
+        started = time.perf_counter()
+        [result] = compact_lake(lake, SLOT,
+                                options=CompactOptions(optimize_every=0, today=lambda: today))
+        seconds = time.perf_counter() - started
+        print(f"one new file, listing {label}: {seconds:.3f} s, {result.changes} changes, "
+              f"{lake.lists} file listings returning {lake.keys:,} keys, "
+              f"{lake.folder_lists} folder listings", flush=True)
+
+
 def peak_rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -148,23 +222,48 @@ def phase(args: argparse.Namespace) -> dict[str, Any]:
                       seed=args.seed)
         return {}
     options = CompactOptions(optimize_every=0)
+    staged = lake.path(f"staged/{TABLE}")
+    before = data_files(staged)
     reset_peak_rss()
     started = time.perf_counter()
     [result] = compact_lake(lake, SLOT, options=options, history=False)
     seconds = time.perf_counter() - started
+    rss = peak_rss_mb()
+    touched = sorted(before - data_files(staged))
     measured = {"seconds": seconds, "changes": result.changes, "commits": result.commits,
-                "rss_mb": peak_rss_mb(), "version": result.version}
+                "rss_mb": rss, "version": result.version, "files": len(before),
+                "touched": len(touched), "floor": rewrite_seconds(staged, touched)}
     if args.no_history:
         return measured
     bound = CheckpointStore(lake, SLOT).load()
     assert bound is not None
     reset_peak_rss()
     started = time.perf_counter()
-    history = compact_history(lake, TABLE, raw_files(lake)[TABLE], bound, options=options)
+    history = compact_history(lake, TABLE, list_raw(lake, TABLE, None).files, bound,
+                              options=options)
     assert history is not None
     return {**measured, "history_seconds": time.perf_counter() - started,
             "history_opened": history.opened, "history_closed": history.closed,
             "history_commits": history.commits, "history_rss_mb": peak_rss_mb()}
+
+
+def data_files(staged: Path) -> set[str]:
+    """The staged table's current data files (none before it exists)."""
+    if not staged.exists():
+        return set()
+    return set(pa.table(DeltaTable(str(staged)).get_add_actions(flatten=True))["path"]
+               .to_pylist())
+
+
+def rewrite_seconds(staged: Path, files: list[str]) -> float:
+    """The floor under copy-on-write: read the touched files and write them again (parquet,
+    snappy as delta-rs writes) — a merge cannot rewrite less."""
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in files:
+            pq.write_table(pq.read_table(staged / name), Path(tmp) / "copy.parquet",
+                           compression="snappy")
+    return time.perf_counter() - started
 
 
 def run_phase(lake: Path, name: str, rows: int, args: argparse.Namespace,
@@ -190,6 +289,8 @@ def main() -> None:
     parser.add_argument("--keep", help="build the lakes under this folder and keep them")
     parser.add_argument("--no-history", action="store_true",
                         help="measure the staged merge only, not history maintenance")
+    parser.add_argument("--raw-history", type=int, metavar="N",
+                        help="measure one new raw file beside N old ones instead")
     parser.add_argument("--phase", choices=("load", "merge", "build-load", "build-merge"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--lake", help=argparse.SUPPRESS)
@@ -197,6 +298,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.phase:
         print(json.dumps(phase(args)))
+        return
+    if args.raw_history:
+        root = Path(args.keep or tempfile.mkdtemp(prefix="cdc-bench-history-"))
+        raw_history(root, args.raw_history, args.seed)
+        if not args.keep:
+            subprocess.run(["rm", "-rf", str(root)], check=False)
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     patterns = ["random", "recent"] if args.pattern == "both" else [args.pattern]
@@ -214,7 +321,10 @@ def main() -> None:
                   f"({rows / load['seconds']:,.0f} rows/s, peak RSS {load['rss_mb']:.0f} MB); "
                   f"merge {merge['changes']:,} changes {merge['seconds']:6.2f} s "
                   f"({merge['changes'] / merge['seconds']:,.0f} changes/s, {merge['commits']} "
-                  f"commits, peak RSS {merge['rss_mb']:.0f} MB)", flush=True)
+                  f"commits, peak RSS {merge['rss_mb']:.0f} MB); {merge['touched']} of "
+                  f"{merge['files']} files rewritten, floor {merge['floor']:.2f} s "
+                  f"(merge / floor {merge['seconds'] / max(merge['floor'], 1e-9):.2f})",
+                  flush=True)
             if not args.no_history:
                 print(f"{'':>6} {'':>10}  history: load {load['history_seconds']:6.1f} s "
                       f"({load['history_opened']:,} versions, peak RSS "

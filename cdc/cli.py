@@ -9,7 +9,7 @@ import typer
 
 from cdc import __version__
 from cdc.config import Settings, load_settings
-from cdc.errors import CdcError
+from cdc.errors import CdcError, ConfigError
 from cdc.log import configure, scrub
 
 if TYPE_CHECKING:
@@ -438,6 +438,64 @@ def compact(
     for r in results:
         typer.echo(f"{display_name(r.table)}: {r.changes} changes in {r.commits} commits, "
                    f"staged version {r.version if r.version is not None else '-'}", err=True)
+
+
+maintain_app = typer.Typer(help="Upkeep of the lake's layers.", no_args_is_help=True)
+app.add_typer(maintain_app, name="maintain")
+
+
+@maintain_app.command("raw")
+def maintain_raw(
+    maintain_before: Annotated[str | None, typer.Option(
+        "--before", help="Consolidate raw files of days before this UTC date, YYYY-MM-DD, "
+        "at most yesterday (env: CDC_MAINTAIN_BEFORE; required)", show_default=False)] = None,
+    lake: LakeOpt = None, config: ConfigOpt = None, s3_endpoint: S3EndpointOpt = None,
+    s3_max_attempts: S3MaxAttemptsOpt = None,
+    log_format: LogFormatOpt = None, log_level: LogLevelOpt = None,
+    retention_days: Annotated[int | None, typer.Option(
+        "--retention-days", help="Also delete raw files older than N days whose changes are "
+        "all staged (env: CDC_RETENTION_DAYS; default: keep raw forever)",
+        show_default=False)] = None,
+) -> None:
+    """Consolidate each table's small raw files of closed days into large ones.
+
+    Per table and day, the stream's files whose changes are all in the staged table are
+    rewritten as a few files of up to a million changes (same partition, named by the lake
+    contract), each written durably before the originals are removed; a reader that sees
+    both dedupes on (_commit_lsn, _seq). Safe beside cdc stream and cdc compact. With
+    --retention-days, older raw is deleted (a staged table can then no longer be rebuilt
+    from raw).
+    """
+    from datetime import UTC, date, datetime
+
+    from cdc.history.writer import history_watermark
+    from cdc.lake.maintain import consolidate, expire
+    from cdc.staged.compactor import staged_watermark
+    from cdc.staged.files import raw_tables
+
+    settings = _settings(config, need_dsn=False, lake=lake, log_format=log_format,
+                         log_level=log_level, s3_endpoint=s3_endpoint,
+                         s3_max_attempts=s3_max_attempts, maintain_before=maintain_before,
+                         retention_days=retention_days)
+    try:
+        day = date.fromisoformat(settings.maintain_before)
+    except ValueError as exc:
+        raise ConfigError(f"--before {settings.maintain_before!r} is not a date",
+                          fix="name the first day to keep as it is, e.g. --before "
+                          "2026-11-01 (or CDC_MAINTAIN_BEFORE)") from exc
+    store = _open_lake(settings)
+    applied = {}  # below every watermark: staged's, and history's where it exists
+    for table in raw_tables(store):
+        marks = [staged_watermark(store, table)[0], history_watermark(store, table)]
+        applied[table] = None if marks[0] is None else min(m for m in marks if m is not None)
+    today = datetime.now(UTC).date()
+    for r in consolidate(store, day, applied, today=today):
+        typer.echo(f"{r.table} {r.load_date}: {r.files_before} files → {r.files_after} "
+                   f"({r.changes} changes)", err=True)
+    if settings.retention_days is not None:
+        removed = expire(store, settings.retention_days, applied, today=today)
+        typer.echo(f"{removed} raw files older than {settings.retention_days} days removed",
+                   err=True)
 
 
 @app.command()

@@ -137,6 +137,9 @@ class Settings:
     history: bool = _setting(True, parse_bool)  # history/<schema>.<table>/ (SCD2) beside staged
     optimize_every: int = _setting(10, _parse_int)
     vacuum_retention_hours: int = _setting(168, _parse_int)
+    # cdc maintain raw
+    maintain_before: str = ""  # consolidate raw days before this UTC date (YYYY-MM-DD)
+    retention_days: int | None = _setting(None, _parse_int)  # None: keep raw forever
     # cdc status: thresholds (None: not checked)
     status_json: bool = _setting(False, parse_bool)
     max_lag_bytes: int | None = _setting(None, parse_size)
@@ -177,7 +180,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
 FLAG_NAMES = {"keys": "--key", "snapshot_mode": "--mode", "status_json": "--json",
               "check_json": "--json", "check_strict": "--strict",
               "query_format": "--format", "athena_database": "--database",
-              "athena_location": "--location"}
+              "athena_location": "--location", "maintain_before": "--before"}
 
 
 def flag_name(name: str) -> str:

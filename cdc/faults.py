@@ -30,6 +30,7 @@ POINTS = frozenset({
     "snapshot.after_chunk",
     "staged.before_commit", "staged.after_commit", "staged.after_maintenance",
     "history.before_commit", "history.after_commit",
+    "maintain.after_write",
 })
 
 Action = Callable[[str, dict[str, Any]], None]

@@ -195,11 +195,18 @@ def small_flushes(settings: Settings) -> Settings:
     return with_settings(settings, flush_rows=7)
 
 
+#: one file group for a whole small table (the default), or a MERGE per staged data file
+FILE_BYTES = pytest.mark.parametrize("file_bytes", [16 * 2**20, 1],
+                                     ids=["one-group", "group-per-file"])
+
+
 class TestStagedEqualsSource:
+    @FILE_BYTES
     def test_random_workload_streamed_in_rounds_compacts_to_exactly_the_source(
-        self, source: SourceDb, small_flushes: Settings
+        self, source: SourceDb, small_flushes: Settings, file_bytes: int
     ) -> None:
-        """Inserts, updates, deletes, a truncate, an added column and TOAST: staged == source."""
+        """Inserts, updates, deletes, a truncate, an added column and TOAST: staged == source
+        (merged in one MERGE, or file group by file group)."""
         seed = int(os.environ.get("CDC_TEST_SEED", random.randrange(1 << 30)))
         print(f"workload seed {seed}")
         settings = small_flushes
@@ -207,17 +214,18 @@ class TestStagedEqualsSource:
         prepare(settings)
         work.round(60)
         stream_until_caught_up(settings)
-        compact(settings)
+        compact(settings, file_bytes=file_bytes)
         assert_staged_equals_source(source, settings, *work.TABLES)
 
         work.round(60, truncate=True)
         stream_until_caught_up(settings)
         work.round(40, add_column=True)
         stream_until_caught_up(settings)
-        compact(settings, chunk_rows=10)  # many small chunks, cut inside transactions too
+        # many small chunks, cut inside transactions too
+        compact(settings, chunk_rows=10, file_bytes=file_bytes)
         work.round(60)
         stream_until_caught_up(settings)
-        results = compact(settings)
+        results = compact(settings, file_bytes=file_bytes)
 
         assert {r.table for r in results} == {f"public.{t}" for t in work.TABLES}
         assert_staged_equals_source(source, settings, *work.TABLES)
@@ -246,16 +254,18 @@ class TestStagedEqualsSource:
                      staged_rows(small_flushes, f"public.{t}")) for t in work.TABLES}
         assert after == before
 
+    @FILE_BYTES
     @pytest.mark.parametrize("step", ["before_commit", "after_commit", "after_maintenance"])
     def test_a_crash_at_any_step_then_a_rerun_gives_the_same_table(
-        self, source: SourceDb, small_flushes: Settings, step: str
+        self, source: SourceDb, small_flushes: Settings, step: str, file_bytes: int
     ) -> None:
-        """Dying before or after a Delta commit (second chunk) and re-running loses nothing."""
+        """Dying before or after a Delta commit (second chunk, or between two file groups'
+        MERGEs) and re-running loses nothing."""
         work = Workload(source, 11)
         prepare(small_flushes)
         work.round(60)
         stream_until_caught_up(small_flushes)
-        compact(small_flushes)
+        compact(small_flushes, file_bytes=file_bytes)
         work.round(60, truncate=True)
         stream_until_caught_up(small_flushes)
         seen: list[str] = []
@@ -270,8 +280,8 @@ class TestStagedEqualsSource:
         for table in work.TABLES:
             with pytest.raises(Crash):
                 compact(small_flushes, (f"public.{table}",), fault=crash_on_second, chunk_rows=5,
-                        optimize_every=2)
-        compact(small_flushes, chunk_rows=5, optimize_every=2)
+                        optimize_every=2, file_bytes=file_bytes)
+        compact(small_flushes, chunk_rows=5, optimize_every=2, file_bytes=file_bytes)
 
         assert_staged_equals_source(source, small_flushes, *work.TABLES)
 

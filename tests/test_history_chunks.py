@@ -23,7 +23,8 @@ from cdc.lake.checkpoint import CheckpointStore
 from cdc.lake.layout import raw_key
 from cdc.lake.raw import encode
 from cdc.lake.store import LocalLake
-from cdc.staged.compactor import CompactOptions, raw_files
+from cdc.staged.compactor import CompactOptions
+from cdc.staged.files import list_raw
 from cdc.stream.batcher import META_SCHEMA
 
 TABLE = "public.t"
@@ -53,7 +54,7 @@ def history(lake_dir: Path) -> list[tuple[int, int, int | None]]:
 
 def run(lake: LocalLake, bound: int, chunk_rows: int) -> None:
     CheckpointStore(lake, "s").save(bound)
-    compact_history(lake, TABLE, raw_files(lake)[TABLE], bound,
+    compact_history(lake, TABLE, list_raw(lake, TABLE, None).files, bound,
                     options=CompactOptions(chunk_rows=chunk_rows, optimize_every=0))
 
 

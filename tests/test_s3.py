@@ -251,6 +251,43 @@ class TestStreamingToS3:
         assert table["history_commit_lsn"] == table["staged_commit_lsn"]
         assert table["compaction_lag_seconds"] == 0.0
 
+    def test_compaction_from_the_floor_and_raw_consolidation_work_on_s3(
+        self, source: SourceDb, s3_settings: Settings
+    ) -> None:
+        """The second run lists partitions from the recorded floor (folder listings on S3),
+        and `cdc maintain raw` consolidates a closed day's files: staged stays the source."""
+        from cdc.lake.maintain import consolidate
+        from cdc.staged.compactor import staged_watermark
+
+        source.execute("CREATE TABLE t (id int PRIMARY KEY, v int)")
+        settings = with_settings(s3_settings, flush_rows=10)
+        lake = lake_of(settings)
+        Streamer(settings, lake).prepare()
+        source.execute("INSERT INTO t SELECT g, g FROM generate_series(1, 50) g")
+        run_streamer(settings, lake)
+        compact_lake(lake, settings.slot)
+        today = dt.datetime.now(dt.UTC).date()
+        old = today - dt.timedelta(days=5)
+        for key in lake.list("raw/public.t/"):  # as if streamed five days ago
+            data = lake.read_bytes(key)
+            assert data is not None
+            lake.write_bytes(key.replace(f"load_date={today}", f"load_date={old}"), data)
+            lake.delete(key)
+        source.execute("UPDATE t SET v = -v WHERE id % 3 = 0")
+        run_streamer(settings, lake)
+        compact_lake(lake, settings.slot)
+        assert staged_rows(lake, "public.t") == source_rows(source, "t")
+
+        watermark = staged_watermark(lake, "public.t")[0]
+        [day] = consolidate(lake, today - dt.timedelta(days=1), {"public.t": watermark},
+                            today=today)
+        assert (day.load_date, day.files_after, day.changes) == (str(old), 1, 50)
+        assert len(lake.list(f"raw/public.t/load_date={old}/")) == 1
+        source.execute("DELETE FROM t WHERE id < 5")
+        run_streamer(settings, lake)
+        compact_lake(lake, settings.slot)
+        assert staged_rows(lake, "public.t") == source_rows(source, "t")
+
     def test_delta_commits_on_s3_are_conditional_puts(
         self, source: SourceDb, s3_settings: Settings, moto_endpoint: str
     ) -> None:

@@ -40,15 +40,11 @@ from cdc.events import Lsn, format_lsn
 from cdc.history.versions import HISTORY_META, Plan, plan_versions
 from cdc.lake.layout import history_key
 from cdc.lake.store import Lake
-from cdc.staged.compactor import (
-    CompactOptions,
-    RawFile,
-    _constant,
-    _lock,
-    _q,
-    open_staged,
-)
+from cdc.staged.compactor import CompactOptions, _lock, open_staged
+from cdc.staged.files import RawFile
 from cdc.staged.merge import Pos, between, dedupe, staged_columns, unify
+from cdc.staged.target import constant as _constant
+from cdc.staged.target import quote as _q
 
 log = structlog.get_logger("cdc.history")
 

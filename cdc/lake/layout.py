@@ -180,3 +180,9 @@ def staged_key(table: str) -> str:
 def history_key(table: str) -> str:
     """The key of a table's history (SCD2) Delta folder, relative to the lake root."""
     return check_key(f"{HISTORY}{table}")
+
+
+def compaction_floor_key(table: str, consumer: str = "staged") -> str:
+    """Where compaction records the oldest raw partition ``consumer`` (``staged`` or
+    ``history``) still needs for ``table``."""
+    return check_key(f"_cdc/compaction/{consumer}/{table}.json")

@@ -124,6 +124,12 @@ class S3Lake:
         except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
             raise self._error("write", key, exc) from exc
 
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("delete", key, exc) from exc
+
     def read_bytes(self, key: str) -> bytes | None:
         name = self.object_key(key)
         for attempt in range(1, self.max_attempts + 1):

@@ -34,6 +34,9 @@ class Lake(Protocol):
     def write_bytes(self, key: str, data: bytes) -> None:
         """Store ``data`` at ``key`` atomically and durably (replacing any old content)."""
 
+    def delete(self, key: str) -> None:
+        """Remove ``key`` (no error when it is not there)."""
+
     def read_bytes(self, key: str) -> bytes | None:
         """The content at ``key``, or None when there is none."""
 
@@ -91,6 +94,13 @@ class LocalLake:
             raise LakeError(f"cannot write {target}: {exc.strerror or exc}",
                             fix="check that the lake folder exists, is writable and has "
                             "free space") from exc
+
+    def delete(self, key: str) -> None:
+        try:
+            self.path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise LakeError(f"cannot delete {self.path(key)}: {exc.strerror or exc}",
+                            fix="check the lake folder's permissions") from exc
 
     def read_bytes(self, key: str) -> bytes | None:
         try:

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from datetime import datetime
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime
 from typing import Literal
 
 import pyarrow as pa
@@ -39,12 +39,12 @@ from cdc.errors import CdcError, CompactionError, ConfigError, StagedTableUnread
 from cdc.events import Lsn, format_lsn
 from cdc.lake.checkpoint import CheckpointStore
 from cdc.lake.columns import lake_column
-from cdc.lake.layout import RAW, raw_keys, segment_of, staged_key
+from cdc.lake.layout import segment_of, staged_key
 from cdc.lake.store import Lake
 from cdc.names import parse_table_list, parse_table_name
+from cdc.staged.files import RawFile, list_raw, raw_tables, record_floor
 from cdc.staged.merge import (
     DELETED,
-    KEEP,
     Pos,
     against_staged,
     between,
@@ -53,11 +53,11 @@ from cdc.staged.merge import (
     staged_columns,
     unify,
 )
+from cdc.staged.target import by_group, file_groups, replace, staged_rows
 
 log = structlog.get_logger("cdc.staged.compactor")
 
 APP_ID = "cdc-compact"
-_INSERT = "__cdc_insert"
 _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
 
@@ -71,6 +71,10 @@ class CompactOptions:
     optimize_every: int = 10  # commits between OPTIMIZE (small-file compaction) runs
     vacuum_retention_hours: int = 168  # files removed longer ago than this are deleted
     checkpoint_interval: int = 10  # Delta log checkpoint every N versions (new tables)
+    #: staged data files are written up to this size, and merged a group of about this size
+    #: at a time (``staged/target.py``): a merge's memory follows it, not the table's size
+    file_bytes: int = 16 * 2**20
+    today: Callable[[], date] = field(default=lambda: datetime.now(UTC).date())  # UTC date
 
 
 @dataclass(frozen=True)
@@ -84,20 +88,6 @@ class TableResult:
 
 
 _MIN = -(2**63)
-
-
-@dataclass(frozen=True)
-class RawFile:
-    key: str
-    first_lsn: Lsn
-    last_lsn: Lsn
-    #: None for a backfill file named by a label: its rows are all at ``first_lsn``, read
-    #: rows of distinct keys whose order among themselves does not matter
-    first_seq: int | None
-
-    @property
-    def first(self) -> Pos:
-        return (self.first_lsn, _MIN if self.first_seq is None else self.first_seq)
 
 
 def open_staged(uri: str, storage: dict[str, str] | None) -> DeltaTable | None:
@@ -144,16 +134,6 @@ def parse_keys(values: Sequence[str]) -> dict[str, tuple[str, ...]]:
     return keys
 
 
-def raw_files(lake: Lake) -> dict[str, list[RawFile]]:
-    """Raw files per table, in log order (by their first change)."""
-    tables = {table: [RawFile(k.key, k.first_commit_lsn, k.last_commit_lsn, k.first_seq)
-                      for k in keys]
-              for table, keys in raw_keys(lake.list(RAW)).items()}
-    for files in tables.values():
-        files.sort(key=lambda f: (f.first, f.key))
-    return tables
-
-
 def compact_lake(lake: Lake, slot: str, tables: Sequence[str] = (),
                  keys: Mapping[str, tuple[str, ...]] | None = None, *,
                  options: CompactOptions | None = None,
@@ -167,20 +147,24 @@ def compact_lake(lake: Lake, slot: str, tables: Sequence[str] = (),
     if bound is None:
         log.info("nothing_to_compact", reason="no checkpoint yet", slot=slot, lake=lake.uri)
         return []
-    files = raw_files(lake)
     results = []
     wanted = [segment_of(n) for n in parse_table_list(tables)]  # names → lake segments
     by_segment = {segment_of(parse_table_name(k)): tuple(lake_column(c) for c in v)
                   for k, v in (keys or {}).items()}
-    for table in wanted or sorted(files):
+    for table in wanted or raw_tables(lake):
         compactor = _TableCompactor(lake, table, by_segment.get(table),
                                     options or CompactOptions())
-        results.append(compactor.run(files.get(table, []), bound))
-        if history:  # same raw files and bound; its own watermark (cdc/history/writer.py)
-            from cdc.history.writer import compact_history
+        results.append(compactor.run(bound))
+        if history:  # same bound; its own watermark and floor (cdc/history/writer.py)
+            from cdc.history.writer import compact_history, history_watermark
 
-            compact_history(lake, table, files.get(table, []), bound,
-                            key=by_segment.get(table), options=options)
+            watermark = history_watermark(lake, table)
+            listing = list_raw(lake, table, watermark, consumer="history")
+            done = compact_history(lake, table, listing.files, bound,
+                                   key=by_segment.get(table), options=options)
+            if done is not None and done.watermark is not None:
+                record_floor(lake, table, done.watermark, listing,
+                             (options or CompactOptions()).today())
     return results
 
 
@@ -191,11 +175,11 @@ class _TableCompactor:
         self.options = options
         self.uri, self.storage = lake.delta_location(staged_key(table))
 
-    def run(self, files: list[RawFile], bound: Lsn) -> TableResult:
+    def run(self, bound: Lsn) -> TableResult:
         started = time.monotonic()
         with _lock(self.uri):
             try:
-                dt, changes, commits = self._compact(files, bound)
+                dt, changes, commits = self._compact(bound)
             except CdcError:
                 raise
             except Exception as exc:  # delta-rs raises DeltaError and plain Exception
@@ -213,10 +197,12 @@ class _TableCompactor:
     def _open(self) -> DeltaTable | None:
         return open_staged(self.uri, self.storage)
 
-    def _compact(self, files: list[RawFile], bound: Lsn) -> tuple[DeltaTable | None, int, int]:
+    def _compact(self, bound: Lsn) -> tuple[DeltaTable | None, int, int]:
         dt = self._open()
         before = dt.version() if dt else 0
         watermark = dt.transaction_version(APP_ID) if dt else None
+        listing = list_raw(self.lake, self.table, watermark)
+        files = listing.files
         cursor: Pos = (-1, _MIN) if watermark is None else (watermark + 1, 0)
         end: Pos = (bound, 0)
         consumed: set[str] = set()
@@ -239,6 +225,8 @@ class _TableCompactor:
         if dt is not None and commits:
             self._maintain(dt, before)
             faults.hit("staged.after_maintenance", table=self.table)
+        if watermark is not None:  # the next run lists only what can hold the rest
+            record_floor(self.lake, self.table, watermark, listing, self.options.today())
         return dt, changes, commits
 
     def _read_chunk(self, todo: list[RawFile], cursor: Pos,
@@ -310,17 +298,39 @@ class _TableCompactor:
         state = staged_columns(state, target, self.table)
         commit = CommitProperties(app_transactions=None if watermark is None
                                   else [Transaction(APP_ID, watermark)])
+        merges: list[tuple[pa.Table, pa.Table]] = []
         if dt is None or truncated:  # the table's whole content is in hand
-            inserts, removals = state, None
+            inserts = state
             if key:
                 inserts = state.filter(pc.invert(state[DELETED])).drop_columns([DELETED, *keep])
         elif key:
-            staged = self._staged_rows(dt, state, key, keep)
-            removals, inserts = against_staged(state, staged, key, keep)
+            merges, inserts = self._plan_groups(dt, state, key, keep)
         else:
-            inserts, removals = state, None
+            inserts = state
+        if key:
+            inserts = inserts.sort_by([(k, "ascending") for k in key])  # keeps keys clustered
+        if dt is not None and merges:
+            for i, (gone, new) in enumerate(merges):  # file group by file group
+                faults.hit("staged.before_commit", table=self.table)
+                self._check_watermark(dt, expected)
+                last = i + 1 == len(merges) and not inserts.num_rows
+                replace(dt, gone, new.sort_by([(k, "ascending") for k in key]), key,
+                        commit if last else None)
+            if not inserts.num_rows:
+                return dt
         faults.hit("staged.before_commit", table=self.table)
-        if dt is not None:  # the watermark must not have moved since we read it
+        self._check_watermark(dt, expected)
+        mode: Literal["append", "overwrite"] = "overwrite" if dt is None or truncated else "append"
+        write_deltalake(self.uri, inserts, mode=mode, schema_mode="merge",
+                        storage_options=self.storage, commit_properties=commit,
+                        target_file_size=self.options.file_bytes,
+                        description=self._description(key) if dt is None else None,
+                        configuration=self._configuration() if dt is None else None)
+        return DeltaTable(self.uri, storage_options=self.storage)
+
+    def _check_watermark(self, dt: DeltaTable | None, expected: Lsn | None) -> None:
+        """The watermark must not have moved since we read it."""
+        if dt is not None:
             dt.update_incremental()
             if dt.transaction_version(APP_ID) != expected:
                 raise CompactionError(
@@ -328,59 +338,24 @@ class _TableCompactor:
                     f"(watermark {expected} → {dt.transaction_version(APP_ID)})",
                     fix="run a single compactor per lake (cdc compact or cdc stream "
                     "--compact-every, not both)")
-        if key:
-            inserts = inserts.sort_by([(k, "ascending") for k in key])  # keeps keys clustered
-        if dt is not None and removals is not None and removals.num_rows:
-            self._replace(dt, removals, inserts, key, commit)
-            return dt
-        mode: Literal["append", "overwrite"] = "overwrite" if dt is None or truncated else "append"
-        write_deltalake(self.uri, inserts, mode=mode, schema_mode="merge",
-                        storage_options=self.storage, commit_properties=commit,
-                        description=self._description(key) if dt is None else None,
-                        configuration=self._configuration() if dt is None else None)
-        return DeltaTable(self.uri, storage_options=self.storage)
 
-    def _staged_rows(self, dt: DeltaTable, state: pa.Table, key: tuple[str, ...],
-                     keep: list[str]) -> pa.Table:
-        """Key, position and kept columns of the staged rows whose keys ``state`` touches.
-
-        The filter has each key column's range, so files outside it are skipped by their
-        statistics; for composite keys it selects a superset that the join then narrows.
-        """
-        dataset = dt.to_pyarrow_dataset()
-        wanted = [*key, "_commit_lsn", "_seq",
-                  *(c[len(KEEP):] for c in keep if c[len(KEEP):] in dataset.schema.names)]
-        where = None
-        for k in key:
-            values = pc.unique(state[k])
-            bounds = pc.min_max(values)
-            term = ((pc.field(k) >= bounds["min"]) & (pc.field(k) <= bounds["max"])
-                    & pc.field(k).isin(values))
-            where = term if where is None else where & term
-        return dataset.to_table(columns=wanted, filter=where)
-
-    def _replace(self, dt: DeltaTable, removals: pa.Table, inserts: pa.Table,
-                 key: tuple[str, ...], commit: CommitProperties) -> None:
-        """Delete the staged rows of ``removals``' keys and insert ``inserts``, in one commit.
-
-        A MERGE of this shape (matched: unconditional delete; not matched: insert) rather
-        than matched-update: deltalake 1.6.0-1.6.1 reject a matched update or conditional
-        delete with a false "multiple source rows" error once a target file is read in more
-        than one batch (delta-rs #4475, fixed in 1.6.2); unconditional deletes are exempt.
-        Guard and TOAST values were resolved against the staged rows already.
-        """
-        gone = removals.append_column(_INSERT, _constant(False, removals.num_rows))
-        new = inserts.append_column(_INSERT, _constant(True, inserts.num_rows))
-        source = pa.concat_tables([new, gone], promote_options="default")
-        match = " AND ".join(f"t.{_q(k)} = s.{_q(k)}" for k in key)
-        columns = {_q(c): f"s.{_q(c)}" for c in inserts.column_names}
-        target = set(pa.schema(dt.schema().to_arrow()).names)
-        (dt.merge(source, f"{match} AND NOT s.{_INSERT}", source_alias="s", target_alias="t",
-                  streamed_exec=False, merge_schema=bool(set(inserts.column_names) - target),
-                  commit_properties=commit)
-         .when_matched_delete()
-         .when_not_matched_insert(columns, f"s.{_INSERT}")
-         .execute())
+    def _plan_groups(self, dt: DeltaTable, state: pa.Table, key: tuple[str, ...],
+                     keep: list[str]) -> tuple[list[tuple[pa.Table, pa.Table]], pa.Table]:
+        """(removals, inserts) per touched file group, and the inserts that remove nothing
+        (``staged/target.py``): each group's staged rows are read and merged on their own."""
+        if dt.metadata().configuration.get("delta.targetFileSize") is None:
+            dt.alter.set_table_properties(self._configuration())  # tables made before it
+        groups = file_groups(dt, key[0], self.options.file_bytes)
+        merges, rest = [], [state.drop_columns([DELETED, *keep]).slice(0, 0)]
+        dataset = dt.to_pyarrow_dataset()  # one version for every group: no commit until all
+        for group, part in by_group(state, key[0], groups):
+            staged = staged_rows(dataset, part, key, keep, group)
+            removals, inserts = against_staged(part, staged, key, keep)
+            if removals.num_rows:
+                merges.append((removals, inserts))
+            else:
+                rest.append(inserts)
+        return merges, pa.concat_tables(rest, promote_options="default")
 
     def _description(self, key: tuple[str, ...]) -> str:
         if key:
@@ -390,8 +365,9 @@ class _TableCompactor:
                 "of its inserted rows (updates and deletes cannot be matched); name a key with "
                 f"cdc compact --key {self.table}=col1,col2 to merge instead")
 
-    def _configuration(self) -> dict[str, str | None]:
-        return {"delta.checkpointInterval": str(self.options.checkpoint_interval)}
+    def _configuration(self) -> dict[str, str]:
+        return {"delta.checkpointInterval": str(self.options.checkpoint_interval),
+                "delta.targetFileSize": str(self.options.file_bytes)}
 
     def _maintain(self, dt: DeltaTable, before: int) -> None:
         """OPTIMIZE (bin-pack small files), then VACUUM past the retention, each time the
@@ -400,7 +376,7 @@ class _TableCompactor:
         every = self.options.optimize_every
         if every <= 0 or dt.version() // every == before // every:
             return
-        metrics = dt.optimize.compact()
+        metrics = dt.optimize.compact(target_size=self.options.file_bytes)
         dt.vacuum(retention_hours=self.options.vacuum_retention_hours, dry_run=False,
                   enforce_retention_duration=False)
         log.info("optimized", table=self.table, files_removed=metrics.get("numFilesRemoved"),
@@ -410,17 +386,6 @@ class _TableCompactor:
 def _lock(uri: str) -> threading.Lock:
     with _locks_guard:
         return _locks.setdefault(uri, threading.Lock())
-
-
-def _constant(value: bool, n: int) -> pa.Array:
-    return pa.nulls(n, pa.bool_()).fill_null(value)
-
-
-def _q(name: str) -> str:
-    if "`" in name:
-        raise CompactionError(f"column name {name!r} contains a backtick",
-                              fix="rename the column at the source")
-    return f"`{name}`"
 
 
 class CompactionLoop:
