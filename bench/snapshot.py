@@ -6,13 +6,17 @@ the report gives cdc's rate as a ratio of it, measured in the same run on the
 same machine. cdc copies the table in primary-key chunks over ``--workers``
 connections (CSV, parsed by Arrow, cast, written as zstd parquet, fsynced).
 
-    python bench/snapshot.py                      # 5M rows, 2 workers, 500k-row chunks
+    python bench/snapshot.py                      # 5M rows, 2 workers, 500k-row chunks,
+                                                  # narrow then wide rows
+    python bench/snapshot.py --shape narrow
     python bench/snapshot.py --workers 1
     python bench/snapshot.py --rows 1000000 --chunk-rows 250000 --rounds 3
     python bench/snapshot.py --dsn postgresql://postgres@127.0.0.1:5432/postgres
 
-Table: ``bench_snap(id bigint primary key, name text, price numeric(10,2), qty
-integer, created_at timestamptz, active boolean, payload jsonb)``, ``--rows``
+Table (``--shape``, bench/workload.py): ``wide`` is ``bench_snap(id bigint primary key,
+name text, price numeric(10,2), qty integer, created_at timestamptz, active boolean,
+payload jsonb)``; ``narrow`` is ``bench_snap(id bigserial primary key, customer_id int,
+store_id int, amount numeric(10,2), qty int, status text, created_at timestamptz)``; ``--rows``
 rows from generate_series, then VACUUM ANALYZE (so the planner's row estimate,
 which sizes the chunks, is right). The lake must hold exactly ``--rows`` rows.
 
@@ -36,6 +40,7 @@ import contextlib
 import json
 import os
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -48,16 +53,13 @@ from pathlib import Path
 
 import psycopg
 import pyarrow.parquet as pq
-from workload import insert_sql, rate, schema_sql, server
+from workload import SHAPES, Shape, rate, server, shape
 
 TABLE = "bench_snap"
 SLOT = "bench_snap"
 PUBLICATION = "bench_snap"
 TARGET_RATIO = 0.7
 PSQL = "/usr/bin/psql"
-
-SCHEMA_SQL = schema_sql(TABLE)
-INSERT_SQL = insert_sql(TABLE)
 
 Conn = psycopg.Connection[tuple[object, ...]]
 
@@ -169,13 +171,13 @@ def drop_slot_and_publication(conn: Conn) -> None:
     conn.execute(f"DROP PUBLICATION IF EXISTS {PUBLICATION}")
 
 
-def prepare(conn: Conn, rows: int) -> tuple[float, float]:
+def prepare(conn: Conn, rows: int, table: Shape) -> tuple[float, float]:
     """(Re)create and fill the table; its size in MB and the seconds it took."""
     started = time.perf_counter()
     drop_slot_and_publication(conn)
     conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
-    conn.execute(SCHEMA_SQL)
-    conn.execute(INSERT_SQL, {"rows": rows})
+    conn.execute(table.schema)
+    conn.execute(table.insert, {"rows": rows})
     conn.execute(f"VACUUM ANALYZE {TABLE}")
     row = conn.execute("SELECT pg_total_relation_size(%s)", (TABLE,)).fetchone()
     assert row is not None
@@ -196,7 +198,8 @@ def copy_command(dsn: str) -> list[str]:
 
 
 def cdc_command(dsn: str, lake: Path, args: argparse.Namespace) -> list[str]:
-    return [sys.executable, "-m", "cdc", "snapshot", "--dsn", dsn, "--lake", str(lake),
+    wrapper = shlex.split(args.cdc_wrapper) if args.cdc_wrapper else []
+    return [*wrapper, sys.executable, "-m", "cdc", "snapshot", "--dsn", dsn, "--lake", str(lake),
             "--slot", SLOT, "--publication", PUBLICATION, "--workers", str(args.workers),
             "--chunk-rows", str(args.chunk_rows), "--log-level", "warning"]
 
@@ -232,7 +235,7 @@ def fmt_cpu(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds:.2f} s"
 
 
-def report(args: argparse.Namespace, table_mb: float, rounds: list[Round],
+def report(args: argparse.Namespace, table: Shape, table_mb: float, rounds: list[Round],
            failures: list[str]) -> dict[str, object]:
     """Print the human report; the machine-readable summary."""
     n = args.rows
@@ -252,7 +255,8 @@ def report(args: argparse.Namespace, table_mb: float, rounds: list[Round],
     med = " (median)" if len(rounds) > 1 else ""
 
     print()
-    print(f"snapshot benchmark: {len(rounds)} round(s), each psql \\copy (binary) then cdc "
+    print(f"snapshot benchmark, {table.name} rows: {len(rounds)} round(s), each psql \\copy "
+          "(binary) then cdc "
           f"snapshot, {args.workers} worker(s), {args.chunk_rows:,}-row chunks, "
           f"{os.cpu_count()} CPUs")
     print(f"  rows                   {n:>12,}   (table {table_mb:,.0f} MB; lake rows "
@@ -273,7 +277,8 @@ def report(args: argparse.Namespace, table_mb: float, rounds: list[Round],
     for failure in failures:
         print(f"\n!!!!!!!! {failure}", file=sys.stderr)
     return {
-        "bench": "snapshot", "rows": n, "workers": args.workers, "chunk_rows": args.chunk_rows,
+        "bench": "snapshot", "shape": table.name, "rows": n, "workers": args.workers,
+        "chunk_rows": args.chunk_rows,
         "rounds": len(rounds), "cpus": os.cpu_count(), "table_mb": round(table_mb, 1),
         "lake_rows": [r.lake_rows for r in rounds], "lake_files": [r.lake_files for r in rounds],
         "copy_seconds": round(copy_s, 3), "copy_rows_per_s": round(copy_rate),
@@ -309,6 +314,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help=f"use this server instead of a throwaway local cluster; its table "
                    f"{TABLE!r}, publication {PUBLICATION!r} and slot {SLOT!r} are replaced, "
                    "then dropped")
+    p.add_argument("--shape", choices=[*SHAPES, "both"], default="both",
+                   help="the table's row shape (default both: narrow, then wide)")
+    p.add_argument("--cdc-wrapper", default=None,
+                   help="command prefix for the cdc run, e.g. 'py-spy record -o p.txt -f raw "
+                   "--' (its time then includes the wrapper's overhead)")
     p.add_argument("--keep-lake", action="store_true",
                    help="keep the lake folder (its path is printed)")
     args = p.parse_args(argv)
@@ -323,25 +333,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     lake_root = Path(tempfile.mkdtemp(prefix="cdc-bench-snap-"))
     try:
         with server(args.dsn) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
+            summaries = []
             try:
-                table_mb, setup_s = prepare(conn, args.rows)
-                print(f"table {TABLE}: {args.rows:,} rows, {table_mb:,.0f} MB "
-                      f"(created in {setup_s:.1f}s)", flush=True)
-                server_cpu = ServerCpu(conn)
-                rounds = []
-                for i in range(1, args.rounds + 1):
-                    print(f"round {i}/{args.rounds}", flush=True)
-                    lake = lake_root / f"round{i}"
-                    rounds.append(run_round(conn, dsn, lake, args, server_cpu, failures))
-                    if not args.keep_lake:
-                        shutil.rmtree(lake, ignore_errors=True)
+                for name in SHAPES if args.shape == "both" else (args.shape,):
+                    table = shape(name, TABLE)
+                    table_mb, setup_s = prepare(conn, args.rows, table)
+                    print(f"table {TABLE} ({name}): {args.rows:,} rows, {table_mb:,.0f} MB "
+                          f"(created in {setup_s:.1f}s)", flush=True)
+                    server_cpu = ServerCpu(conn)
+                    rounds = []
+                    for i in range(1, args.rounds + 1):
+                        print(f"round {i}/{args.rounds}", flush=True)
+                        lake = lake_root / name / f"round{i}"
+                        rounds.append(run_round(conn, dsn, lake, args, server_cpu, failures))
+                        if not args.keep_lake:
+                            shutil.rmtree(lake, ignore_errors=True)
+                    summaries.append(report(args, table, table_mb, rounds, failures))
             finally:
                 with contextlib.suppress(psycopg.Error):
                     drop_slot_and_publication(conn)
                     if args.dsn:
                         conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
-        summary = report(args, table_mb, rounds, failures)
-        print(json.dumps(summary), flush=True)
+        for summary in summaries:
+            print(json.dumps(summary), flush=True)
         return 1 if failures else 0
     finally:
         if args.keep_lake:

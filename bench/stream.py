@@ -5,10 +5,18 @@ same changes; ``pg_recvlogical`` (writing to /dev/null) is the ceiling for one
 slot (DESIGN.md section 6) and the report gives cdc's rate as a ratio of it,
 measured in the same run on the same machine.
 
-    python bench/stream.py        # 1M inserts, 250k updates, 5k small tx, 50k deletes
+    python bench/stream.py        # both shapes: narrow, then wide (the defaults below)
+    python bench/stream.py --shape narrow     # 1M inserts, 250k updates, 67k deletes
+    python bench/stream.py --shape wide       # 1M inserts, 250k updates, 5k small tx, 50k
     python bench/stream.py --rows 200000 --updates 50000 --small-tx 2000 --deletes 10000
     python bench/stream.py --rounds 3        # three slot pairs, medians (less noise)
     python bench/stream.py --dsn postgresql://postgres@127.0.0.1:5432/postgres
+
+Shapes (bench/workload.py): ``narrow`` is ``bench(id bigserial, customer_id int,
+store_id int, amount numeric(10,2), qty int, status text, created_at timestamptz)``,
+where the consumer's decoding is the bottleneck; ``wide`` has ``name text, price
+numeric(10,2), qty int, created_at timestamptz, active boolean, payload jsonb``, where
+the walsender's output functions are.
 
 Workload (in this order, each its own transaction unless said otherwise):
 one INSERT of ``--rows`` rows, one UPDATE of ``--updates`` rows, ``--small-tx``
@@ -43,7 +51,7 @@ from pathlib import Path
 
 import psycopg
 import pyarrow.parquet as pq
-from workload import insert_sql, rate, schema_sql, server
+from workload import SHAPES, Shape, rate, server, shape
 
 SLOT_CDC = "bench_cdc"
 SLOT_RECV = "bench_recv"
@@ -57,31 +65,19 @@ GNU_TIME = Path("/usr/bin/time")
 #: CPU, other processes were competing and the times measure the contention
 SATURATED = 0.9
 
-SCHEMA_SQL = schema_sql(TABLE)
-INSERT_SQL = insert_sql(TABLE)
-
-UPDATE_SQL = f"""
-UPDATE {TABLE}
-SET price = price + 1, qty = qty + 1, active = NOT active, name = name || '-u'
-WHERE id <= %(updates)s
-"""
-
 # A DO block run outside a transaction block may COMMIT: one transaction per loop pass.
-SMALL_TX_SQL = f"""
+SMALL_TX_SQL = """
 DO $$
 DECLARE
-    n bigint := {{n}};
-    base bigint := {{base}};
-    nrows bigint := {{nrows}};
+    n bigint := {n};
+    base bigint := {base};
+    nrows bigint := {nrows};
 BEGIN
     FOR i IN 1..n LOOP
         IF i % 2 = 1 THEN
-            INSERT INTO {TABLE}
-            VALUES (base + i, 'small-' || i, 1.50, i, now(), true,
-                    jsonb_build_object('small', i));
+            {insert_one};
         ELSE
-            UPDATE {TABLE} SET qty = qty + 1, name = 'small-upd-' || i
-            WHERE id = ((i - 1) % nrows) + 1;
+            {update_one};
         END IF;
         COMMIT;
     END LOOP;
@@ -196,12 +192,12 @@ def drop_slots(conn: Conn) -> None:
                  "WHERE slot_name ~ %s", (SLOT_PATTERN,))
 
 
-def prepare(conn: Conn, rounds: int) -> int:
+def prepare(conn: Conn, rounds: int, table: Shape) -> int:
     """Table, publication and every round's slots; the LSN at which the slots start."""
     drop_slots(conn)
     conn.execute(f"DROP PUBLICATION IF EXISTS {PUBLICATION}")
     conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
-    conn.execute(SCHEMA_SQL)
+    conn.execute(table.schema)
     conn.execute(f"CREATE PUBLICATION {PUBLICATION} FOR ALL TABLES")
     for pair in slot_pairs(rounds):
         for slot in pair:
@@ -213,7 +209,7 @@ def prepare(conn: Conn, rounds: int) -> int:
     return row[0]
 
 
-def workload(conn: Conn, args: argparse.Namespace) -> Expected:
+def workload(conn: Conn, args: argparse.Namespace, table: Shape) -> Expected:
     """Run the workload; the changes it produced, by kind."""
     steps: list[str] = []
 
@@ -222,11 +218,14 @@ def workload(conn: Conn, args: argparse.Namespace) -> Expected:
         conn.execute(query, params)
         steps.append(f"{name} {time.perf_counter() - started:.1f}s")
 
-    step("insert", INSERT_SQL, {"rows": args.rows})
-    step("update", UPDATE_SQL, {"updates": args.updates})
+    step("insert", table.insert, {"rows": args.rows})
+    step("update", table.update, {"updates": args.updates})
     if args.small_tx:
-        step("small-tx", SMALL_TX_SQL.format(n=int(args.small_tx), base=int(args.rows),
-                                             nrows=int(args.rows)))
+        one = {"id": "base + i", "i": "i"}
+        step("small-tx", SMALL_TX_SQL.format(
+            n=int(args.small_tx), base=int(args.rows), nrows=int(args.rows),
+            insert_one=table.insert_one.format(**one),
+            update_one=table.update_one.format(id="((i - 1) % nrows) + 1", i="i")))
     step("delete", DELETE_SQL, {"low": args.rows - args.deletes, "high": args.rows})
     print("workload: " + ", ".join(steps), flush=True)
     small_inserts = (args.small_tx + 1) // 2
@@ -268,6 +267,8 @@ def cdc_command(dsn: str, slot: str, lake: Path, args: argparse.Namespace) -> li
            "--log-level", "warning"]
     if args.flush_rows is not None:
         cmd += ["--flush-rows", str(args.flush_rows)]
+    if args.binary:
+        cmd += ["--binary"]
     if args.cdc_wrapper:
         cmd = [*shlex.split(args.cdc_wrapper), *cmd]
     return cmd
@@ -306,13 +307,13 @@ def run_round(dsn: str, slots: tuple[str, str], end_lsn: str, lake: Path,  # noq
     return Round(recv, cdc, written, nfiles)
 
 
-def stream_all(dsn: str, args: argparse.Namespace, lake_root: Path,
+def stream_all(dsn: str, args: argparse.Namespace, lake_root: Path, table: Shape,
                failures: list[str]) -> tuple[Expected, float, list[Round]]:
     """Prepare, run the workload, then drain every slot pair."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        start_lsn = prepare(conn, args.rounds)
+        start_lsn = prepare(conn, args.rounds, table)
         try:
-            expected = workload(conn, args)
+            expected = workload(conn, args, table)
             end_lsn, end_lsn_text = current_lsn(conn)
             wal_mb = (end_lsn - start_lsn) / 2**20
             print(f"changes expected: {expected.total} ({expected.inserts} inserts, "
@@ -333,8 +334,8 @@ def stream_all(dsn: str, args: argparse.Namespace, lake_root: Path,
     return expected, wal_mb, rounds
 
 
-def report(args: argparse.Namespace, expected: Expected, wal_mb: float, rounds: list[Round],
-           failures: list[str]) -> dict[str, object]:
+def report(args: argparse.Namespace, table: Shape, expected: Expected, wal_mb: float,
+           rounds: list[Round], failures: list[str]) -> dict[str, object]:
     """Print the human report; the machine-readable summary."""
     n = expected.total
     recv_s = statistics.median(r.recv.seconds for r in rounds)
@@ -348,8 +349,10 @@ def report(args: argparse.Namespace, expected: Expected, wal_mb: float, rounds: 
     med = " (median)" if len(rounds) > 1 else ""
 
     print()
-    print(f"streaming benchmark: {len(rounds)} round(s), each pg_recvlogical then cdc on its "
-          "own slot of the same changes")
+    mode = " (cdc in pure Python)" if args.pure_python else ""
+    mode += " (cdc --binary)" if args.binary else ""
+    print(f"streaming benchmark, {table.name} rows{mode}: {len(rounds)} round(s), each "
+          "pg_recvlogical then cdc on its own slot of the same changes")
     print(f"  changes                {n:>12,}   (lake rows {rounds[-1].lake_rows:,} in "
           f"{rounds[-1].lake_files} files)")
     print(f"  WAL decoded            {wal_mb:>12.0f} MB")
@@ -358,7 +361,7 @@ def report(args: argparse.Namespace, expected: Expected, wal_mb: float, rounds: 
             print(f"  round {i}: pg_recvlogical {r.recv.seconds:6.2f} s, cdc {r.cdc.seconds:6.2f} s"
                   f" (CPU {r.cdc.cpu_seconds:5.2f} s), ratio {r.recv.seconds / r.cdc.seconds:.2f}")
     print(f"  pg_recvlogical{med:9s} {recv_s:>12.2f} s   {recv_rate:>10,.0f} changes/s   "
-          f"CPU {recv_cpu:.2f} s")
+          f"CPU {recv_cpu:.2f} s ({recv_cpu / n * 1e6:.1f} µs/change)")
     print(f"  cdc stream{med:13s} {cdc_s:>12.2f} s   {cdc_rate:>10,.0f} changes/s   "
           f"CPU {cdc_cpu:.2f} s ({cdc_cpu / n * 1e6:.1f} µs/change)")
     print(f"  ratio (cdc / recv)     {ratio:>12.2f}     target ≥ {TARGET_RATIO}  "
@@ -373,7 +376,8 @@ def report(args: argparse.Namespace, expected: Expected, wal_mb: float, rounds: 
     for failure in failures:
         print(f"\n!!!!!!!! {failure}", file=sys.stderr)
     return {
-        "bench": "stream", "rows": args.rows, "updates": args.updates,
+        "bench": "stream", "shape": table.name, "pure_python": args.pure_python,
+        "binary": args.binary, "rows": args.rows, "updates": args.updates,
         "small_tx": args.small_tx, "deletes": args.deletes, "flush_rows": args.flush_rows,
         "rounds": len(rounds), "changes": n, "lake_rows": [r.lake_rows for r in rounds],
         "lake_files": [r.lake_files for r in rounds], "wal_mb": round(wal_mb, 1),
@@ -400,10 +404,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="rows inserted by the one big INSERT transaction (default 1000000)")
     p.add_argument("--updates", type=int, default=250_000,
                    help="rows updated by the one big UPDATE transaction (default 250000)")
-    p.add_argument("--small-tx", type=int, default=5_000,
-                   help="small transactions of one change each (default 5000)")
-    p.add_argument("--deletes", type=int, default=50_000,
-                   help="rows deleted by the one big DELETE transaction (default 50000)")
+    p.add_argument("--small-tx", type=int, default=None,
+                   help="small transactions of one change each (default 5000 wide, 0 narrow)")
+    p.add_argument("--deletes", type=int, default=None,
+                   help="rows deleted by the one big DELETE transaction (default 50000 wide, "
+                   "67000 narrow)")
+    p.add_argument("--shape", choices=[*SHAPES, "both"], default="both",
+                   help="the table's row shape (default both: narrow, then wide)")
+    p.add_argument("--pure-python", action="store_true",
+                   help="run cdc with CDC_PURE_PYTHON=1 (the pure-Python decoder)")
+    p.add_argument("--binary", action="store_true",
+                   help="run cdc stream --binary (pgoutput's binary transfer)")
     p.add_argument("--dsn", default=None,
                    help="use this server instead of a throwaway local cluster; its table "
                    f"{TABLE!r}, publication {PUBLICATION!r} and slots {SLOT_RECV!r}, "
@@ -421,9 +432,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="write the lakes under DIR/roundN and keep them (default: a temporary "
                    "folder, removed)")
     args = p.parse_args(argv)
-    if args.rows < 1 or args.rounds < 1 or min(args.updates, args.small_tx, args.deletes) < 0:
+    if args.rows < 1 or args.rounds < 1 or min(args.updates, args.small_tx or 0,
+                                                args.deletes or 0) < 0:
         p.error("--rows and --rounds must be ≥ 1 and the other counts ≥ 0")
-    if args.updates > args.rows or args.deletes > args.rows:
+    if args.updates > args.rows or (args.deletes or 0) > args.rows:
         p.error("--updates and --deletes cannot exceed --rows")
     return args
 
@@ -432,15 +444,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     lake_root = Path(args.keep_lake) if args.keep_lake else Path(
         tempfile.mkdtemp(prefix="cdc-bench-lake-"))
+    if args.pure_python:
+        os.environ["CDC_PURE_PYTHON"] = "1"  # the cdc child inherits it
     failures: list[str] = []
+    summaries = []
     try:
         with server(args.dsn) as dsn:
-            expected, wal_mb, rounds = stream_all(dsn, args, lake_root, failures)
+            for name in SHAPES if args.shape == "both" else (args.shape,):
+                table = shape(name, TABLE)
+                run = argparse.Namespace(**vars(args))
+                run.deletes = table.deletes if args.deletes is None else args.deletes
+                run.small_tx = table.small_tx if args.small_tx is None else args.small_tx
+                print(f"== {name} rows", flush=True)
+                expected, wal_mb, rounds = stream_all(dsn, run, lake_root / name, table,
+                                                      failures)
+                summaries.append(report(run, table, expected, wal_mb, rounds, failures))
     finally:
         if not args.keep_lake:
             shutil.rmtree(lake_root, ignore_errors=True)
-    summary = report(args, expected, wal_mb, rounds, failures)
-    print(json.dumps(summary))
+    for summary in summaries:
+        print(json.dumps(summary))
     return 1 if failures else 0
 
 

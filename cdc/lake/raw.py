@@ -31,8 +31,13 @@ def file_key(batch: Batch, load_date: str, *, prefix: str = RAW) -> str:
 
 
 def encode(table: pa.Table) -> bytes:
+    # dictionary encoding only where it pays: on numbers and timestamps (keys, LSNs, _seq:
+    # mostly distinct) trying it and falling back doubled the encoding CPU of a raw file;
+    # zstd alone makes smaller files there (docs/benchmarks.md, snapshot)
+    strings = [f.name for f in table.schema if pa.types.is_string(f.type)]
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+    pq.write_table(table, sink, compression="zstd", row_group_size=ROW_GROUP_ROWS,
+                   use_dictionary=strings)
     return bytes(sink.getvalue())
 
 

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import psycopg
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
@@ -48,7 +49,44 @@ _NATIVE = {
     pgtypes.INT2: pa.int16(), pgtypes.INT4: pa.int32(), pgtypes.INT8: pa.int64(),
     pgtypes.FLOAT4: pa.float32(), pgtypes.FLOAT8: pa.float64(), pgtypes.BOOL: pa.bool_(),
     pgtypes.TEXT: pa.string(), pgtypes.VARCHAR: pa.string(), pgtypes.BYTEA: pa.binary(),
+    # the server's text output of these is a third of a narrow table's COPY time
+    pgtypes.DATE: pa.date32(), pgtypes.TIME: pa.time64("us"),
+    pgtypes.TIMESTAMP: pa.timestamp("us"), pgtypes.TIMESTAMPTZ: pa.timestamp("us", tz="UTC"),
 }
+
+#: the driver shifts binary dates and timestamps from the PostgreSQL epoch (2000) to the
+#: Unix epoch without an overflow check, so ±infinity (int32/int64 max and min) arrive
+#: wrapped around (adbc-driver-postgresql 1.x); anything else below the first day
+#: PostgreSQL can hold (4714-11-24 BC) wrapped too: a value the raw layer cannot hold
+_SHIFT = {pgtypes.DATE: (10_957, 32, -2_440_588, pgtypes.DATE_INFINITY),
+          pgtypes.TIMESTAMP: (946_684_800_000_000, 64, -210_866_803_200_000_000,
+                              pgtypes.TIMESTAMP_INFINITY)}
+_SHIFT[pgtypes.TIMESTAMPTZ] = _SHIFT[pgtypes.TIMESTAMP]
+
+
+def unwrap_infinity(column: pa.ChunkedArray, type_oid: int, *, table: str,
+                    name: str) -> pa.ChunkedArray:
+    """A date/timestamp column from the binary COPY with ±infinity as the raw layer's
+    sentinels (``pgtypes.DATE_INFINITY`` …); a wrapped finite value raises ConversionError."""
+    offset, bits, first, infinity = _SHIFT[type_oid]
+    storage = pa.int32() if bits == 32 else pa.int64()
+    values = column.cast(storage)
+    wrapped = pc.less(values, first)
+    if not pc.any(wrapped).as_py():
+        return column
+    top = 2 ** (bits - 1)
+    plus, minus = top - 1 + offset - 2 * top, -top + offset
+    bad = pc.and_(wrapped, pc.and_(pc.not_equal(values, plus), pc.not_equal(values, minus)))
+    if pc.any(bad).as_py():
+        from cdc.errors import ConversionError
+        raise ConversionError(f"a value of {table}.{name} is outside the range Arrow can "
+                              "hold (beyond year 294246)",
+                              fix="change or remove the value at the source, then run cdc "
+                              "snapshot again")
+    fixed = pc.if_else(pc.equal(values, plus), pa.scalar(infinity, storage),
+                       pc.if_else(pc.equal(values, minus), pa.scalar(-infinity, storage),
+                                  values))
+    return fixed.cast(column.type)
 
 
 class TextReader(Protocol):
@@ -154,8 +192,11 @@ class AdbcReader:
         except self.errors as exc:
             raise translate_adbc(exc, self.dsn) from exc
         wanted = [_NATIVE.get(c.type_oid, pa.string()) for c in relation.columns]
-        return [column if column.type == kind else column.cast(kind)
-                for column, kind in zip(table.columns, wanted, strict=True)]
+        typed = [column if column.type == kind else column.cast(kind)
+                 for column, kind in zip(table.columns, wanted, strict=True)]
+        return [unwrap_infinity(column, c.type_oid, table=relation.qualified_name, name=c.name)
+                if c.type_oid in _SHIFT else column
+                for column, c in zip(typed, relation.columns, strict=True)]
 
     def close(self) -> None:
         for closer in ("cursor", "conn", "render"):

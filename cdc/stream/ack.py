@@ -60,9 +60,10 @@ class AckPolicy:
         if not self.in_transaction and not buffered:
             self.safe = max(self.safe, wal_end)
 
-    def flushed(self) -> None:
-        """Everything buffered is durable in raw: the last commit received is safe."""
-        self.safe = max(self.safe, self.last_commit_end)
+    def flushed(self, lsn: Lsn | None = None) -> None:
+        """Everything buffered when ``lsn`` was the last commit received (default: now) is
+        durable in raw: ``lsn`` is safe."""
+        self.safe = max(self.safe, self.last_commit_end if lsn is None else lsn)
 
     def idle(self, *, buffered: bool) -> bool:
         return not self.in_transaction and not buffered

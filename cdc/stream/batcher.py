@@ -1,8 +1,9 @@
 """Per-table column buffers and the flush rules.
 
-Changes are appended column-wise (one Python list per source column plus the
-metadata columns) and converted to Arrow only when the batch is cut, so the
-hot loop does no per-value conversion. A batch is cut when the buffered rows
+Changes are appended column-wise and converted to Arrow only when the batch is
+cut, so the hot loop does no per-value conversion: by the compiled decoder into
+Arrow-layout buffers (:class:`NativeTableBuffer`), by the pure-Python one into one
+Python list per column (:class:`TableBuffer`). A batch is cut when the buffered rows
 or bytes reach their limits or the oldest buffered change is older than the
 time limit, whichever comes first; a transaction larger than the limits is cut
 into several batches, so memory is bounded by the flush settings, not by
@@ -11,12 +12,15 @@ transaction size.
 
 from __future__ import annotations
 
+import importlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 
+from cdc.decoding.core import ChangeCounter, Decoder, PureDecoder, native_module
 from cdc.decoding.pgtypes import ColumnType, PgType, TypeFacts, column_type, convert_column
 from cdc.events import UNCHANGED, Lsn, Op, Relation, Row
 from cdc.lake.columns import lake_column
@@ -128,6 +132,37 @@ class TableBuffer:
         return batch
 
 
+class NativeTableBuffer(TableBuffer):
+    """Buffered changes of one table in the compiled decoder's Arrow-layout buffers."""
+
+    def __init__(self, relation: Relation, type_names: dict[int, str],
+                 type_facts: TypeFacts | None = None) -> None:
+        native = importlib.import_module("cdc.decoding._native")
+        self.core: Any = native.ColumnBuffer(tuple(c.name for c in relation.columns),
+                                             tuple(c.is_key for c in relation.columns))
+        super().__init__(relation, type_names, type_facts)
+
+    def _clear(self) -> None:
+        pass  # take() empties the core
+
+    def __len__(self) -> int:
+        return len(self.core)
+
+    def append(  # noqa: PLR0913, PLR0917  once per change: no per-change object
+        self, op: str, row: Row | None, lsn: Lsn, commit_lsn: Lsn, seq: int, xid: int, ts: int
+    ) -> None:
+        self.core.append(op, row, lsn, commit_lsn, seq, xid, ts)
+
+    def cut(self) -> Batch:
+        columns, ops, lsns, commit_lsns, seqs, xids, commit_ts, unchanged = self.core.take()
+        table = raw_table(self.relation, self.types, columns, ops=ops, lsns=lsns,
+                          commit_lsns=commit_lsns, seqs=seqs, xids=xids, commit_ts=commit_ts,
+                          unchanged=unchanged)
+        n = len(ops)
+        return Batch(self.relation, table, commit_lsns[0].as_py(),
+                     commit_lsns[n - 1].as_py(), seqs[0].as_py())
+
+
 def relation_schema(relation: Relation, types: Sequence[ColumnType]) -> pa.Schema:
     """Source columns (typed, ``pg_type`` in the field metadata) plus the metadata columns."""
     fields = [  # a column named like cdc's own lands renamed (cdc.lake.columns)
@@ -164,31 +199,40 @@ class Batcher:
 
     limits: FlushLimits
     buffers: dict[int, TableBuffer] = field(default_factory=dict)
+    #: NativeTableBuffer when the compiled decoder feeds this batcher (see decoder_for)
+    buffer_type: type[TableBuffer] = TableBuffer
     type_names: dict[int, str] = field(default_factory=dict)
     #: catalog facts of the non-built-in column types (domains, arrays, enums)
     type_facts: dict[int, PgType] = field(default_factory=dict)
     rows: int = 0
     bytes: int = 0
     oldest: float | None = None
+    #: True while detached buffers are still being written (``FlushWriter.pending``)
+    writing: Callable[[], bool] = field(default=lambda: False)
 
     def buffer_for(self, relation: Relation) -> TableBuffer:
         buf = self.buffers.get(relation.oid)
         if buf is None:
-            buf = self.buffers[relation.oid] = TableBuffer(relation, self.type_names,
-                                                           self.type_facts)
+            buf = self.buffers[relation.oid] = self.buffer_type(relation, self.type_names,
+                                                                self.type_facts)
         return buf
 
-    def add(self, buffer: TableBuffer, op: Op | str, row: Row | None, nbytes: int, lsn: Lsn,  # noqa: PLR0913, PLR0917  once per change: no per-change object
-            commit_lsn: Lsn, seq: int, xid: int, ts: int) -> None:
-        buffer.append(op, row, lsn, commit_lsn, seq, xid, ts)
-        self.rows += 1
+    def count(self, rows: int, nbytes: int) -> None:
+        """``rows`` changes of ``nbytes`` were appended to the buffers."""
+        self.rows += rows
         self.bytes += nbytes
         if self.oldest is None:
             self.oldest = time.monotonic()
 
+    def add(self, buffer: TableBuffer, op: Op | str, row: Row | None, nbytes: int, lsn: Lsn,  # noqa: PLR0913, PLR0917  once per change: no per-change object
+            commit_lsn: Lsn, seq: int, xid: int, ts: int) -> None:
+        buffer.append(op, row, lsn, commit_lsn, seq, xid, ts)
+        self.count(1, nbytes)
+
     @property
     def empty(self) -> bool:
-        return self.rows == 0
+        """Nothing in flight: no buffered change, none detached and not yet durable."""
+        return self.rows == 0 and not self.writing()
 
     def due(self, now: float | None = None) -> bool:
         """True when the buffered changes must be flushed."""
@@ -210,6 +254,26 @@ class Batcher:
             self.oldest = None
         return buf.cut()
 
+    def detach(self, oid: int) -> list[TableBuffer]:
+        """Take one table's buffer out (before its schema changes), to be cut elsewhere."""
+        buf = self.buffers.pop(oid, None)
+        if buf is None or len(buf) == 0:
+            return []
+        self.rows -= len(buf)
+        if self.rows == 0:
+            self.bytes = 0
+            self.oldest = None
+        return [buf]
+
+    def detach_all(self) -> list[TableBuffer]:
+        """Take every non-empty buffer out; the batcher is empty, new changes go to new
+        buffers while these are cut and written (``FlushWriter``)."""
+        buffers = [b for b in self.buffers.values() if len(b)]
+        self.buffers.clear()  # the decoders hold this dict: keep it
+        self.rows = self.bytes = 0
+        self.oldest = None
+        return buffers
+
     def cut_all(self) -> Iterator[Batch]:
         """Cut every non-empty buffer; the batcher is empty afterwards."""
         buffers = [b for b in self.buffers.values() if len(b)]
@@ -217,3 +281,15 @@ class Batcher:
         self.oldest = None
         for buf in buffers:
             yield buf.cut()
+
+
+def decoder_for(batcher: Batcher, relations: Mapping[int, Relation],
+                stats: ChangeCounter) -> Decoder:
+    """The pgoutput decoder feeding ``batcher``: the compiled one when it is built (and
+    ``CDC_PURE_PYTHON`` is not set), else the pure-Python reference."""
+    native = native_module()
+    if native is None:
+        return PureDecoder(batcher, relations, stats)
+    batcher.buffer_type = NativeTableBuffer
+    decoder: Decoder = native.NativeDecoder(batcher, relations, stats)
+    return decoder

@@ -21,7 +21,6 @@ import pyarrow.compute as pc
 import structlog
 
 from cdc.config import Settings
-from cdc.decoding import pgoutput
 from cdc.decoding.pgtypes import column_type, is_builtin
 from cdc.decoding.wal2json import Wal2JsonDecoder
 from cdc.errors import CdcError, SlotError
@@ -54,19 +53,16 @@ from cdc.source.protocol import Source, SourceFactory
 from cdc.source.replication import ReplicationStream
 from cdc.staged.compactor import CompactionLoop, parse_keys
 from cdc.stream.ack import AckPolicy
-from cdc.stream.batcher import Batch, Batcher, FlushLimits
+from cdc.stream.batcher import Batch, Batcher, FlushLimits, decoder_for
+from cdc.stream.writer import FlushWriter
 
 log = structlog.get_logger("cdc.stream.session")
 
 _xlogdata = struct.Struct("!QQq")
 _keepalive = struct.Struct("!Qq?")
 XLOGDATA = 0x77  # 'w'
-INSERT = 0x49  # 'I'
-NEW_TUPLE = b"N"
-_oid = struct.Struct("!I")
 KEEPALIVE = 0x6B  # 'k'
 READ_TIMEOUT = 0.5
-VALUE_OVERHEAD = 57  # sys.getsizeof("") + a list slot (CPython 3.11, 64-bit)
 
 
 @dataclass
@@ -206,10 +202,13 @@ class Session:
         self.ack = AckPolicy(streamer.checkpoint, start)
         self.batcher = Batcher(streamer.limits)
         self.relations: dict[int, Relation] = {}
+        # row changes go from the decoder straight into the batcher's column buffers
+        self.decoder = decoder_for(self.batcher, self.relations, streamer.stats)
+        self.writer = FlushWriter(self._write)  # flushes are written beside the read loop
+        self.batcher.writing = lambda: self.writer.pending
         self.commit_lsn: Lsn = 0
         self.xid = 0
         self.commit_ts = 0
-        self.seq = 0
         self.source = streamer.open_source(start)
         self.next_status = 0.0
         self.side = SideConnection(self.settings.dsn)
@@ -230,6 +229,7 @@ class Session:
         try:
             self._loop()
         finally:
+            self.writer.close()
             self.source.close()
             self.side.close()
 
@@ -240,30 +240,21 @@ class Session:
         stopper = self.streamer.stopper
         handle = self.handle
         unpack_xlog = _xlogdata.unpack_from
-        decode = pgoutput.decode
+        feed = self.decoder.feed_frame
         wal2json = self.wal2json
-        decode_tuple = pgoutput.decode_tuple
-        unpack_oid = _oid.unpack_from
         checked = 0
         while True:
             data = source.read(READ_TIMEOUT)
             if data is not None:
                 kind = data[0]
                 if kind == XLOGDATA:
-                    lsn, wal_end, _ = unpack_xlog(data, 1)
-                    payload = bytes(data[25:])
-                    if payload[0] == INSERT and payload[5:6] == NEW_TUPLE:
-                        # the hot path: an insert goes straight into its column buffers,
-                        # with no event object (decode() below says why a bad one is bad)
-                        try:
-                            row, _ = decode_tuple(payload, 6)
-                        except Exception:
-                            decode(payload)
-                            raise
-                        self._add(unpack_oid(payload, 1)[0], "c", row, lsn, len(payload))
-                    elif wal2json is None:
-                        handle(decode(payload), lsn, len(payload))
-                    else:  # a JSON object: never taken for a pgoutput insert above
+                    if wal2json is None:
+                        event = feed(data)  # row changes: buffered, None
+                        if event is not None:
+                            handle(event, unpack_xlog(data, 1)[0], len(data) - 25)
+                    else:
+                        lsn, _, _ = unpack_xlog(data, 1)
+                        payload = bytes(data[25:])
                         for event in wal2json.decode(payload):
                             handle(event, lsn, len(payload))
                     if batcher.rows >= limits.rows or batcher.bytes >= limits.bytes:
@@ -275,12 +266,16 @@ class Session:
                     wal_end, _, reply = _keepalive.unpack_from(data, 1)
                     self.on_keepalive(wal_end, reply)
             checked = 0
+            written = self.writer.safe()  # a flush written beside the loop is durable now
+            if written is not None:
+                self.ack.flushed(written)
+                self.send_status(force=True)
             if self.done():
-                self.flush()
+                self.flush(wait=True)
                 log.info("caught_up", lsn=format_lsn(self.ack.durable))
                 return
             if stopper.requested:
-                self.flush()
+                self.flush(wait=True)
                 log.info("stopped", lsn=format_lsn(self.ack.durable))
                 return
             if batcher.due():
@@ -309,7 +304,7 @@ class Session:
             self.commit_lsn = begin.final_lsn
             self.xid = begin.xid
             self.commit_ts = begin.commit_ts
-            self.seq = 0
+            self.decoder.begin(begin.final_lsn, begin.xid, begin.commit_ts)
         elif t is Commit:
             commit: Commit = event  # type: ignore[assignment]
             # with nothing buffered the commit is safe now; its checkpoint and acknowledgement
@@ -332,9 +327,8 @@ class Session:
                                 batcher.type_facts) for c in rel.columns])
             known = self.relations.get(rel.oid)
             if known is not None and known != rel:
-                batch = batcher.cut_table(rel.oid)  # its schema changes: close its file
-                if batch is not None:
-                    self._write(batch)
+                # its schema changes: close its file (written in order with the flushes)
+                self.writer.submit(batcher.detach(rel.oid), None)
                 log.info("schema_changed", table=rel.qualified_name)
             self.relations[rel.oid] = rel
         elif t is Truncate:
@@ -348,13 +342,7 @@ class Session:
 
     def _add(self, oid: int, op: str, row: tuple[object, ...] | None, lsn: Lsn,
              nbytes: int) -> None:
-        relation = self.relations[oid]
-        # buffered memory: the message plus a Python str object and list slot per value
-        nbytes += VALUE_OVERHEAD * len(relation.columns)
-        self.batcher.add(self.batcher.buffer_for(relation), op, row, nbytes,  # type: ignore[arg-type]
-                         lsn, self.commit_lsn, self.seq, self.xid, self.commit_ts)
-        self.seq += 1
-        self.streamer.stats.changes += 1
+        self.decoder.append(oid, op, row, lsn, nbytes)  # type: ignore[arg-type]
 
     def on_keepalive(self, wal_end: Lsn, reply: bool) -> None:
         self.ack.keepalive(wal_end, buffered=not self.batcher.empty)
@@ -369,12 +357,15 @@ class Session:
 
     # -- durability -----------------------------------------------------------------------------
 
-    def flush(self) -> None:
-        """Write every buffered change; then everything up to the last commit is durable."""
-        for batch in self.batcher.cut_all():
-            self._write(batch)
-        self.ack.flushed()
-        self.send_status(force=True)
+    def flush(self, *, wait: bool = False) -> None:
+        """Write every buffered change (on the writer thread); once written, everything up
+        to the last commit received is durable (the loop learns it from the writer, or
+        here with ``wait``)."""
+        self.writer.submit(self.batcher.detach_all(), self.ack.last_commit_end)
+        if wait:
+            self.writer.wait()
+            self.ack.flushed()
+            self.send_status(force=True)
 
     def _write(self, batch: Batch) -> None:
         started = time.monotonic()
