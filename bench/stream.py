@@ -334,8 +334,8 @@ def stream_all(dsn: str, args: argparse.Namespace, lake_root: Path, table: Shape
     return expected, wal_mb, rounds
 
 
-def report(args: argparse.Namespace, table: Shape, expected: Expected, wal_mb: float,
-           rounds: list[Round], failures: list[str]) -> dict[str, object]:
+def report(args: argparse.Namespace, expected: Expected, wal_mb: float, rounds: list[Round],
+           failures: list[str], *, table: Shape) -> dict[str, object]:
     """Print the human report; the machine-readable summary."""
     n = expected.total
     recv_s = statistics.median(r.recv.seconds for r in rounds)
@@ -458,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"== {name} rows", flush=True)
                 expected, wal_mb, rounds = stream_all(dsn, run, lake_root / name, table,
                                                       failures)
-                summaries.append(report(run, table, expected, wal_mb, rounds, failures))
+                summaries.append(report(run, expected, wal_mb, rounds, failures, table=table))
     finally:
         if not args.keep_lake:
             shutil.rmtree(lake_root, ignore_errors=True)

@@ -80,8 +80,10 @@ class TestAckPolicyInSession:
         frames = [relation(), *first, *second[:2], keepalive(0x9000), *second[2:]]
         source = run_session(tmp_path, frames, flush_rows=1)
 
-        at_keepalive = [s.lsn for s in source.sent if s.played == len(first) + 3]
-        assert at_keepalive == [0x2008]  # the keepalive's reply: tx 1's end, not 0x9000
+        # the keepalive's reply (it waits for the flush in flight): tx 1's end, not 0x9000
+        at_keepalive = [s.lsn for s in source.sent if s.played == len(first) + 4]
+        assert at_keepalive
+        assert set(at_keepalive) == {0x2008}
         before_second_commit = [s.lsn for s in source.sent if s.played < len(frames) - 1]
         assert max(before_second_commit) == 0x2008
         assert source.acknowledged()[-1] == 0x3008  # the stop flushes and acks tx 2
@@ -145,12 +147,13 @@ class TestAckPolicyInSession:
         frames = [relation(), *transaction(0x2000, 1, [1])]
         sent: list[Lsn] = []
         with pytest.raises(faults.InjectedFault):
-            # status 1: the flush inside the transaction (at START); status 2: the stop's,
-            # after the checkpoint recorded the commit
-            run_session(tmp_path, frames, flush_rows=1, on_status=sent.append,
-                        fault="status.before_send=raise@2")
+            # the first status is the stop's, after the checkpoint recorded the commit (with
+            # flushes written beside the loop, when a mid-stream flush is acknowledged
+            # depends on the writer thread: none happens here)
+            run_session(tmp_path, frames, on_status=sent.append,
+                        fault="status.before_send=raise@1")
 
-        assert sent == [START]
+        assert sent == []
         assert checkpoint_of(tmp_path) == 0x2008
 
 # -- property: every acknowledgement is covered by raw and the checkpoint ---------------------

@@ -253,6 +253,31 @@ def tuples(draw: st.DrawFn, ncols: int) -> bytes:
     return tuple_data(*row)
 
 
+def message(kind: str, oid: int, ncols: int, identity: str,
+            keys: tuple[int, ...]) -> st.SearchStrategy[bytes]:
+    """One pgoutput message of ``kind`` (X: garbage) for relation ``oid``."""
+    row = tuples(ncols)
+    old_kinds = st.sampled_from([b"", b"K", b"O"])
+    strategies: dict[str, st.SearchStrategy[bytes]] = {
+        "R": st.just(rel_msg(ncols, keys, identity, oid)),
+        "I": row.map(lambda new: insert_msg(oid, new)),
+        "U": st.tuples(old_kinds, row, row).map(lambda t: update_msg(
+            oid, t[2], old=t[1] if t[0] else None, old_kind=t[0])),
+        "D": st.tuples(st.sampled_from([b"K", b"O"]), row).map(
+            lambda t: delete_msg(oid, t[0], t[1])),
+        "B": st.tuples(st.integers(0, 2**64 - 1), st.integers(-2**40, 2**50),
+                       st.integers(0, 2**32 - 1)).map(lambda t: begin_msg(*t)),
+        "C": st.just(commit_msg(0x5000, 0x5008, 1)),
+        "T": st.integers(0, 3).map(lambda options: truncate_msg([oid], options)),
+        "O": st.text(max_size=5).map(lambda name: origin_msg(0x5000, name)),
+        "Y": st.just(type_msg(90000, "public", "mood")),
+        "M": st.tuples(st.booleans(), st.binary(max_size=8)).map(
+            lambda t: message_msg(t[0], 0x5000, "p", t[1])),
+        "X": st.binary(max_size=40),
+    }
+    return strategies[kind]
+
+
 @st.composite
 def stream_messages(draw: st.DrawFn) -> list[bytes]:
     """A message stream over two relations: all message types, valid and malformed."""
@@ -265,34 +290,10 @@ def stream_messages(draw: st.DrawFn) -> list[bytes]:
         oid = draw(st.sampled_from([OID, OID + 1, OID + 2]))
         ncols, identity = shapes.get(oid, (2, "d"))
         kind = draw(st.sampled_from("RIIIUUUDDBCTOYMX"))
-        if kind == "R":
-            if draw(st.booleans()):  # a schema change: one column more
-                shapes[oid] = (ncols + 1, identity)
-                ncols += 1
-            msg = rel_msg(ncols, keys.get(oid, ()), identity, oid)
-        elif kind == "I":
-            msg = insert_msg(oid, draw(tuples(ncols)))
-        elif kind == "U":
-            old_kind = draw(st.sampled_from([b"", b"K", b"O"]))
-            old = draw(tuples(ncols)) if old_kind else None
-            msg = update_msg(oid, draw(tuples(ncols)), old=old, old_kind=old_kind)
-        elif kind == "D":
-            msg = delete_msg(oid, draw(st.sampled_from([b"K", b"O"])), draw(tuples(ncols)))
-        elif kind == "B":
-            msg = begin_msg(draw(st.integers(0, 2**64 - 1)), draw(st.integers(-2**40, 2**50)),
-                            draw(st.integers(0, 2**32 - 1)))
-        elif kind == "C":
-            msg = commit_msg(0x5000, 0x5008, 1)
-        elif kind == "T":
-            msg = truncate_msg([oid], draw(st.integers(0, 3)))
-        elif kind == "O":
-            msg = origin_msg(0x5000, draw(st.text(max_size=5)))
-        elif kind == "Y":
-            msg = type_msg(90000, "public", "mood")
-        elif kind == "M":
-            msg = message_msg(draw(st.booleans()), 0x5000, "p", draw(st.binary(max_size=8)))
-        else:
-            msg = draw(st.binary(max_size=40))  # garbage
+        if kind == "R" and draw(st.booleans()):  # a schema change: one column more
+            ncols += 1
+            shapes[oid] = (ncols, identity)
+        msg = draw(message(kind, oid, ncols, identity, keys.get(oid, ())))
         mutation = draw(st.sampled_from(["none"] * 5 + ["cut", "flip", "append"]))
         if mutation == "cut" and msg:
             msg = msg[:draw(st.integers(0, len(msg) - 1))]

@@ -51,8 +51,9 @@ _xlogdata_lsn = struct.Struct("!Q")
 class TableColumns(Protocol):
     """One table's buffered changes (``cdc.stream.batcher.TableBuffer``)."""
 
-    def append(self, op: str, row: Row | None, lsn: Lsn, commit_lsn: Lsn, seq: int, xid: int,
-               ts: int) -> None: ...
+    def append(  # noqa: PLR0913, PLR0917  once per change: no per-change object
+        self, op: str, row: Row | None, lsn: Lsn, commit_lsn: Lsn, seq: int, xid: int, ts: int
+    ) -> None: ...
 
 
 class Buffers(Protocol):

@@ -266,10 +266,7 @@ class Session:
                     wal_end, _, reply = _keepalive.unpack_from(data, 1)
                     self.on_keepalive(wal_end, reply)
             checked = 0
-            written = self.writer.safe()  # a flush written beside the loop is durable now
-            if written is not None:
-                self.ack.flushed(written)
-                self.send_status(force=True)
+            self._collect_written()
             if self.done():
                 self.flush(wait=True)
                 log.info("caught_up", lsn=format_lsn(self.ack.durable))
@@ -345,6 +342,8 @@ class Session:
         self.decoder.append(oid, op, row, lsn, nbytes)  # type: ignore[arg-type]
 
     def on_keepalive(self, wal_end: Lsn, reply: bool) -> None:
+        if reply:  # the reply carries all that is durable: wait for the flush in flight
+            self._collect_written(wait=True)
         self.ack.keepalive(wal_end, buffered=not self.batcher.empty)
         if reply:
             self.send_status(force=True)
@@ -365,6 +364,13 @@ class Session:
         if wait:
             self.writer.wait()
             self.ack.flushed()
+            self.send_status(force=True)
+
+    def _collect_written(self, *, wait: bool = False) -> None:
+        """A flush written beside the loop is durable now: its position is safe."""
+        written = self.writer.wait() if wait else self.writer.safe()
+        if written is not None:
+            self.ack.flushed(written)
             self.send_status(force=True)
 
     def _write(self, batch: Batch) -> None:
