@@ -378,3 +378,20 @@ def test_both_decoders_read_xlogdata_frames_alike(frames: list[bytes]) -> None:
     pure, native = frames_of("pure", frames), frames_of("native", frames)
     assert native[0] == pure[0]
     assert [(n, t.to_pylist()) for n, t in native[1]] == [(n, t.to_pylist()) for n, t in pure[1]]
+
+
+def test_a_value_that_is_not_text_is_refused_before_anything_is_buffered() -> None:
+    """The compiled buffer's append (truncates, wal2json) checks every value first: a wrong
+    one leaves no half row behind."""
+    if NATIVE is None:
+        pytest.skip("the compiled decoder is not built")
+    core = NATIVE.ColumnBuffer(("a", "b"), (True, False))
+    with pytest.raises(TypeError, match="column 'b' is not text"):
+        core.append("c", ("1", 2), 1, 1, 0, 1, 0)
+    with pytest.raises(TypeError, match="column 'a'"):
+        core.append("c", (UNCHANGED, "x"), 1, 1, 0, 1, 0)  # unchanged only in an update
+    assert len(core) == 0
+    core.append("u", ("1", UNCHANGED), 1, 1, 0, 1, 0)
+    columns, *_, unchanged = core.take()
+    assert columns[0].to_pylist() == ["1"]
+    assert unchanged.to_pylist() == [["b"]]

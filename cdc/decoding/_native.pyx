@@ -170,7 +170,10 @@ cdef class ColumnBuffer:
     cdef Py_ssize_t* nulls
     cdef uint8_t* is_key
     cdef Growable ops, lsns, commit_lsns, seqs, xids, commit_ts
-    cdef list unchanged  # (row, [column names]) of updates with unchanged TOAST values
+    # updates with unchanged TOAST values, as int32s: row, count, the columns' indexes ...
+    cdef Growable unchanged
+    cdef Py_ssize_t unchanged_rows
+    cdef Py_ssize_t last_unchanged  # where the last row's entry starts (in int32s)
     cdef tuple names
 
     def __cinit__(self, tuple names, tuple is_key):
@@ -205,6 +208,7 @@ cdef class ColumnBuffer:
         PyMem_Free(self.seqs.data)
         PyMem_Free(self.xids.data)
         PyMem_Free(self.commit_ts.data)
+        PyMem_Free(self.unchanged.data)
         PyMem_Free(self.offsets)
         PyMem_Free(self.data)
         PyMem_Free(self.validity)
@@ -215,7 +219,8 @@ cdef class ColumnBuffer:
         cdef Py_ssize_t i
         cdef int32_t zero = 0
         self.nrows = 0
-        self.unchanged = []
+        self.unchanged.length = 0
+        self.unchanged_rows = 0
         for i in range(self.ncols):
             self.offsets[i].length = 0
             self.data[i].length = 0
@@ -261,21 +266,29 @@ cdef class ColumnBuffer:
         self.nrows += 1
         return 0
 
+    cdef int _unchanged(self, int32_t column) except -1:
+        """Column ``column`` of the row being added is an unchanged TOAST value."""
+        cdef int32_t head[2]
+        if self.unchanged_rows == 0 or (<int32_t*>self.unchanged.data)[self.last_unchanged] \
+                != self.nrows:
+            self.last_unchanged = self.unchanged.length // 4
+            head[0] = <int32_t>self.nrows
+            head[1] = 0
+            put(&self.unchanged, head, 8)
+            self.unchanged_rows += 1
+        (<int32_t*>self.unchanged.data)[self.last_unchanged + 1] += 1
+        return put(&self.unchanged, &column, 4)
+
     cdef int add_spans(self, char op, Span* spans, int64_t lsn, int64_t commit_lsn,
                        int64_t seq, int64_t xid, int64_t ts) except -1:
         cdef Py_ssize_t i
-        cdef list unchanged = None
         for i in range(self.ncols):
             if spans[i].kind == KIND_TEXT:
                 self._value(i, spans[i].data, spans[i].length, True)
             else:
                 if spans[i].kind == KIND_UNCHANGED:
-                    if unchanged is None:
-                        unchanged = []
-                    unchanged.append(self.names[i])
+                    self._unchanged(<int32_t>i)
                 self._value(i, NULL, 0, False)
-        if unchanged is not None:
-            self.unchanged.append((self.nrows, unchanged))
         return self._meta(op, lsn, commit_lsn, seq, xid, ts)
 
     def append(self, str op, row, int64_t lsn, int64_t commit_lsn, int64_t seq, int64_t xid,
@@ -283,30 +296,72 @@ cdef class ColumnBuffer:
         """Buffer one change given as values (str, None or UNCHANGED; None row: truncate)."""
         cdef Py_ssize_t i
         cdef bytes text
-        cdef list unchanged = None
         if row is not None and len(row) != self.ncols:
             raise ValueError(f"row of {len(row)} values for {self.ncols} columns")
         encoded = [None if row is None or not isinstance(v, str) else (<str>v).encode("utf-8")
                    for v in (row if row is not None else ())]
+        for i in range(len(encoded)):  # checked before anything is appended
+            value = row[i]
+            if encoded[i] is None and value is not None and not (value is UNCHANGED
+                                                                 and op == "u"):
+                raise TypeError(f"value {value!r} of {op!r} change in column "
+                                f"{self.names[i]!r} is not text")
         for i in range(self.ncols):
             value = None if row is None else row[i]
             if value is None:
                 self._value(i, NULL, 0, False)
             elif value is UNCHANGED and op == "u":
-                if unchanged is None:
-                    unchanged = []
-                unchanged.append(self.names[i])
+                self._unchanged(<int32_t>i)
                 self._value(i, NULL, 0, False)
             else:
                 text = encoded[i]
-                if text is None:
-                    raise TypeError(f"value {value!r} of {op!r} change in column "
-                                    f"{self.names[i]!r} is not text")
                 self._value(i, <const unsigned char*>PyBytes_AS_STRING(text),
                             PyBytes_GET_SIZE(text), True)
-        if unchanged is not None:
-            self.unchanged.append((self.nrows, unchanged))
         return self._meta(ord(op), lsn, commit_lsn, seq, xid, ts)
+
+    cdef object _take_unchanged(self, Py_ssize_t n):
+        """The ``_unchanged`` column: list<string>, NULL where no value was unchanged."""
+        cdef Growable offsets, validity, indexes
+        cdef int32_t* entries = <int32_t*>self.unchanged.data
+        cdef Py_ssize_t nentries = self.unchanged.length // 4
+        cdef Py_ssize_t pos = 0, row = 0, target, k
+        cdef int32_t total = 0
+        if self.unchanged_rows == 0:
+            return pa.nulls(n, pa.list_(pa.string()))
+        memset(&offsets, 0, sizeof(Growable))
+        memset(&validity, 0, sizeof(Growable))
+        memset(&indexes, 0, sizeof(Growable))
+        try:
+            grow(&offsets, 4 * (n + 1))
+            grow(&validity, (n + 7) // 8)
+            memset(validity.data, 0, (n + 7) // 8)
+            (<int32_t*>offsets.data)[0] = 0
+            while pos < nentries:
+                target = entries[pos]
+                k = entries[pos + 1]
+                while row < target:
+                    (<int32_t*>offsets.data)[row + 1] = total
+                    row += 1
+                validity.data[target >> 3] |= <char>(1 << (target & 7))
+                put(&indexes, &entries[pos + 2], 4 * k)
+                total += <int32_t>k
+                (<int32_t*>offsets.data)[target + 1] = total
+                row = target + 1
+                pos += 2 + k
+            while row < n:
+                (<int32_t*>offsets.data)[row + 1] = total
+                row += 1
+            offsets.length = 4 * (n + 1)
+            validity.length = (n + 7) // 8
+            names = pa.array(self.names, pa.string()).take(
+                pa.Array.from_buffers(pa.int32(), total, [None, take_buffer(&indexes)], 0))
+            return pa.Array.from_buffers(
+                pa.list_(pa.string()), n, [take_buffer(&validity), take_buffer(&offsets)],
+                n - self.unchanged_rows, children=[names])
+        finally:
+            PyMem_Free(offsets.data)
+            PyMem_Free(validity.data)
+            PyMem_Free(indexes.data)
 
     def take(self):
         """(text columns, ops, lsns, commit_lsns, seqs, xids, commit_ts, unchanged) as Arrow
@@ -336,13 +391,7 @@ cdef class ColumnBuffer:
             PyMem_Free(op_offsets.data)
         ints = [_int64s(&self.lsns, n), _int64s(&self.commit_lsns, n), _int64s(&self.seqs, n),
                 _int64s(&self.xids, n), _int64s(&self.commit_ts, n)]
-        if self.unchanged:
-            lists = [None] * n
-            for row, names in self.unchanged:
-                lists[row] = names
-            unchanged = pa.array(lists, pa.list_(pa.string()))
-        else:
-            unchanged = pa.nulls(n, pa.list_(pa.string()))
+        unchanged = self._take_unchanged(n)
         self._reset()
         return (columns, ops, *ints, unchanged)
 
