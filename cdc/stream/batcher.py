@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from cdc.decoding.core import ChangeCounter, Decoder, PureDecoder, native_module
 from cdc.decoding.pgtypes import ColumnType, PgType, TypeFacts, column_type, convert_column
-from cdc.events import UNCHANGED, Lsn, Op, Relation, Row
+from cdc.events import UNCHANGED, Lsn, Relation, Row
 from cdc.lake.columns import lake_column
 
 #: metadata columns of every raw file, after the source columns (DESIGN.md section 2)
@@ -138,7 +138,8 @@ class NativeTableBuffer(TableBuffer):
     def __init__(self, relation: Relation, type_names: dict[int, str],
                  type_facts: TypeFacts | None = None) -> None:
         native = importlib.import_module("cdc.decoding._native")
-        self.core: Any = native.ColumnBuffer(tuple(c.name for c in relation.columns),
+        # names as the lake holds them: for _unchanged (cdc.lake.columns)
+        self.core: Any = native.ColumnBuffer(tuple(lake_column(c.name) for c in relation.columns),
                                              tuple(c.is_key for c in relation.columns))
         super().__init__(relation, type_names, type_facts)
 
@@ -224,11 +225,6 @@ class Batcher:
         if self.oldest is None:
             self.oldest = time.monotonic()
 
-    def add(self, buffer: TableBuffer, op: Op | str, row: Row | None, nbytes: int, lsn: Lsn,  # noqa: PLR0913, PLR0917  once per change: no per-change object
-            commit_lsn: Lsn, seq: int, xid: int, ts: int) -> None:
-        buffer.append(op, row, lsn, commit_lsn, seq, xid, ts)
-        self.count(1, nbytes)
-
     @property
     def empty(self) -> bool:
         """Nothing in flight: no buffered change, none detached and not yet durable."""
@@ -242,17 +238,6 @@ class Batcher:
             return True
         now = time.monotonic() if now is None else now
         return self.oldest is not None and now - self.oldest >= self.limits.seconds
-
-    def cut_table(self, oid: int) -> Batch | None:
-        """Cut one table's buffer (before its schema changes)."""
-        buf = self.buffers.pop(oid, None)
-        if buf is None or len(buf) == 0:
-            return None
-        self.rows -= len(buf)
-        if self.rows == 0:
-            self.bytes = 0
-            self.oldest = None
-        return buf.cut()
 
     def detach(self, oid: int) -> list[TableBuffer]:
         """Take one table's buffer out (before its schema changes), to be cut elsewhere."""
@@ -273,14 +258,6 @@ class Batcher:
         self.rows = self.bytes = 0
         self.oldest = None
         return buffers
-
-    def cut_all(self) -> Iterator[Batch]:
-        """Cut every non-empty buffer; the batcher is empty afterwards."""
-        buffers = [b for b in self.buffers.values() if len(b)]
-        self.rows = self.bytes = 0
-        self.oldest = None
-        for buf in buffers:
-            yield buf.cut()
 
 
 def decoder_for(batcher: Batcher, relations: Mapping[int, Relation],
