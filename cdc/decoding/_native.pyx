@@ -16,6 +16,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
+from cdc.decoding._buffers cimport Growable, grow, int64s, put, put_i64, take_buffer, utf8_valid
 from cdc.decoding._reader cimport (
     Reader, read_bytes, read_i16, read_i32, read_u8, read_u32, read_u64, reader_init,
 )
@@ -43,86 +44,6 @@ cdef struct Span:
     uint8_t kind
     const unsigned char* data
     int32_t length
-
-
-cdef struct Growable:
-    char* data
-    Py_ssize_t length
-    Py_ssize_t capacity
-
-
-cdef int grow(Growable* g, Py_ssize_t extra) except -1:
-    cdef Py_ssize_t need = g.length + extra
-    cdef Py_ssize_t capacity
-    cdef char* data
-    if need <= g.capacity:
-        return 0
-    capacity = max(need, g.capacity * 2, 256)
-    data = <char*>PyMem_Realloc(g.data, capacity)
-    if data == NULL:
-        raise MemoryError()
-    g.data = data
-    g.capacity = capacity
-    return 0
-
-
-cdef inline int put(Growable* g, const void* src, Py_ssize_t n) except -1:
-    if g.length + n > g.capacity:
-        grow(g, n)
-    memcpy(g.data + g.length, src, n)
-    g.length += n
-    return 0
-
-
-cdef inline int put_i64(Growable* g, int64_t value) except -1:
-    return put(g, &value, 8)
-
-
-cdef object take_buffer(Growable* g):
-    buf = pa.py_buffer(PyBytes_FromStringAndSize(g.data, g.length))
-    g.length = 0
-    return buf
-
-
-cdef object _int64s(Growable* g, Py_ssize_t n):
-    return pa.Array.from_buffers(pa.int64(), n, [None, take_buffer(g)], 0)
-
-
-cdef bint utf8_valid(const unsigned char* s, Py_ssize_t n) noexcept nogil:
-    """Strict UTF-8 as Python decodes it: no overlongs, surrogates or values past U+10FFFF."""
-    cdef Py_ssize_t i = 0
-    cdef unsigned char c, c1
-    while i < n:
-        c = s[i]
-        if c < 0x80:
-            i += 1
-        elif c < 0xC2:
-            return False
-        elif c < 0xE0:
-            if i + 1 >= n or (s[i + 1] & 0xC0) != 0x80:
-                return False
-            i += 2
-        elif c < 0xF0:
-            if i + 2 >= n:
-                return False
-            c1 = s[i + 1]
-            if (c1 & 0xC0) != 0x80 or (s[i + 2] & 0xC0) != 0x80:
-                return False
-            if (c == 0xE0 and c1 < 0xA0) or (c == 0xED and c1 >= 0xA0):
-                return False
-            i += 3
-        elif c < 0xF5:
-            if i + 3 >= n:
-                return False
-            c1 = s[i + 1]
-            if (c1 & 0xC0) != 0x80 or (s[i + 2] & 0xC0) != 0x80 or (s[i + 3] & 0xC0) != 0x80:
-                return False
-            if (c == 0xF0 and c1 < 0x90) or (c == 0xF4 and c1 >= 0x90):
-                return False
-            i += 4
-        else:
-            return False
-    return True
 
 
 cdef bint read_tuple(Reader* r, Span* spans, int* ncols) noexcept nogil:
@@ -389,8 +310,8 @@ cdef class ColumnBuffer:
                                                           take_buffer(&self.ops)], 0)
         finally:
             PyMem_Free(op_offsets.data)
-        ints = [_int64s(&self.lsns, n), _int64s(&self.commit_lsns, n), _int64s(&self.seqs, n),
-                _int64s(&self.xids, n), _int64s(&self.commit_ts, n)]
+        ints = [int64s(&self.lsns, n), int64s(&self.commit_lsns, n), int64s(&self.seqs, n),
+                int64s(&self.xids, n), int64s(&self.commit_ts, n)]
         unchanged = self._take_unchanged(n)
         self._reset()
         return (columns, ops, *ints, unchanged)
