@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_history import Crash, crash_at
 
@@ -100,21 +100,25 @@ class TestChunksAndCrashes:
 
 @st.composite
 def raw_layouts(draw: Any) -> tuple[list[list[dict[str, Any]]], int]:
-    """Streamed transactions over keys 1-3 (consistent with a table) around one backfill of
-    keys 10+, cut into files anywhere (a file may end inside a transaction); the checkpoint."""
+    """Streamed transactions over keys 1-3 (consistent with a table) around one or two
+    backfills of keys 10+ (and, as a resync reads them, of the keys alive then), cut into
+    files anywhere (a file may end inside a transaction); the checkpoint."""
     alive: set[int] = set()
     files: list[list[dict[str, Any]]] = []
     current: list[dict[str, Any]] = []
     n_txns = draw(st.integers(1, 8))
-    backfill_at = draw(st.integers(0, n_txns) | st.just(n_txns // 2 + 1))
+    backfill_at = {draw(st.integers(0, n_txns) | st.just(n_txns // 2 + 1))}
+    if draw(st.booleans()):
+        backfill_at.add(draw(st.integers(0, n_txns)))
     lsn = 0
     for t in range(n_txns + 1):
         lsn += 10
-        if t == backfill_at:
+        if t in backfill_at:
             if current:
                 files.append(current)
                 current = []
-            keys = list(range(10, 10 + draw(st.integers(1, 6))))
+            keys = (sorted(alive) if draw(st.booleans()) else [])
+            keys += list(range(10, 10 + draw(st.integers(1, 6))))
             size = draw(st.integers(1, 3))
             files += [[change("r", k, lsn, -1000 + k) for k in keys[i:i + size]]
                       for i in range(0, len(keys), size)]
@@ -136,6 +140,14 @@ class TestChunkingProperty:
     @settings(max_examples=100, deadline=None,
               suppress_health_check=[HealthCheck.too_slow])
     @given(raw_layouts(), st.integers(1, 5), st.integers(1, 6))
+    # a chunk filled up inside a backfill past its LSN once ended unclean there, with the
+    # streamed changes below it in hand: the rerun redid them (key 1 deleted, nothing to skip by)
+    @example(layout=([[change("c", 1, 10, 0), change("u", 1, 20, 0), change("u", 1, 30, 0),
+                       change("c", 2, 40, 0)],
+                      [change("u", 1, 50, 0), change("u", 1, 60, 0), change("d", 1, 60, 1)],
+                      [change("r", 10, 70, -990)], [change("r", 11, 70, -989)],
+                      [change("c", 1, 80, 0), change("u", 1, 90, 0)]], 91),
+             chunk_rows=4, crash=2)
     def test_any_chunking_and_any_crash_then_a_rerun_equal_one_slice(
         self, layout: tuple[list[list[dict[str, Any]]], int], chunk_rows: int, crash: int
     ) -> None:

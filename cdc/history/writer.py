@@ -173,7 +173,10 @@ class _HistoryWriter:
         cursor's LSN (not clean: such files hold one read per key, so the next chunk adds
         the other keys' first versions, and a rerun after a crash skips the keys whose
         version at that LSN is in, see ``versions.plan_versions``; nothing else is in such
-        a chunk). A streamed transaction is never cut.
+        a chunk). A chunk that fills up inside a backfill past the cursor's LSN ends before
+        the backfill (clean): the changes below it must not share an unclean chunk, as a
+        rerun re-reads them and a key they leave deleted has no version to skip them by.
+        A streamed transaction is never cut.
         """
         read: list[tuple[RawFile, pa.Table]] = []
         rows = nbytes = 0
@@ -189,8 +192,11 @@ class _HistoryWriter:
             if nxt.first_lsn > max(cursor[0], f.first_lsn):  # rows below it are in hand
                 upper = (nxt.first_lsn, _MIN)
                 break
-            if nxt.first_seq is None and f.first_seq is None:  # both of the backfill at cursor
-                upper, clean, group = (nxt.first_lsn, _MIN), False, nxt.first_lsn
+            if nxt.first_seq is None and f.first_seq is None:  # inside a backfill
+                if f.first_lsn > cursor[0]:  # changes below it are in hand: cut before it
+                    upper = (f.first_lsn, _MIN)
+                else:  # the backfill at the cursor, nothing else in hand
+                    upper, clean, group = (nxt.first_lsn, _MIN), False, nxt.first_lsn
                 break
         parts, done = [], set()
         for f, part in read:
