@@ -149,6 +149,12 @@ def stream(
     max_backoff_seconds: Annotated[str | None, typer.Option(
         help="Longest wait between reconnection attempts (env: CDC_MAX_BACKOFF_SECONDS; "
         "default: 30s)", show_default=False)] = None,
+    unconvertible: Annotated[str | None, typer.Option(
+        help="A value that cannot be stored exactly (NaN in numeric(p,s), a multi-dimensional "
+        "array): fail stops without acknowledging it; quarantine writes its batch to "
+        "raw/_rejected, holds compaction of the table and goes on, until you fix the column "
+        "and run cdc resync --tables (env: CDC_UNCONVERTIBLE; default: fail)",
+        show_default=False)] = None,
 ) -> None:
     """Stream changes from the slot into <lake>/raw/ until stopped (Ctrl-C / SIGTERM flush,
     acknowledge and exit 0).
@@ -172,7 +178,8 @@ def stream(
                          status_seconds=status_seconds, progress_seconds=progress_seconds,
                          max_backoff_seconds=max_backoff_seconds, history=history,
                          exclude_tables=exclude_tables, keyless_tables=keyless_tables,
-                         table_sync_seconds=table_sync_seconds)
+                         table_sync_seconds=table_sync_seconds,
+                         unconvertible=unconvertible)
     if settings.metrics_port:
         from cdc.ops.metrics import serve
 
@@ -209,6 +216,11 @@ def snapshot(
     updated_at: Annotated[list[str] | None, typer.Option(
         "--updated-at", help="updated_at mode: per-table column, schema.table=column "
         "(repeatable; env: CDC_UPDATED_AT, comma-separated)", show_default=False)] = None,
+    updated_at_lookback: Annotated[str | None, typer.Option(
+        help="updated_at mode: also re-read rows whose updated_at is at most this long before "
+        "the previous run's start, e.g. 10m: more than your longest transaction, so a row "
+        "committed late is not missed (env: CDC_UPDATED_AT_LOOKBACK; default: 5m; 0: off)",
+        show_default=False)] = None,
 ) -> None:
     """Backfill the lake's raw layer from the tables' current contents.
 
@@ -216,7 +228,8 @@ def snapshot(
     published table inside it: run it once, then `cdc stream`; the lake holds every row exactly
     once at the hand-over. Interrupted? Run it again: finished chunks are kept.
 
-    --mode updated_at exports rows changed since the last run by an updated_at column.
+    --mode updated_at exports rows changed since the last run by an updated_at column
+    (re-reading a --updated-at-lookback window), and `cdc compact` upserts them into staged.
     It cannot see deletes and sees only the last version of a row between runs: use it only
     where logical replication is not available.
     """
@@ -228,7 +241,8 @@ def snapshot(
                          contracts=contracts, s3_max_attempts=s3_max_attempts,
                          snapshot_mode=snapshot_mode, workers=workers, chunk_rows=chunk_rows,
                          updated_at_column=updated_at_column, updated_at=updated_at,
-                         exclude_tables=exclude_tables, keyless_tables=keyless_tables)
+                         exclude_tables=exclude_tables, keyless_tables=keyless_tables,
+                         updated_at_lookback=updated_at_lookback)
     target = _open_lake(settings)
     if settings.snapshot_mode == "consistent":
         from cdc.snapshot.consistent import ConsistentSnapshot
@@ -260,6 +274,7 @@ def _lsn(lsn: int) -> str:
 def status(
     dsn: Dsn = None, lake: LakeOpt = None, slot: SlotOpt = None, config: ConfigOpt = None,
     s3_endpoint: S3EndpointOpt = None, s3_max_attempts: S3MaxAttemptsOpt = None,
+    publication: PublicationOpt = None,
     status_json: Annotated[bool | None, typer.Option(
         "--json/--no-json", help="Print JSON for machines (env: CDC_STATUS_JSON; default: "
         "off)", show_default=False)] = None,
@@ -289,9 +304,10 @@ def status(
     s = _settings(config, dsn=dsn, lake=lake, slot=slot, s3_endpoint=s3_endpoint,
                   s3_max_attempts=s3_max_attempts, status_json=status_json,
                   max_lag_bytes=max_lag_bytes, max_lag_seconds=max_lag_seconds,
-                  max_compaction_lag_seconds=max_compaction_lag_seconds)
+                  max_compaction_lag_seconds=max_compaction_lag_seconds,
+                  publication=publication)
     report = collect(s.dsn, _open_lake(s), s.slot, staged=staged_watermark,
-                     history=history_watermark)
+                     history=history_watermark, publication=s.publication)
     reasons = check(report, max_lag_bytes=s.max_lag_bytes, max_lag_seconds=s.max_lag_seconds,
                     max_compaction_lag_seconds=s.max_compaction_lag_seconds)
     if s.status_json:
@@ -432,7 +448,8 @@ def compact(
                            history=settings.history)
     if not results:
         typer.echo(f"nothing to compact: slot {settings.slot} has no checkpoint in "
-                   f"{settings.lake} yet (cdc stream or cdc snapshot writes it)", err=True)
+                   f"{settings.lake} yet, nor a finished updated_at export (cdc stream, cdc "
+                   "snapshot or cdc snapshot --mode updated_at writes it)", err=True)
     from cdc.lake.layout import display_name
 
     for r in results:
@@ -496,6 +513,44 @@ def maintain_raw(
         removed = expire(store, settings.retention_days, applied, today=today)
         typer.echo(f"{removed} raw files older than {settings.retention_days} days removed",
                    err=True)
+
+
+@app.command()
+def resync(
+    dsn: Dsn = None, lake: LakeOpt = None, slot: SlotOpt = None, tables: TablesOpt = None,
+    config: ConfigOpt = None, log_format: LogFormatOpt = None, log_level: LogLevelOpt = None,
+    s3_endpoint: S3EndpointOpt = None, s3_max_attempts: S3MaxAttemptsOpt = None,
+    resync_chunk_rows: Annotated[int | None, typer.Option(
+        help="Rows per chunk, read in key order (env: CDC_RESYNC_CHUNK_ROWS; default: 100000)",
+        show_default=False)] = None,
+    resync_wait_seconds: Annotated[str | None, typer.Option(
+        help="How long to wait for the stream's checkpoint to pass a chunk, e.g. 5m (env: "
+        "CDC_RESYNC_WAIT_SECONDS; default: 5m)", show_default=False)] = None,
+) -> None:
+    """Re-read tables (--tables public.t) from the source while `cdc stream` keeps running,
+    and replace their staged state at the next `cdc compact` (raw keeps its history).
+
+    Chunks are read in key order between watermarks written into the WAL, with no lock held;
+    changes racing with a chunk win over its rows. The way out after a rewriting ALTER COLUMN
+    ... TYPE, a DROP + re-CREATE of a table, a value the stream could not store, or a table
+    added to the publication after it had rows. `cdc stream` must run on the same slot.
+    """
+    from cdc.snapshot.resync import Resync
+
+    settings = _settings(config, dsn=dsn, lake=lake, slot=slot, tables=tables,
+                         log_format=log_format, log_level=log_level, s3_endpoint=s3_endpoint,
+                         s3_max_attempts=s3_max_attempts, resync_chunk_rows=resync_chunk_rows,
+                         resync_wait_seconds=resync_wait_seconds)
+    if not settings.tables:
+        raise ConfigError("cdc resync needs the tables to re-read",
+                          fix="name them: cdc resync --tables public.invoice")
+    target = _open_lake(settings)
+    for table in settings.tables:
+        result = Resync(settings, target, table, chunk_rows=settings.resync_chunk_rows,
+                        wait_seconds=settings.resync_wait_seconds).run()
+        typer.echo(f"{result.table}: resynced {result.rows} rows in {result.chunks} chunks "
+                   f"({result.dropped} superseded by changes meanwhile); run cdc compact (or "
+                   "let cdc stream's compaction) replace its staged state", err=True)
 
 
 @app.command()

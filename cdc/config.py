@@ -125,6 +125,10 @@ class Settings:
     metrics_port: int = _setting(0, _parse_int)  # 0: no metrics endpoint
     publish_via_partition_root: bool = _setting(True, parse_bool)  # for a publication cdc creates
     contracts: str = ""  # folder of <schema>.<table>.toml schema contracts; "": none
+    #: a value the stream cannot store exactly (NaN in numeric(p,s), a multi-dimensional
+    #: array): "fail" stops without ack; "quarantine" puts the batch in raw/_rejected, holds
+    #: compaction of the table and goes on (then: fix the column, cdc resync the table)
+    unconvertible: str = "fail"
     # ``;``-separated schema.table=col1,col2 for tables without a primary key (compact, stream)
     keys: tuple[str, ...] = _setting((), _parse_key_items)
     # cdc snapshot
@@ -133,6 +137,12 @@ class Settings:
     chunk_rows: int = _setting(500_000, _parse_int)
     updated_at_column: str = "updated_at"
     updated_at: tuple[str, ...] = _setting((), _parse_list)  # schema.table=column overrides
+    #: updated_at exports re-read rows changed this long before the previous run started
+    #: (longer than the longest transaction), so late commits are not missed
+    updated_at_lookback: float = _setting(300.0, parse_duration)
+    # cdc resync
+    resync_chunk_rows: int = _setting(100_000, _parse_int)
+    resync_wait_seconds: float = _setting(300.0, parse_duration)
     # cdc compact (and the compaction inside cdc stream)
     history: bool = _setting(True, parse_bool)  # history/<schema>.<table>/ (SCD2) beside staged
     optimize_every: int = _setting(10, _parse_int)
@@ -253,10 +263,11 @@ _CHOICES = {"plugin": ("output plugin", PLUGINS),
             "snapshot_mode": ("snapshot mode", SNAPSHOT_MODES),
             "log_format": ("log format", ("console", "json")),
             "log_level": ("log level", ("debug", "info", "warning", "error")),
-            "keyless_tables": ("keyless tables policy", ("refuse", "insert-only"))}
+            "keyless_tables": ("keyless tables policy", ("refuse", "insert-only")),
+            "unconvertible": ("unconvertible-value policy", ("fail", "quarantine"))}
 # ... and whole numbers with a least value.
-_AT_LEAST = {"workers": 1, "chunk_rows": 1, "s3_max_attempts": 1, "optimize_every": 0,
-             "vacuum_retention_hours": 0}
+_AT_LEAST = {"workers": 1, "chunk_rows": 1, "resync_chunk_rows": 1, "s3_max_attempts": 1,
+             "optimize_every": 0, "vacuum_retention_hours": 0}
 
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")

@@ -59,15 +59,16 @@ def staged(settings: Settings, table: str = "public.person") -> list[dict[str, A
 def replayed(changes: list[dict[str, Any]], upto: int) -> list[dict[str, Any]]:
     """The table right after commit ``upto``: raw applied change by change (TOAST kept)."""
     state: dict[int, dict[str, Any]] = {}
+    moved: tuple[int, dict[str, Any]] | None = None  # a key change: (its _lsn, the old row)
     for row in changes:
         if row["_commit_lsn"] > upto:
             break
         if row["_op"] == "t":
             state.clear()
         elif row["_op"] == "d":
-            state.pop(row["id"], None)
-        else:
-            before = state.get(row["id"], {})
+            moved = (row["_lsn"], state.pop(row["id"], {}))
+        else:  # a key change's update keeps the old key's unchanged TOAST values
+            before = moved[1] if moved and moved[0] == row["_lsn"] else state.get(row["id"], {})
             state[row["id"]] = {c: before.get(c) if c in (row["_unchanged"] or ()) else row[c]
                                 for c in COLUMNS}
     return sorted(state.values(), key=lambda r: r["id"])

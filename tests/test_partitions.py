@@ -11,6 +11,7 @@ from cdc.config import Settings
 from cdc.lake.store import LocalLake
 from cdc.snapshot.consistent import ConsistentSnapshot
 from cdc.staged.compactor import compact_lake
+from cdc.stream.session import Streamer
 
 EVENTS = """
 CREATE TABLE events (id int, day date, kind text, PRIMARY KEY (id, day))
@@ -47,3 +48,27 @@ class TestPartitionedTables:
 
         staged = DeltaTable(str(lake_dir / "staged" / "public.events")).to_pyarrow_table()
         assert {(r["id"], r["day"]): r["kind"] for r in staged.to_pylist()} == expected
+
+    def test_a_partitioned_table_published_via_its_root_is_flagged_with_the_way_out(
+        self, source: SourceDb, settings: Settings
+    ) -> None:
+        """TRUNCATE of one partition is never published via the root: `cdc status` says so
+        for the table (staged must not diverge silently), and names the unfinished resync
+        that holds a table's compaction."""
+        from cdc.lake.checkpoint import ResyncHold
+        from cdc.ops.status import collect
+
+        source.execute(EVENTS)
+        Streamer(settings, LocalLake(settings.lake)).prepare()
+        source.execute("INSERT INTO events VALUES (1, '2025-02-01', 'a'), (2, '2026-02-01', 'b')")
+        source.execute("TRUNCATE events_2025")
+        stream_until_caught_up(settings)
+        ResyncHold(LocalLake(settings.lake), "public.events").hold(1)
+
+        report = collect(settings.dsn, LocalLake(settings.lake), settings.slot,
+                         publication=settings.publication)
+
+        flagged = [w for w in report.warnings if w.startswith("public.events is partitioned")]
+        assert len(flagged) == 1
+        assert "cdc resync --tables public.events" in flagged[0]
+        assert any("held below 0/1 by a cdc resync" in w for w in report.warnings)

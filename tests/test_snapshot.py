@@ -214,6 +214,7 @@ class TestUpdatedAtExport:
 
     def export(self, settings: Settings, **kwargs: Any) -> dict[str, int]:
         narrowed = with_settings(settings, tables=("public.items",))
+        kwargs.setdefault("lookback_seconds", 0)  # the lookback: tests/test_updated_at.py
         return UpdatedAtExport(narrowed, LocalLake(settings.lake), **kwargs).run()
 
     def test_two_runs_pick_up_exactly_the_changed_rows(

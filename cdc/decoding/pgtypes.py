@@ -439,8 +439,10 @@ def convert_column(
         raise ConversionError(
             f"cannot convert value {bad!r} of {table}.{column} ({ctype.pg_type}) "
             f"to {ctype.arrow_type}: {exc}",
-            fix=f"{hint}nothing past this change was acknowledged; after fixing the source "
-            "value or column type, restart the stream",
+            fix=f"{hint}nothing past this change was acknowledged. The WAL keeps the change "
+            "with its old type, so for cdc stream: restart it with --unconvertible quarantine "
+            "(the rows go to raw/_rejected, compaction of the table waits), fix the column, "
+            f"then run cdc resync --tables {table}; for cdc snapshot: fix it and run again",
         ) from exc
 
 

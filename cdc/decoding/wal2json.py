@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable, MutableSet
 from datetime import datetime
 from typing import Any
 
 from cdc.decoding.pgtypes import BYTEA, NUMERIC
-from cdc.errors import DecodeError
+from cdc.errors import DecodeError, PublicationError
 from cdc.events import (
     UNCHANGED,
     Begin,
@@ -53,6 +53,8 @@ _BYTEA = str(BYTEA)  # type OIDs are parsed as text (parse_int=str)
 _EPOCH = datetime.fromisoformat("1970-01-01 00:00:00+00:00")
 
 Describe = Callable[[str, str], Relation]
+Generated = Callable[[str, str], Container[str]]
+"""A table's generated columns: wal2json sends them, pgoutput (PostgreSQL 15) never does."""
 
 
 def _micros(timestamp: str) -> int:
@@ -89,12 +91,20 @@ class Wal2JsonDecoder:
 
     def __init__(self, tables: Iterable[tuple[str, str]] | None = None,
                  describe: Describe | None = None,
-                 insert_only: Iterable[tuple[str, str]] = ()) -> None:
-        # the publication's tables; None: every table
-        self.tables = set(tables) if tables is not None else None
+                 insert_only: Iterable[tuple[str, str]] = (),
+                 generated: Generated | None = None) -> None:
+        # the publication's tables; None: every table. A MutableSet other than a set (such
+        # as source/catalog.PublishedTables) is kept: it may look up tables it has not seen
+        self.tables: MutableSet[tuple[str, str]] | None = (
+            None if tables is None else tables
+            if isinstance(tables, MutableSet) and not isinstance(tables, set) else set(tables))
         self.describe = describe
         # tables published for inserts and truncates only (wal2json ignores publications)
         self.insert_only = set(insert_only)
+        self.generated = generated
+        #: generated columns per table, for the column names they were looked up for
+        self._generated: dict[tuple[str, str], tuple[tuple[str, ...], Container[str]]] = {}
+        self._keys: dict[tuple[str, str], tuple[tuple[str, ...], set[str]]] = {}
         self.relations: dict[tuple[str, str], Relation] = {}
         self.oids: dict[tuple[str, str], int] = {}
 
@@ -177,11 +187,39 @@ class Wal2JsonDecoder:
 
     def _relation(self, table: tuple[str, str], columns: list[dict[str, Any]],
                   pk: list[dict[str, Any]]) -> Relation:
-        keys = {k["name"] for k in pk}
+        keys = {k["name"] for k in pk} or self._catalog_key(table, columns)
+        skip = self._generated_columns(table, columns)
         cols = tuple(Column(c["name"], int(c["typeoid"]),
                             type_modifier(c.get("type", ""), int(c["typeoid"])),
-                            c["name"] in keys) for c in columns)
+                            c["name"] in keys) for c in columns if c["name"] not in skip)
         return Relation(self._oid(table), table[0], table[1], "d", cols)
+
+    def _generated_columns(self, table: tuple[str, str],
+                           columns: list[dict[str, Any]]) -> Container[str]:
+        """Left out, as pgoutput leaves them out (looked up again when the columns change)."""
+        if self.generated is None:
+            return ()
+        names = tuple(c["name"] for c in columns)
+        cached = self._generated.get(table)
+        if cached is None or cached[0] != names:
+            cached = self._generated[table] = (names, self.generated(*table))
+        return cached[1]
+
+    def _catalog_key(self, table: tuple[str, str],
+                     columns: list[dict[str, Any]]) -> set[str]:
+        """The primary key when wal2json names none: it leaves a DEFERRABLE one out (the
+        server's relcache knows only immediate primary keys), pgoutput's catalog does not."""
+        if self.describe is None:
+            return set()
+        names = tuple(c["name"] for c in columns)
+        cached = self._keys.get(table)
+        if cached is None or cached[0] != names:
+            try:
+                key = {c.name for c in self.describe(*table).columns if c.is_key}
+            except PublicationError:  # dropped since: as wal2json says, no key
+                key = set()
+            cached = self._keys[table] = (names, key)
+        return cached[1]
 
     def _described(self, table: tuple[str, str]) -> Relation:
         if self.describe is None:

@@ -43,6 +43,7 @@ from cdc.lake.store import Lake
 from cdc.staged.compactor import CompactOptions, _lock, open_staged
 from cdc.staged.files import RawFile
 from cdc.staged.merge import Pos, between, dedupe, staged_columns, unify
+from cdc.staged.moves import COLUMNS, fill_borrowed, plan_moves_around_truncates
 from cdc.staged.target import constant as _constant
 from cdc.staged.target import quote as _q
 
@@ -217,6 +218,7 @@ class _HistoryWriter:
     def _plan(self, dt: DeltaTable | None, rows: pa.Table, key: tuple[str, ...]) -> Plan:
         """Convert the changes to the history table's types and plan them against its
         current versions of the changed keys (of every key at a truncate)."""
+        rows = self._moved(dt, rows, key)
         target = None
         if dt is not None:
             schema = pa.schema(dt.schema().to_arrow())
@@ -231,6 +233,19 @@ class _HistoryWriter:
         else:
             current = self._current(dt, converted, key, toasted)
         return plan_versions(converted, key, current, self.table)
+
+    def _moved(self, dt: DeltaTable | None, rows: pa.Table, key: tuple[str, ...]) -> pa.Table:
+        """Key changes inside a transaction resolved as staged resolves them (its net change
+        per key, staged/moves.py); a moved row's unchanged TOAST value from its old key's
+        current version where the chunk does not hold it."""
+        moves = plan_moves_around_truncates(rows, key)
+        current = None
+        if moves.borrow is not None and dt is not None:
+            names = sorted({n for ns in moves.borrow[COLUMNS].to_pylist() for n in ns})
+            old = moves.borrow.append_column(
+                "_op", pa.repeat(pa.scalar("u", pa.string()), moves.borrow.num_rows))
+            current = self._current(dt, old, key, names)
+        return fill_borrowed(moves.rows, moves.borrow, key, current)
 
     def _current(self, dt: DeltaTable, changes: pa.Table, key: tuple[str, ...],
                  toasted: list[str]) -> pa.Table:

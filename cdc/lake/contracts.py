@@ -47,7 +47,9 @@ import structlog
 from cdc.decoding.pgtypes import ColumnType
 from cdc.errors import ConfigError, ContractError
 from cdc.events import Relation
+from cdc.lake.checkpoint import ResyncHold
 from cdc.lake.columns import lake_column
+from cdc.lake.layout import table_segment
 from cdc.lake.raw import RawSink, encode, file_key
 from cdc.lake.store import Lake
 from cdc.stream.batcher import Batch
@@ -233,7 +235,20 @@ class Contracts:
 
     def write(self, sink: RawSink, batch: Batch) -> tuple[Batch, str, int] | None:
         """Write a batch through the table's contract: rejected rows to ``raw/_rejected``,
-        the rest to raw. Returns what went to raw, its key and size (None: nothing did)."""
+        the rest to raw. Returns what went to raw, its key and size (None: nothing did).
+
+        A batch with a value the stream could not store (``--unconvertible quarantine``)
+        goes to ``raw/_rejected`` as text whole, and compaction of its table is held below
+        it, so staged never passes the gap: ``cdc resync`` of the table releases it."""
+        if batch.unconvertible is not None:
+            segment = table_segment(batch.relation.schema, batch.relation.name)
+            ResyncHold(sink.lake, segment).hold_at_most(batch.first_commit_lsn)
+            reason = f"unconvertible: {batch.unconvertible}"
+            write_rejected(sink.lake, replace(batch, table=batch.table.append_column(
+                REASON_COLUMN, pa.repeat(pa.scalar(reason, pa.string()), batch.table.num_rows))))
+            log.warning("compaction_held_until_resync", table=batch.qualified_name,
+                        fix=f"fix the column, then cdc resync --tables {batch.qualified_name}")
+            return None
         accepted, rejected = self.split(batch)
         if rejected is not None:  # durable in raw/_rejected: acknowledged like the rest
             write_rejected(sink.lake, rejected)

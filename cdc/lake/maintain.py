@@ -18,7 +18,7 @@ rewrites a closed day's stream files of a table as a few large ones, in the same
   The snapshot's labelled files are left as they are.
 
 ``expire`` deletes raw files of partitions older than a retention, again only where every
-change is at or below the watermark. Afterwards a staged table cannot be rebuilt from raw.
+change is at or below the watermark, and never a table folder's newest file. Afterwards a staged table cannot be rebuilt from raw.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import structlog
 from cdc import faults
 from cdc.errors import ConfigError, LakeError
 from cdc.events import Lsn
-from cdc.lake.layout import RAW, RawKey, parse_raw_key, raw_key
+from cdc.lake.layout import RAW, RawKey, parse_raw_key, raw_key, raw_keys
 from cdc.lake.raw import encode
 from cdc.lake.store import Lake
 
@@ -85,11 +85,15 @@ def expire(lake: Lake, retention_days: int, applied: Mapping[str, Lsn | None], *
                           fix="keep at least yesterday's and today's raw files")
     cutoff = today - timedelta(days=retention_days)
     removed = 0
+    # each folder's newest file stays: its footer has the table's OID, which compaction
+    # follows through ALTER TABLE ... RENAME TO (staged/renames.py)
+    newest = {t: max(ks, key=lambda k: (k.last_commit_lsn, k.key)).key
+              for t, ks in raw_keys(lake.list(RAW)).items()}
     for table, days in _days(lake, cutoff).items():
         watermark = applied.get(table)
         for keys in days.values():
             old = [k.key for k in keys if watermark is not None
-                   and k.last_commit_lsn <= watermark]
+                   and k.last_commit_lsn <= watermark and k.key != newest.get(table)]
             _delete(lake, old)
             removed += len(old)
         log.info("raw_expired", table=table, before=str(cutoff), files=removed)

@@ -17,11 +17,11 @@ import pyarrow.parquet as pq
 
 from cdc.errors import RawFileUnreadable
 from cdc.events import Lsn, format_lsn
-from cdc.lake.checkpoint import CheckpointStore
+from cdc.lake.checkpoint import CheckpointStore, ResyncHold
 from cdc.lake.layout import RAW, display_name, raw_keys
 from cdc.lake.store import Lake
 from cdc.source.admin import Admin
-from cdc.source.connection import connect
+from cdc.source.connection import connect, translated
 
 #: without track_commit_timestamp, less unacknowledged WAL than this counts as caught up
 #: (checkpoints, heartbeats, other databases' writes between two status updates)
@@ -131,11 +131,27 @@ StagedProbe = Callable[[Lake, str], tuple[Lsn | None, datetime | None]]
 HistoryProbe = Callable[[Lake, str], Lsn | None]
 
 
-def collect(dsn: str, lake: Lake, slot: str, staged: StagedProbe | None = None,
-            now: datetime | None = None, *, history: HistoryProbe | None = None) -> Status:
+def partitioned_via_root(admin: Admin, publication: str) -> list[str]:
+    """Partitioned tables the publication publishes through their root: a TRUNCATE of one
+    of their partitions is never published (PostgreSQL 15), so staged would keep its rows."""
+    with translated(admin.dsn):
+        rows = admin.conn.execute(
+            "SELECT format('%%s.%%s', t.schemaname, t.tablename) FROM pg_publication p "
+            "JOIN pg_publication_tables t ON t.pubname = p.pubname "
+            "JOIN pg_namespace n ON n.nspname = t.schemaname "
+            "JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.tablename "
+            "WHERE p.pubname = %s AND p.pubviaroot AND c.relkind = 'p' ORDER BY 1",
+            (publication,)).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def collect(dsn: str, lake: Lake, slot: str, staged: StagedProbe | None = None,  # noqa: PLR0913  keyword-only probes, each optional
+            now: datetime | None = None, *, history: HistoryProbe | None = None,
+            publication: str | None = None) -> Status:
     now = now or datetime.now(UTC)
     with connect(dsn) as conn:
         slot_info, server_ts = slot_status(Admin(conn, dsn), slot)
+        partitioned = partitioned_via_root(Admin(conn, dsn), publication) if publication else []
     checkpoint = CheckpointStore(lake, slot).load()
     tables = []
     acked_ts: datetime | None = None
@@ -159,6 +175,14 @@ def collect(dsn: str, lake: Lake, slot: str, staged: StagedProbe | None = None,
                     lag_seconds(slot_info, acked_ts, server_ts, now), _iso(acked_ts),
                     _iso(server_ts), tables)
     status.warnings = warnings(status)
+    status.warnings += [
+        f"{t} is partitioned and published through its root: a TRUNCATE of one of its "
+        "partitions is not published, so staged keeps that partition's rows; truncate the "
+        f"parent instead, or run cdc resync --tables {t} after one" for t in partitioned]
+    status.warnings += [
+        f"compaction of {t.table} is held below {format_lsn(held)} by a cdc resync that has "
+        f"not finished: run cdc resync --tables {t.table} again"
+        for t in tables if (held := ResyncHold(lake, t.table).load()) is not None]
     return status
 
 

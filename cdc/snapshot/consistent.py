@@ -45,6 +45,7 @@ from cdc.lake.store import Lake
 from cdc.snapshot.readers import TextReader, open_reader
 from cdc.source import publication
 from cdc.source.admin import Admin, parse_table_name
+from cdc.source.catalog import ColumnFacts, column_facts
 from cdc.source.connection import connect, translated
 from cdc.stream.batcher import Batch, raw_table
 
@@ -139,7 +140,7 @@ def select_query(relation: Relation, where: sql.Composable,
 
 def snapshot_batch(relation: Relation, types: Sequence[ColumnType],  # noqa: PLR0913  the batch's constant columns, by keyword
                    columns: Sequence[pa.ChunkedArray], *, lsn: Lsn, first_seq: int, ts_us: int,
-                   label: str) -> Batch:
+                   label: str, column_facts: ColumnFacts | None = None) -> Batch:
     """Rows read at ``lsn`` as a raw batch of ``_op = 'r'`` rows."""
     n = len(columns[0]) if columns else 0
     # constant columns built in Arrow, not from Python lists: this runs under the GIL
@@ -151,7 +152,7 @@ def snapshot_batch(relation: Relation, types: Sequence[ColumnType],  # noqa: PLR
         seqs=pa.arange(first_seq, first_seq + n),
         xids=pa.repeat(pa.scalar(0, pa.int64()), n),
         commit_ts=pa.repeat(pa.scalar(ts_us, pa.int64()), n),
-        unchanged=pa.nulls(n, pa.list_(pa.string())),
+        unchanged=pa.nulls(n, pa.list_(pa.string())), column_facts=column_facts,
     )
     return Batch(relation, table, lsn, lsn, first_seq, label=label)
 
@@ -251,6 +252,7 @@ class ConsistentSnapshot:
         self.contracts = Contracts.load(settings.contracts)
         self.lock = threading.Lock()
         self.open_reader = reader  # the fastest available; tests cover each
+        self.column_facts: dict[str, ColumnFacts] = {}  # attnums and ADD COLUMN defaults
         self.display: ProgressDisplay | None = None
 
     def run(self) -> SnapshotResult:
@@ -314,6 +316,8 @@ class ConsistentSnapshot:
                      for c in relation.columns]
             self.contracts.check_schema(relation, types)  # ContractError under policy fail
             result[relation.qualified_name] = (relation, types)
+            self.column_facts[relation.qualified_name] = column_facts(
+                admin.conn, admin.dsn, schema, table)
         if not result:
             raise SourceError("no tables to snapshot",
                               fix="check --tables against the publication's tables")
@@ -368,7 +372,8 @@ class ConsistentSnapshot:
         if rows:
             batch = snapshot_batch(relation, types, columns, lsn=progress.consistent_point,
                                    first_seq=SNAPSHOT_SEQ_BASE + index * CHUNK_SEQ_STRIDE,
-                                   ts_us=progress.snapshot_ts_us, label=f"r{index:06d}")
+                                   ts_us=progress.snapshot_ts_us, label=f"r{index:06d}",
+                                   column_facts=self.column_facts.get(relation.qualified_name))
             self.contracts.write(self.sink, batch)
         with self.lock:
             plan.done[str(index)] = rows

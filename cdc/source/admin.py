@@ -140,6 +140,7 @@ class Admin:
                 "FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid "
                 "LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary "
                 "WHERE c.oid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped "
+                "AND a.attgenerated = '' "  # never copied: pgoutput does not send them
                 "ORDER BY a.attnum", (regclass,)).fetchall()
         if not rows:
             raise PublicationError(f"table {schema}.{table} has no columns or does not exist",
@@ -147,6 +148,19 @@ class Admin:
         columns = tuple(Column(str(r[0]), int(r[1]), int(r[2]), bool(r[3])) for r in rows)
         type_names = {int(r[1]): str(r[5]) for r in rows}
         return Relation(int(rows[0][4]), schema, table, "d", columns), type_names
+
+    def generated_columns(self, schema: str, table: str) -> set[str]:
+        """The table's generated columns (none of them is ever copied or streamed)."""
+        regclass = sql.Identifier(schema, table).as_string(self.conn)
+        with translated(self.dsn):
+            try:
+                rows = self.conn.execute(
+                    "SELECT attname::text FROM pg_attribute WHERE attrelid = %s::regclass "
+                    "AND attnum > 0 AND NOT attisdropped AND attgenerated <> ''",
+                    (regclass,)).fetchall()
+            except psycopg.errors.UndefinedTable:  # dropped since: nothing to leave out
+                return set()
+        return {str(r[0]) for r in rows}
 
     def type_facts(self, relation: Relation) -> dict[int, PgType]:
         """Catalog facts of the relation's non-built-in column types (domains, arrays, enums)."""

@@ -8,16 +8,49 @@ are looked up on a normal connection, opened lazily and reopened after a drop.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator, MutableSet
 from typing import Any
 
 import psycopg
 import structlog
 
 from cdc.decoding.pgtypes import TYPE_FACTS_QUERY, PgType, TypeFacts, load_type_facts
+from cdc.errors import SourceError
 from cdc.source.connection import connect, translated
 
 log = structlog.get_logger("cdc.stream.session")
+
+#: per column of a table (by name): its attribute number, and the value PostgreSQL shows for
+#: rows older than an ``ADD COLUMN ... DEFAULT`` (``attmissingval``), as text
+COLUMN_FACTS_QUERY = (
+    "SELECT a.attname::text, a.attnum::int, a.attrelid::int, "
+    "CASE WHEN a.atthasmissing THEN (a.attmissingval::text::text[])[1] END "
+    "FROM pg_attribute a WHERE a.attrelid = %s::regclass AND a.attnum > 0 "
+    "AND NOT a.attisdropped ORDER BY a.attnum")
+
+ColumnFacts = dict[str, dict[str, str]]
+"""Column name → raw field metadata: ``pg_relid`` (the table's OID) and ``pg_attnum`` — the
+column's identity through a RENAME COLUMN — and ``pg_missing`` where PostgreSQL has one."""
+
+
+def column_facts(conn: psycopg.Connection[tuple[object, ...]], dsn: str, schema: str,
+                 table: str) -> ColumnFacts:
+    """The table's :data:`ColumnFacts` from the catalog as it is now (empty when it is gone)."""
+    from psycopg import sql
+
+    regclass = sql.Identifier(schema, table).as_string(conn)
+    with translated(dsn):
+        try:
+            rows = conn.execute(COLUMN_FACTS_QUERY, (regclass,)).fetchall()
+        except psycopg.errors.UndefinedTable:
+            return {}
+    facts: ColumnFacts = {}
+    for name, attnum, relid, missing in rows:
+        facts[str(name)] = {"pg_attnum": str(attnum), "pg_relid": str(relid)}
+        if missing is not None:
+            facts[str(name)]["pg_missing"] = str(missing)
+    return facts
 
 
 class SideConnection:
@@ -44,6 +77,7 @@ class Catalog:
 
     def __init__(self, side: SideConnection) -> None:
         self.side = side
+        self.facts_unavailable = False
 
     def primary_key(self, oid: int) -> tuple[str, ...]:
         """The primary key columns of a table (empty when it has none)."""
@@ -55,6 +89,24 @@ class Catalog:
                 "WHERE i.indrelid = %s AND i.indisprimary ORDER BY a.attnum", (oid,)).fetchall()
         return tuple(str(r[0]) for r in rows)
 
+    def column_facts(self, schema: str, table: str) -> ColumnFacts:
+        """Attribute numbers and ``ADD COLUMN`` defaults of a table's columns.
+
+        Metadata, not data: without the side connection the stream goes on without it (and
+        does not try again this session), saying what staged then lacks.
+        """
+        if self.facts_unavailable:
+            return {}
+        try:
+            return column_facts(self.side.get(), self.side.dsn, schema, table)
+        except SourceError as exc:
+            self.facts_unavailable = True
+            log.warning("column_facts_unavailable", error=str(exc),
+                        consequence="a RENAME COLUMN or ADD COLUMN ... DEFAULT streamed in this "
+                        "session reaches staged as drop + add / NULL in older rows; cdc resync "
+                        "of the table repairs it")
+            return {}
+
     def type_facts(self, oids: Iterable[int], known: TypeFacts) -> dict[int, PgType]:
         """Base, element and category of the non-built-in types among ``oids``."""
         conn = self.side.get()
@@ -64,3 +116,55 @@ class Catalog:
 
         with translated(self.side.dsn):
             return load_type_facts(fetch, oids, known)
+
+
+class PublishedTables(MutableSet[tuple[str, str]]):
+    """The publication's tables as a set that notices tables added while streaming.
+
+    wal2json decodes every table, so the session filters by publication; a table created
+    (``FOR ALL TABLES``) or added (``ALTER PUBLICATION ... ADD TABLE``) while the stream runs
+    must not be skipped and acknowledged past. A table not seen before makes it re-read the
+    membership at once; a table known to be outside is re-checked at most every
+    ``recheck_seconds``.
+    """
+
+    def __init__(self, fetch: Callable[[], Iterable[tuple[str, str]]],
+                 recheck_seconds: float = 5.0) -> None:
+        self.fetch = fetch
+        self.recheck_seconds = recheck_seconds
+        self.published: set[tuple[str, str]] = set()
+        self.outside: set[tuple[str, str]] = set()
+        self.checked = float("-inf")
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.published = set(self.fetch())
+        self.outside -= self.published
+        self.checked = time.monotonic()
+
+    def __contains__(self, table: object) -> bool:
+        if table in self.published:
+            return True
+        stale = time.monotonic() - self.checked >= self.recheck_seconds
+        if table not in self.outside or stale:
+            self._refresh()
+            if table in self.published:
+                log.info("table_published_while_streaming", table=".".join(map(str, table))
+                         if isinstance(table, tuple) else str(table))
+                return True
+            if isinstance(table, tuple):
+                self.outside.add(table)
+        return False
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self.published)
+
+    def __len__(self) -> int:
+        return len(self.published)
+
+    def add(self, value: tuple[str, str]) -> None:  # published by the stream itself
+        self.published.add(value)
+        self.outside.discard(value)
+
+    def discard(self, value: tuple[str, str]) -> None:
+        self.published.discard(value)

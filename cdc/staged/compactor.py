@@ -37,11 +37,11 @@ from deltalake.exceptions import TableNotFoundError
 from cdc import faults
 from cdc.errors import CdcError, CompactionError, ConfigError, StagedTableUnreadable
 from cdc.events import Lsn, format_lsn
-from cdc.lake.checkpoint import CheckpointStore
 from cdc.lake.columns import lake_column
 from cdc.lake.layout import segment_of, staged_key
 from cdc.lake.store import Lake
 from cdc.names import parse_table_list, parse_table_name
+from cdc.staged.bounds import lake_bound, resync_start, table_bound
 from cdc.staged.files import RawFile, list_raw, raw_tables, record_floor
 from cdc.staged.merge import (
     DELETED,
@@ -49,10 +49,13 @@ from cdc.staged.merge import (
     against_staged,
     between,
     dedupe,
+    from_last_truncate,
     latest_per_key,
     staged_columns,
     unify,
 )
+from cdc.staged.renames import earlier_names, find_renames, move_staged
+from cdc.staged.steps import evolve, resolve_moves
 from cdc.staged.target import by_group, file_groups, replace, staged_rows
 
 log = structlog.get_logger("cdc.staged.compactor")
@@ -140,27 +143,35 @@ def compact_lake(lake: Lake, slot: str, tables: Sequence[str] = (),
                  history: bool = True) -> list[TableResult]:
     """Compact every table (or ``tables``) up to the slot's checkpoint; safe beside streaming.
 
-    Returns one result per table; an empty list when the slot has no checkpoint yet. With
-    ``history``, each keyed table's history (``cdc.history``) follows its staged table.
+    Without a stream checkpoint the bound is the last finished ``cdc snapshot --mode
+    updated_at`` run (``staged/bounds.py``). Returns one result per table; an empty list
+    when there is neither yet. With ``history``, each keyed table's history
+    (``cdc.history``) follows its staged table.
     """
-    bound = CheckpointStore(lake, slot).load()  # before listing: files below it exist
+    bound = lake_bound(lake, slot)  # before listing: files below it exist
     if bound is None:
         log.info("nothing_to_compact", reason="no checkpoint yet", slot=slot, lake=lake.uri)
         return []
     results = []
+    folders = raw_tables(lake)
+    renamed = find_renames(lake, folders)  # ALTER TABLE ... RENAME TO (staged/renames.py)
+    for old, new in sorted(renamed.items()):
+        move_staged(lake, old, new)
     wanted = [segment_of(n) for n in parse_table_list(tables)]  # names → lake segments
     by_segment = {segment_of(parse_table_name(k)): tuple(lake_column(c) for c in v)
                   for k, v in (keys or {}).items()}
-    for table in wanted or raw_tables(lake):
+    for table in dict.fromkeys(renamed.get(t, t) for t in wanted or folders):
+        earlier = earlier_names(renamed, table)  # its folders under earlier names
+        table_max = table_bound(lake, table, bound)  # below a resync's hold, both layers
         compactor = _TableCompactor(lake, table, by_segment.get(table),
-                                    options or CompactOptions())
-        results.append(compactor.run(bound))
+                                    options or CompactOptions(), earlier)
+        results.append(compactor.run(table_max))
         if history:  # same bound; its own watermark and floor (cdc/history/writer.py)
             from cdc.history.writer import compact_history, history_watermark
 
             watermark = history_watermark(lake, table)
-            listing = list_raw(lake, table, watermark, consumer="history")
-            done = compact_history(lake, table, listing.files, bound,
+            listing = list_raw(lake, table, watermark, consumer="history", folders=earlier)
+            done = compact_history(lake, table, listing.files, table_max,
                                    key=by_segment.get(table), options=options)
             if done is not None and done.watermark is not None:
                 record_floor(lake, table, done.watermark, listing,
@@ -170,9 +181,9 @@ def compact_lake(lake: Lake, slot: str, tables: Sequence[str] = (),
 
 class _TableCompactor:
     def __init__(self, lake: Lake, table: str, key: tuple[str, ...] | None,
-                 options: CompactOptions) -> None:
+                 options: CompactOptions, earlier: list[str] | None = None) -> None:
         self.lake, self.table, self.key_override = lake, table, key
-        self.options = options
+        self.options, self.earlier = options, earlier or []
         self.uri, self.storage = lake.delta_location(staged_key(table))
 
     def run(self, bound: Lsn) -> TableResult:
@@ -201,10 +212,11 @@ class _TableCompactor:
         dt = self._open()
         before = dt.version() if dt else 0
         watermark = dt.transaction_version(APP_ID) if dt else None
-        listing = list_raw(self.lake, self.table, watermark)
+        listing = list_raw(self.lake, self.table, watermark, folders=self.earlier)
         files = listing.files
         cursor: Pos = (-1, _MIN) if watermark is None else (watermark + 1, 0)
         end: Pos = (bound, 0)
+        cursor = resync_start(files, cursor, end)  # a cdc resync replaces the table
         consumed: set[str] = set()
         changes = commits = 0
         while cursor < end:
@@ -259,7 +271,10 @@ class _TableCompactor:
             if nxt.first_seq is None:
                 upper, clean, group = (nxt.first_lsn, _MIN), False, nxt.first_lsn
             else:
-                upper = nxt.first if keyed else (nxt.first_lsn, 0)
+                # a transaction's moves are resolved whole (staged/moves.py): keyed tables
+                # too end at a transaction's start unless it began before this chunk
+                upper = (nxt.first if keyed and (nxt.first_lsn, 0) <= cursor
+                         else (nxt.first_lsn, 0))
                 clean, group = upper[1] >= 0, None
             whole = any(g.first_seq is None and g.first_lsn == group for g, _ in read)
             if (keyed or clean) and (upper > cursor or whole):
@@ -273,7 +288,7 @@ class _TableCompactor:
             if below.num_rows == part.num_rows:
                 done.add(f.key)
             applied.append(below)
-        return dedupe(unify(applied, self.table)), upper, done, clean
+        return dedupe(unify(from_last_truncate(applied), self.table)), upper, done, clean
 
     def _key(self, schema: pa.Schema) -> tuple[str, ...]:
         """The named key, or the primary key recorded in the raw schema (may be empty)."""
@@ -291,10 +306,14 @@ class _TableCompactor:
         if truncated:  # the table is empty at the last truncate; later changes apply
             rows = rows.slice(truncates[-1].as_py() + 1)
         if key:
+            rows = resolve_moves(None if truncated else dt, rows, key)
             state, keep = latest_per_key(rows, key, self.table)
         else:
             state, keep = rows.filter(pc.is_in(rows["_op"], pa.array(["c", "r"]))), []
-        target = pa.schema(dt.schema().to_arrow()) if dt is not None else None
+        if dt is not None and not truncated:
+            dt = evolve(dt, rows.schema, self.uri, self.storage, self.options.file_bytes)
+        # after a truncate (or cdc resync's) the table is replaced: the source's schema now
+        target = pa.schema(dt.schema().to_arrow()) if dt is not None and not truncated else None
         state = staged_columns(state, target, self.table)
         commit = CommitProperties(app_transactions=None if watermark is None
                                   else [Transaction(APP_ID, watermark)])
@@ -321,7 +340,8 @@ class _TableCompactor:
         faults.hit("staged.before_commit", table=self.table)
         self._check_watermark(dt, expected)
         mode: Literal["append", "overwrite"] = "overwrite" if dt is None or truncated else "append"
-        write_deltalake(self.uri, inserts, mode=mode, schema_mode="merge",
+        write_deltalake(self.uri, inserts, mode=mode,
+                        schema_mode="overwrite" if truncated else "merge",
                         storage_options=self.storage, commit_properties=commit,
                         target_file_size=self.options.file_bytes,
                         description=self._description(key) if dt is None else None,

@@ -72,11 +72,26 @@ def raw_tables(lake: Lake) -> list[str]:
 
 
 def list_raw(lake: Lake, table: str, watermark: Lsn | None, *,
-             consumer: str = "staged") -> Listing:
+             consumer: str = "staged", folders: Sequence[str] = ()) -> Listing:
     """The table's raw files in the partitions that can hold changes above ``watermark``
-    (the watermark of ``consumer``: ``staged`` or ``history``, each with its own floor)."""
+    (the watermark of ``consumer``: ``staged`` or ``history``, each with its own floor).
+
+    ``folders``: the table's raw folders under earlier names (``staged/renames.py``), listed
+    from the same floor, which covers them too: it is taken over all the files listed.
+    """
     recorded = recorded_floor(lake, table, watermark, consumer=consumer)
     since = recorded[1] if recorded else None
+    files: list[RawFile] = []
+    partitions = 0
+    for folder in dict.fromkeys([table, *folders]):
+        listed, count = _list_folder(lake, folder, since)
+        files += listed
+        partitions += count
+    files.sort(key=lambda f: (f.first, f.key))
+    return Listing(files, since, partitions, recorded, consumer)
+
+
+def _list_folder(lake: Lake, table: str, since: str | None) -> tuple[list[RawFile], int]:
     prefix = f"{RAW}{table}/"
     if since is None:
         keys, partitions = lake.list(prefix), -1
@@ -85,16 +100,31 @@ def list_raw(lake: Lake, table: str, watermark: Lsn | None, *,
                              for name in _folders(lake, prefix.rstrip("/"))) if d >= since]
         keys = [k for d in dates for k in lake.list(f"{prefix}load_date={d}/")]
         partitions = len(dates)
+    files = _parsed(keys, table)
+    if partitions < 0:
+        partitions = len({f.load_date for f in files})
+    return files, partitions
+
+
+def _parsed(keys: Sequence[str], table: str) -> list[RawFile]:
     files = []
     for key in keys:
         parsed = parse_raw_key(key)
         if parsed is not None and parsed.table == table:
             files.append(RawFile(parsed.key, parsed.load_date, parsed.first_commit_lsn,
                                  parsed.last_commit_lsn, parsed.first_seq))
-    files.sort(key=lambda f: (f.first, f.key))
-    if partitions < 0:
-        partitions = len({f.load_date for f in files})
-    return Listing(files, since, partitions, recorded, consumer)
+    return files
+
+
+def newest_file(lake: Lake, table: str) -> RawFile | None:
+    """The table folder's file with the newest change, from its newest non-empty partitions
+    (a folder listing and a listing per partition; a file written later is newer)."""
+    prefix = f"{RAW}{table}/"
+    for name in reversed(_folders(lake, prefix.rstrip("/"))):
+        files = _parsed(lake.list(f"{prefix}{name}/"), table)
+        if files:
+            return max(files, key=lambda f: (f.last_lsn, f.key))
+    return None
 
 
 def floor(files: Sequence[RawFile], watermark: Lsn, today: date) -> str:

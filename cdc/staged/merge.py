@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 
 from cdc.errors import CompactionError
 from cdc.staged.delta_types import for_delta
+from cdc.staged.evolve import align
 
 Pos = tuple[int, int]
 """A position in a table's change order: (``_commit_lsn``, ``_seq``)."""
@@ -35,14 +36,39 @@ def between(table: pa.Table, lower: Pos, upper: Pos) -> pa.Table:
     return table.filter(pc.and_(below, above))
 
 
+def from_last_truncate(parts: list[pa.Table]) -> list[pa.Table]:
+    """The parts cut to start at the chunk's last truncate (everything before it is gone at
+    the source), so the schemas of raw files from before it — a type since changed and
+    re-read by ``cdc resync`` — never need to unify with later ones."""
+    last: Pos | None = None
+    for part in parts:
+        marks = part.filter(pc.equal(part["_op"], "t"))
+        for lsn, seq in zip(marks["_commit_lsn"].to_pylist(), marks["_seq"].to_pylist(),
+                            strict=True):
+            last = (lsn, seq) if last is None or (lsn, seq) > last else last
+    if last is None:
+        return parts
+    cut = [between(p, last, (2**63 - 1, 0)) for p in parts]
+    return [p for p in cut if p.num_rows] or cut[:1]
+
+
 def unify(parts: list[pa.Table], table: str) -> pa.Table:
-    """Concatenate raw parts whose schemas grew (added columns) or lost columns."""
+    """Concatenate raw parts whose schemas grew (added columns) or lost columns; older parts
+    take the newest column names (RENAME COLUMN) and ADD COLUMN defaults (``evolve.py``)."""
+    if parts:
+        newest = parts[-1].schema
+        parts = [align(p, newest) for p in parts]
     try:
         schema = pa.unify_schemas([p.schema for p in parts], promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise type_change(table, [p.schema for p in parts]) from exc
     combined = pa.concat_tables(parts, promote_options="permissive")
     latest = next((p.schema.metadata for p in reversed(parts) if p.schema.metadata), None)
+    if parts:  # field metadata (identity, defaults) as the newest part has it
+        newest = parts[-1].schema
+        combined = combined.cast(pa.schema(
+            [f.with_metadata(newest.field(f.name).metadata) if f.name in newest.names else f
+             for f in combined.schema]))
     return combined.replace_schema_metadata(latest or schema.metadata)
 
 
@@ -54,11 +80,13 @@ def type_change(table: str, schemas: Sequence[pa.Schema]) -> CompactionError:
                 return CompactionError(
                     f"column {f.name!r} of {table} changed type from {seen[f.name]} to {f.type}, "
                     "which its staged Delta table cannot hold",
-                    fix=f"rebuild it: delete staged/{table} and run cdc compact (raw keeps "
-                    "every change) or take a new snapshot")
+                    fix=f"re-read the table while cdc stream runs: cdc resync --tables "
+                    f"{table}, then cdc compact (staged is replaced from the resync on; raw "
+                    "keeps every change)")
             seen[f.name] = f.type
     return CompactionError(f"the raw files of {table} have incompatible schemas",
-                           fix=f"inspect raw/{table} and rebuild staged/{table}")
+                           fix=f"re-read the table while cdc stream runs: cdc resync --tables "
+                           f"{table}, then cdc compact")
 
 
 def dedupe(table: pa.Table) -> pa.Table:
@@ -205,7 +233,9 @@ def staged_columns(state: pa.Table, target: pa.Schema | None, table: str) -> pa.
               and not c.startswith(KEEP)]
     order += [c for c in (*META, DELETED) if c in columns and c not in order]
     order += [c for c in columns if c.startswith(KEEP)]
-    return pa.table([columns[c] for c in order], names=order)
+    meta = {f.name: f.metadata for f in state.schema}  # a column's identity (evolve.py)
+    return pa.table([columns[c] for c in order], schema=pa.schema(
+        [pa.field(c, columns[c].type, metadata=meta.get(c)) for c in order]))
 
 
 def _widens(source: pa.DataType, target: pa.DataType) -> bool:

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from cdc.decoding.core import ChangeCounter, Decoder, PureDecoder, native_module
 from cdc.decoding.pgtypes import ColumnType, PgType, TypeFacts, column_type, convert_column
+from cdc.errors import ConversionError
 from cdc.events import UNCHANGED, Lsn, Relation, Row
 from cdc.lake.columns import lake_column
 
@@ -56,6 +57,8 @@ class Batch:
     last_commit_lsn: Lsn
     first_seq: int
     label: str | None = None  # names the file instead of first_seq (snapshot chunks)
+    #: why the batch holds its source values as text, for raw/_rejected (None: it does not)
+    unconvertible: str | None = None
 
     @property
     def qualified_name(self) -> str:
@@ -66,8 +69,13 @@ class TableBuffer:
     """Buffered changes of one table, one list per column."""
 
     def __init__(self, relation: Relation, type_names: dict[int, str],
-                 type_facts: TypeFacts | None = None) -> None:
+                 type_facts: TypeFacts | None = None,
+                 column_facts: Mapping[str, Mapping[str, str]] | None = None,
+                 quarantine: bool = False) -> None:
         self.relation = relation
+        self.column_facts = column_facts
+        #: a value that cannot be converted: a batch of text values for raw/_rejected
+        self.quarantine = quarantine
         self.types: list[ColumnType] = [
             column_type(c.type_oid, c.type_modifier, type_names.get(c.type_oid), type_facts)
             for c in relation.columns
@@ -116,8 +124,9 @@ class TableBuffer:
     def cut(self) -> Batch:
         """Convert the buffered columns to Arrow and empty the buffer."""
         n = len(self.ops)
-        table = raw_table(
-            self.relation, self.types, self.columns,
+        columns: Sequence[Sequence[str | None] | pa.Array | pa.ChunkedArray] = self.columns
+        table, why = self._table(
+            columns,
             ops=pa.array(self.ops, pa.string()),
             lsns=pa.array(self.lsns, pa.int64()),
             commit_lsns=pa.array(self.commit_lsns, pa.int64()),
@@ -127,21 +136,39 @@ class TableBuffer:
             unchanged=pa.array(self.unchanged, pa.list_(pa.string())) if any(self.unchanged)
             else pa.nulls(n, pa.list_(pa.string())),
         )
-        batch = Batch(self.relation, table, self.commit_lsns[0], self.commit_lsns[-1], self.seqs[0])
+        batch = Batch(self.relation, table, self.commit_lsns[0], self.commit_lsns[-1],
+                      self.seqs[0], unconvertible=why)
         self._clear()
         return batch
+
+    def _table(self, columns: Sequence[Sequence[str | None] | pa.Array | pa.ChunkedArray],
+               **meta: pa.Array) -> tuple[pa.Table, str | None]:
+        """The raw table of the text ``columns``, and None. A value that cannot be converted
+        raises ConversionError, or with ``quarantine`` gives the text values and why (the
+        batch goes to raw/_rejected)."""
+        try:
+            return raw_table(self.relation, self.types, columns, **meta,
+                             column_facts=self.column_facts), None
+        except ConversionError as exc:
+            if not self.quarantine:
+                raise
+            text = [ColumnType(t.pg_type, pa.string(), _as_text) for t in self.types]
+            return raw_table(self.relation, text, columns, **meta,
+                             column_facts=self.column_facts), str(exc)
 
 
 class NativeTableBuffer(TableBuffer):
     """Buffered changes of one table in the compiled decoder's Arrow-layout buffers."""
 
     def __init__(self, relation: Relation, type_names: dict[int, str],
-                 type_facts: TypeFacts | None = None) -> None:
+                 type_facts: TypeFacts | None = None,
+                 column_facts: Mapping[str, Mapping[str, str]] | None = None,
+                 quarantine: bool = False) -> None:
         native = importlib.import_module("cdc.decoding._native")
         # names as the lake holds them: for _unchanged (cdc.lake.columns)
         self.core: Any = native.ColumnBuffer(tuple(lake_column(c.name) for c in relation.columns),
                                              tuple(c.is_key for c in relation.columns))
-        super().__init__(relation, type_names, type_facts)
+        super().__init__(relation, type_names, type_facts, column_facts, quarantine)
 
     def _clear(self) -> None:
         pass  # take() empties the core
@@ -156,19 +183,26 @@ class NativeTableBuffer(TableBuffer):
 
     def cut(self) -> Batch:
         columns, ops, lsns, commit_lsns, seqs, xids, commit_ts, unchanged = self.core.take()
-        table = raw_table(self.relation, self.types, columns, ops=ops, lsns=lsns,
-                          commit_lsns=commit_lsns, seqs=seqs, xids=xids, commit_ts=commit_ts,
-                          unchanged=unchanged)
+        table, why = self._table(columns, ops=ops, lsns=lsns, commit_lsns=commit_lsns,
+                                 seqs=seqs, xids=xids, commit_ts=commit_ts, unchanged=unchanged)
         n = len(ops)
         return Batch(self.relation, table, commit_lsns[0].as_py(),
-                     commit_lsns[n - 1].as_py(), seqs[0].as_py())
+                     commit_lsns[n - 1].as_py(), seqs[0].as_py(), unconvertible=why)
 
 
-def relation_schema(relation: Relation, types: Sequence[ColumnType]) -> pa.Schema:
-    """Source columns (typed, ``pg_type`` in the field metadata) plus the metadata columns."""
+def _as_text(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    return values
+
+
+def relation_schema(relation: Relation, types: Sequence[ColumnType],
+                    column_facts: Mapping[str, Mapping[str, str]] | None = None) -> pa.Schema:
+    """Source columns (typed, ``pg_type`` in the field metadata, and the catalog's
+    ``pg_relid`` / ``pg_attnum`` / ``pg_missing`` where known) plus the metadata columns."""
+    facts = column_facts or {}
     fields = [  # a column named like cdc's own lands renamed (cdc.lake.columns)
         pa.field(lake_column(c.name), t.arrow_type, metadata={
-            "pg_type": t.pg_type, "pg_key": "1" if c.is_key else "0", "pg_name": c.name})
+            "pg_type": t.pg_type, "pg_key": "1" if c.is_key else "0", "pg_name": c.name,
+            **facts.get(c.name, {})})
         for c, t in zip(relation.columns, types, strict=True)
     ]
     metadata = {"cdc_table": relation.qualified_name, "cdc_schema": relation.schema,
@@ -182,6 +216,7 @@ def raw_table(  # noqa: PLR0913  a keyword per metadata column of the raw layout
     text_columns: Sequence[Sequence[str | None] | pa.Array | pa.ChunkedArray], *,
     ops: pa.Array, lsns: pa.Array, commit_lsns: pa.Array, seqs: pa.Array, xids: pa.Array,
     commit_ts: pa.Array, unchanged: pa.Array,
+    column_facts: Mapping[str, Mapping[str, str]] | None = None,
 ) -> pa.Table:
     """A raw-layer table from text columns and metadata arrays (stream and snapshot share it)."""
     name = relation.qualified_name
@@ -191,7 +226,7 @@ def raw_table(  # noqa: PLR0913  a keyword per metadata column of the raw layout
     ]
     arrays += [ops, lsns, commit_lsns, seqs, xids,
                commit_ts.cast(pa.timestamp("us", tz="UTC")), unchanged]
-    return pa.Table.from_arrays(arrays, schema=relation_schema(relation, types))
+    return pa.Table.from_arrays(arrays, schema=relation_schema(relation, types, column_facts))
 
 
 @dataclass
@@ -205,6 +240,9 @@ class Batcher:
     type_names: dict[int, str] = field(default_factory=dict)
     #: catalog facts of the non-built-in column types (domains, arrays, enums)
     type_facts: dict[int, PgType] = field(default_factory=dict)
+    #: per relation OID: attribute numbers and ADD COLUMN defaults (catalog.column_facts)
+    column_facts: dict[int, dict[str, dict[str, str]]] = field(default_factory=dict)
+    quarantine: bool = False  # unconvertible values: a text batch for raw/_rejected
     rows: int = 0
     bytes: int = 0
     oldest: float | None = None
@@ -214,8 +252,9 @@ class Batcher:
     def buffer_for(self, relation: Relation) -> TableBuffer:
         buf = self.buffers.get(relation.oid)
         if buf is None:
-            buf = self.buffers[relation.oid] = self.buffer_type(relation, self.type_names,
-                                                                self.type_facts)
+            buf = self.buffers[relation.oid] = self.buffer_type(
+                relation, self.type_names, self.type_facts, self.column_facts.get(relation.oid),
+                self.quarantine)
         return buf
 
     def count(self, rows: int, nbytes: int) -> None:

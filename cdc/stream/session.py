@@ -46,7 +46,7 @@ from cdc.ops import metrics
 from cdc.snapshot.consistent import snapshot_in_progress
 from cdc.source import publication
 from cdc.source.admin import Admin
-from cdc.source.catalog import Catalog, SideConnection
+from cdc.source.catalog import Catalog, PublishedTables, SideConnection
 from cdc.source.connection import connect, describe
 from cdc.source.heartbeat import Heartbeat
 from cdc.source.protocol import Source, SourceFactory
@@ -200,7 +200,8 @@ class Session:
         start = streamer.checkpoint.load()
         assert start is not None
         self.ack = AckPolicy(streamer.checkpoint, start)
-        self.batcher = Batcher(streamer.limits)
+        self.batcher = Batcher(streamer.limits,
+                               quarantine=self.settings.unconvertible == "quarantine")
         self.relations: dict[int, Relation] = {}
         # row changes go from the decoder straight into the batcher's column buffers
         self.decoder = decoder_for(self.batcher, self.relations, streamer.stats)
@@ -219,10 +220,13 @@ class Session:
         if self.settings.plugin == "wal2json":
             admin = Admin(self.side.get(), self.settings.dsn)
             self.wal2json = Wal2JsonDecoder(
-                set(admin.published_tables(self.settings.publication)),
+                PublishedTables(lambda: Admin(self.side.get(), self.settings.dsn)
+                                .published_tables(self.settings.publication)),
                 lambda schema, table: Admin(self.side.get(), self.settings.dsn).describe_table(
                     schema, table)[0],
-                insert_only=set(admin.insert_only_tables(self.settings.publication)))
+                insert_only=set(admin.insert_only_tables(self.settings.publication)),
+                generated=lambda schema, table: Admin(self.side.get(), self.settings.dsn)
+                .generated_columns(schema, table))
         self.next_progress = time.monotonic() + self.settings.progress_seconds
 
     def run(self) -> None:
@@ -327,6 +331,8 @@ class Session:
                 # its schema changes: close its file (written in order with the flushes)
                 self.writer.submit(batcher.detach(rel.oid), None)
                 log.info("schema_changed", table=rel.qualified_name)
+            if known != rel:  # attnums tell a rename from drop + add; ADD COLUMN defaults
+                batcher.column_facts[rel.oid] = self.catalog.column_facts(rel.schema, rel.name)
             self.relations[rel.oid] = rel
         elif t is Truncate:
             trunc: Truncate = event  # type: ignore[assignment]

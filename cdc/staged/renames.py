@@ -1,0 +1,80 @@
+"""ALTER TABLE ... RENAME TO: a table's identity is its OID, not its name.
+
+After a rename the stream writes the table's new files under the new name's raw folder; the
+old folder keeps the files from before (raw is append-only). Each raw column records the
+table's OID (``pg_relid``, ``source/catalog.py``), so compaction sees two raw folders of one
+table: the one whose newest change is newer is the table's name now. Its staged table takes
+both folders' files, and the staged table of the old name moves to the new name (copied,
+Delta log last, with its watermark; the old one is then emptied by a Delta delete, so its
+history stays readable and nothing is left that looks current).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyarrow.parquet as pq
+import structlog
+from deltalake import DeltaTable
+
+from cdc.lake.layout import compaction_floor_key, staged_key
+from cdc.lake.store import Lake
+from cdc.staged.files import RawFile, newest_file
+
+log = structlog.get_logger("cdc.staged.renames")
+
+
+def table_oid(lake: Lake, key: str) -> str | None:
+    """The source table's OID recorded in a raw file (its footer only), if any."""
+    schema = pq.read_schema(key, filesystem=lake.arrow_filesystem())
+    oids = {m for f in schema if (m := (f.metadata or {}).get(b"pg_relid")) is not None}
+    return oids.pop().decode() if len(oids) == 1 else None
+
+
+def find_renames(lake: Lake, tables: Sequence[str]) -> dict[str, str]:
+    """Old name → current name of the raw folders of one table (one OID in their newest
+    files): the current one is the folder with the newest change.
+
+    Each folder's newest file is read (its footer), so this works whatever raw retention
+    removed before it (``lake/maintain.py`` keeps each folder's newest file).
+    """
+    owners: dict[str, list[tuple[RawFile, str]]] = {}
+    for table in tables:
+        newest = newest_file(lake, table)
+        if newest is not None and (oid := table_oid(lake, newest.key)) is not None:
+            owners.setdefault(oid, []).append((newest, table))
+    renamed: dict[str, str] = {}
+    for folders in owners.values():
+        if len(folders) < 2:
+            continue
+        folders.sort(key=lambda ft: (ft[0].last_lsn, ft[0].key))
+        current = folders[-1][1]
+        for _, old in folders[:-1]:
+            renamed[old] = current
+    return renamed
+
+
+def earlier_names(renamed: dict[str, str], table: str) -> list[str]:
+    """The raw folders of ``table`` under its earlier names."""
+    return sorted(old for old, new in renamed.items() if new == table)
+
+
+def move_staged(lake: Lake, old: str, new: str) -> bool:
+    """Copy staged/<old> to staged/<new> when only the old one exists, then empty the old
+    one. True when it moved."""
+    old_prefix, new_prefix = staged_key(old) + "/", staged_key(new) + "/"
+    keys = lake.list(old_prefix)
+    if not keys or lake.list(new_prefix + "_delta_log/"):
+        return False
+    for consumer in ("staged", "history"):  # a floor of the new name's folder alone
+        lake.delete(compaction_floor_key(new, consumer))
+    # data files first, then the log in version order: a crash leaves an older version
+    for key in sorted(keys, key=lambda k: ("/_delta_log/" in k, k)):
+        data = lake.read_bytes(key)
+        if data is not None:
+            lake.write_bytes(new_prefix + key[len(old_prefix):], data)
+    uri, storage = lake.delta_location(staged_key(old))
+    DeltaTable(uri, storage_options=storage).delete()
+    log.warning("staged_table_moved", old=old, new=new,
+                note="the table was renamed at the source; the old staged table is emptied")
+    return True
