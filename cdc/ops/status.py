@@ -156,7 +156,8 @@ def collect(dsn: str, lake: Lake, slot: str, staged: StagedProbe | None = None, 
     tables = []
     acked_ts: datetime | None = None
     fs = lake.arrow_filesystem()
-    for table, (files, last_lsn, key) in sorted(raw_progress(lake).items()):
+    progress = raw_progress(lake)
+    for table, (files, last_lsn, key) in sorted(progress.items()):
         ts = last_commit_ts(fs, key)
         if ts is not None and (checkpoint is None or last_lsn < checkpoint):
             acked_ts = ts if acked_ts is None or ts > acked_ts else acked_ts
@@ -180,9 +181,9 @@ def collect(dsn: str, lake: Lake, slot: str, staged: StagedProbe | None = None, 
         "partitions is not published, so staged keeps that partition's rows; truncate the "
         f"parent instead, or run cdc resync --tables {t} after one" for t in partitioned]
     status.warnings += [
-        f"compaction of {t.table} is held below {format_lsn(held)} by a cdc resync that has "
-        f"not finished: run cdc resync --tables {t.table} again"
-        for t in tables if (held := ResyncHold(lake, t.table).load()) is not None]
+        f"compaction of {display_name(t)} is held below {format_lsn(held)} by a cdc resync "
+        f"that has not finished: run cdc resync --tables {display_name(t)} again"
+        for t in sorted(progress) if (held := ResyncHold(lake, t).load()) is not None]
     return status
 
 
