@@ -118,6 +118,9 @@ class TestColumnDdlWhileStreaming:
         whole; under wal2json too, whose decoder used to read the publication once."""
         settings = with_settings(settings, plugin=plugin)
         source.execute("CREATE TABLE first (id int PRIMARY KEY)")
+        # cdc creates an explicit list (tables created later join at its table sync);
+        # a FOR ALL TABLES publication publishes them from their first row
+        source.execute(f"CREATE PUBLICATION {settings.publication} FOR ALL TABLES")
         prepare(settings)
         with streaming_in_thread(settings):
             source.execute("INSERT INTO first VALUES (1)")
