@@ -18,7 +18,8 @@ rewrites a closed day's stream files of a table as a few large ones, in the same
   The snapshot's labelled files are left as they are.
 
 ``expire`` deletes raw files of partitions older than a retention, again only where every
-change is at or below the watermark, and never a table folder's newest file. Afterwards a staged table cannot be rebuilt from raw.
+change is at or below the watermark, and never a table folder's newest file. Afterwards a
+staged table cannot be rebuilt from raw.
 """
 
 from __future__ import annotations
