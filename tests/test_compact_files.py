@@ -44,14 +44,21 @@ def write_file(lake: LocalLake, table: str, day: dt.date, changes: list[Change])
     ops, ids, vs, lsns, seqs = (list(c) for c in zip(*changes, strict=True))
     n = len(changes)
     rows = pa.Table.from_arrays(
-        [pa.array(ids, pa.int64()), pa.array(vs, pa.int64()), pa.array(ops), pa.array(lsns),
-         pa.array(lsns), pa.array(seqs), pa.array([1] * n, pa.int64()),
+        [pa.array(ids, pa.int64()), pa.array(vs, pa.int64()), pa.array(ops),
+         pa.array(change_lsns(lsns, seqs)), pa.array(lsns), pa.array(seqs),
+         pa.array([1] * n, pa.int64()),
          pa.array(lsns, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
          pa.nulls(n, pa.list_(pa.string()))],
         schema=schema(table, "id" if table == KEYED else ""))
     key = raw_key(table, day.isoformat(), lsns[0], lsns[-1], seqs[0])
     lake.write_bytes(key, encode(rows))
     return key
+
+
+def change_lsns(commit_lsns: list[int], seqs: list[int]) -> list[int]:
+    """Each change's own ``_lsn``, before its commit: two changes share one only when a
+    key-changing update is split into its delete and update (``staged/moves.py``)."""
+    return [lsn - 0x80 + seq for lsn, seq in zip(commit_lsns, seqs, strict=True)]
 
 
 Rows = list[tuple[int, int]]

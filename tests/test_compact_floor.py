@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow as pa
 from deltalake import DeltaTable
+from test_compact_files import change_lsns
 
 from cdc.lake.checkpoint import CheckpointStore, ExportRuns, ResyncHold
 from cdc.lake.layout import compaction_floor_key, raw_key
@@ -37,8 +38,9 @@ def write_file(lake: LocalLake, table: str, day: int, changes: list[Change],
     ops, ids, vs, lsns, seqs = (list(c) for c in zip(*changes, strict=True))
     n = len(changes)
     rows = pa.Table.from_arrays(
-        [pa.array(ids, pa.int64()), pa.array(vs, pa.int64()), pa.array(ops), pa.array(lsns),
-         pa.array(lsns), pa.array(seqs), pa.array([1] * n, pa.int64()),
+        [pa.array(ids, pa.int64()), pa.array(vs, pa.int64()), pa.array(ops),
+         pa.array(change_lsns(lsns, seqs)), pa.array(lsns), pa.array(seqs),
+         pa.array([1] * n, pa.int64()),
          pa.array(lsns, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
          pa.nulls(n, pa.list_(pa.string()))], schema=schema)
     key = raw_key(table, (DAY0 + dt.timedelta(days=day)).isoformat(), lsns[0], lsns[-1],
