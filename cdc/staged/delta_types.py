@@ -6,6 +6,7 @@ import re
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from deltalake import DeltaTable
 
 from cdc.errors import CompactionError
 
@@ -56,6 +57,13 @@ def for_delta(column: pa.Array | pa.ChunkedArray,  # noqa: PLR0911  one return p
     if pa.types.is_decimal256(t):
         return column.cast(pa.string())
     return column
+
+
+def limit_stats(dt: DeltaTable) -> None:
+    """Give a table made before statistics were limited the limit (for BC dates etc.)."""
+    if STATS_PROPERTY not in dt.metadata().configuration:
+        dt.alter.set_table_properties(
+            {STATS_PROPERTY: stats_columns(pa.schema(dt.schema().to_arrow()))})
 
 
 def stats_columns(schema: pa.Schema) -> str:
