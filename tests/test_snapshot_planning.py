@@ -11,6 +11,7 @@ import psycopg
 import pytest
 from conftest import SourceDb
 
+from cdc import faults
 from cdc.config import Settings
 from cdc.events import Relation
 from cdc.lake import store
@@ -146,14 +147,15 @@ class TestKeylessResume:
         source.execute("ANALYZE")
         copied: list[tuple[str, int]] = []
 
-        def crash_after_four(table: str, index: int) -> None:
-            copied.append((table, index))
+        def crash_after_four(point: str, at: dict[str, Any]) -> None:
+            copied.append((at["table"], at["index"]))
             if len(copied) == 4:
                 raise RuntimeError("injected crash")
 
-        with pytest.raises(RuntimeError, match="injected crash"):
-            ConsistentSnapshot(settings, LocalLake(settings.lake), workers=1, chunk_rows=3000,
-                               after_chunk=crash_after_four).run()
+        with faults.armed("snapshot.after_chunk", crash_after_four), \
+                pytest.raises(RuntimeError, match="injected crash"):
+            ConsistentSnapshot(settings, LocalLake(settings.lake), workers=1,
+                               chunk_rows=3000).run()
         assert {t for t, _ in copied} == {"public.events"}  # some of the keyless chunks done
         source.execute("INSERT INTO events SELECT 100, g FROM generate_series(1, 2000) g")
         source.execute("UPDATE t SET v = 1 WHERE id % 100 = 0")
