@@ -30,6 +30,7 @@ class TestOneTableNeverBlocksTheRest:
         too, `/metrics` counts it, and once fixed the report clears."""
         for name in ("a_ok", "bad", "z_ok"):
             source.execute(f"CREATE TABLE {name} (k int, v text)")  # no key
+            source.execute(f"ALTER TABLE {name} REPLICA IDENTITY FULL")
         prepare(settings)
         for name in ("a_ok", "bad", "z_ok"):
             source.execute(f"INSERT INTO {name} VALUES (1, 'x'), (NULL, 'y')")

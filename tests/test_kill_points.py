@@ -68,6 +68,7 @@ def test_random_kill_points_over_a_random_workload_converge_to_the_source(
     rng = random.Random(seed)
     source.execute("CREATE TABLE accounts (id int PRIMARY KEY, balance int)")
     source.execute("CREATE TABLE events (id int, x float8)")  # no key
+    source.execute("ALTER TABLE events REPLICA IDENTITY FULL")
     created = run_cdc(["slot", "create", "--dsn", settings.dsn, "--slot", settings.slot,
                        "--publication", settings.publication])
     assert created.returncode == 0, created.stderr

@@ -96,6 +96,7 @@ def _taken(lake: Lake) -> lease.Lease | None:
 def setup_and_stream(source: SourceDb, settings: Settings) -> None:
     source.execute("CREATE TABLE accounts (id int PRIMARY KEY, balance bigint)")
     source.execute("CREATE TABLE events (k int, n int)")  # no key: staged is an append
+    source.execute("ALTER TABLE events REPLICA IDENTITY FULL")
     created = run_cdc(["slot", "create", "--dsn", settings.dsn, "--slot", settings.slot,
                        "--publication", settings.publication])
     assert created.returncode == 0, created.stderr

@@ -141,6 +141,7 @@ class TestKeylessResume:
         from cdc.staged.compactor import compact_lake
 
         source.execute("CREATE TABLE events (k int, n int)")
+        source.execute("ALTER TABLE events REPLICA IDENTITY FULL")
         source.execute("INSERT INTO events SELECT g % 10, g FROM generate_series(1, 30000) g")
         source.execute("CREATE TABLE t (id int PRIMARY KEY, v int)")
         source.execute("INSERT INTO t SELECT g, 0 FROM generate_series(1, 30000) g")
