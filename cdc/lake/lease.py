@@ -34,6 +34,9 @@ from cdc.lake.store import Lake
 log = structlog.get_logger("cdc.lake.lease")
 
 PREFIX = "_cdc/leases/"
+#: the fix of a commit refused because another writer moved the table meanwhile
+RIVAL_FIX = ("nothing to repair: run cdc compact again (compactors take a lease per table; "
+             "this means one lost it while paused)")
 DEFAULT_TTL = 60.0
 
 
