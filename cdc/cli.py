@@ -85,6 +85,9 @@ HistoryOpt = Annotated[str | None, typer.Option(
     "--history", help="on or off: maintain <lake>/history/<schema>.<table>/, every committed "
     "version of each row of a keyed table (SCD2), beside its staged table (env: CDC_HISTORY; "
     "default: on)", show_default=False)]
+LeaseOpt = Annotated[str | None, typer.Option(
+    help="Term of a staged table's single-writer compaction lease; a killed compactor holds "
+    "a table at most this long (env: CDC_LEASE_SECONDS; default: 60s)", show_default=False)]
 LogLevelOpt = Annotated[str | None, typer.Option(
     "--log-level", help="debug, info, warning, error (env: CDC_LOG_LEVEL; default: info)",
     show_default=False)]
@@ -155,6 +158,14 @@ def stream(
         "raw/_rejected, holds compaction of the table and goes on, until you fix the column "
         "and run cdc resync --tables (env: CDC_UNCONVERTIBLE; default: fail)",
         show_default=False)] = None,
+    silence_seconds: Annotated[str | None, typer.Option(
+        help="Give the replication connection up and reconnect after this long without any "
+        "message from the server (a stalled network path); 0: the server's "
+        "wal_sender_timeout (env: CDC_SILENCE_SECONDS; default: 0)", show_default=False)] = None,
+    slot_busy_seconds: Annotated[str | None, typer.Option(
+        help="Stop (exit 4) when the slot stays held by another consumer this long "
+        "(env: CDC_SLOT_BUSY_SECONDS; default: 5m)", show_default=False)] = None,
+    lease_seconds: LeaseOpt = None,
 ) -> None:
     """Stream changes from the slot into <lake>/raw/ until stopped (Ctrl-C / SIGTERM flush,
     acknowledge and exit 0).
@@ -179,7 +190,9 @@ def stream(
                          max_backoff_seconds=max_backoff_seconds, history=history,
                          exclude_tables=exclude_tables, keyless_tables=keyless_tables,
                          table_sync_seconds=table_sync_seconds,
-                         unconvertible=unconvertible)
+                         unconvertible=unconvertible,
+                         silence_seconds=silence_seconds, slot_busy_seconds=slot_busy_seconds,
+                         lease_seconds=lease_seconds)
     if settings.metrics_port:
         from cdc.ops.metrics import serve
 
@@ -250,6 +263,11 @@ def snapshot(
         result = ConsistentSnapshot(settings, target, workers=settings.workers,
                                     chunk_rows=settings.chunk_rows).run()
         total = sum(result.rows.values())
+        if result.already_done:
+            typer.echo(f"snapshot into slot {settings.slot} already done at "
+                       f"{_lsn(result.consistent_point)}: nothing to copy; run cdc stream "
+                       f"--slot {settings.slot}", err=True)
+            return
         typer.echo(f"snapshot {'resumed and ' if result.resumed else ''}done: {total} rows "
                    f"from {len(result.rows)} tables at {_lsn(result.consistent_point)}; "
                    f"now run cdc stream --slot {settings.slot}", err=True)
@@ -408,6 +426,10 @@ def slot_drop(dsn: Dsn = None, slot: SlotOpt = None, publication: PublicationOpt
     typer.echo(f"slot {s.slot} {'dropped' if dropped else 'did not exist'}")
     for line in said:
         typer.echo(line)
+    if dropped:
+        typer.echo(f"a lake that followed it now misses the changes from here on: `cdc stream` "
+                   f"refuses it until `cdc snapshot --slot {s.slot}` takes a new snapshot "
+                   "(or retire the pipeline)", err=True)
 
 
 @app.command()
@@ -425,6 +447,7 @@ def compact(
     vacuum_retention_hours: Annotated[int | None, typer.Option(
         help="VACUUM after OPTIMIZE deletes files removed longer ago than this (env: "
         "CDC_VACUUM_RETENTION_HOURS; default: 168)", show_default=False)] = None,
+    lease_seconds: LeaseOpt = None,
 ) -> None:
     """Merge raw changes into the staged Delta tables <lake>/staged/<schema>.<table>/ now,
     and (unless --history off) every committed version of each keyed table's rows into
@@ -440,9 +463,11 @@ def compact(
                          keys=keys, log_format=log_format, log_level=log_level,
                          s3_endpoint=s3_endpoint, s3_max_attempts=s3_max_attempts,
                          optimize_every=optimize_every,
-                         vacuum_retention_hours=vacuum_retention_hours, history=history)
+                         vacuum_retention_hours=vacuum_retention_hours, history=history,
+                         lease_seconds=lease_seconds)
     options = CompactOptions(optimize_every=settings.optimize_every,
-                             vacuum_retention_hours=settings.vacuum_retention_hours)
+                             vacuum_retention_hours=settings.vacuum_retention_hours,
+                             lease_seconds=settings.lease_seconds)
     results = compact_lake(_open_lake(settings), settings.slot, settings.tables,
                            parse_keys(settings.keys), options=options,
                            history=settings.history)
@@ -452,9 +477,22 @@ def compact(
                    "snapshot or cdc snapshot --mode updated_at writes it)", err=True)
     from cdc.lake.layout import display_name
 
+    failed = [r for r in results if r.error]
     for r in results:
-        typer.echo(f"{display_name(r.table)}: {r.changes} changes in {r.commits} commits, "
+        name = display_name(r.table)
+        if r.error:
+            typer.echo(f"{name}: FAILED: {scrub(r.error)}", err=True)
+            continue
+        if r.held_by:
+            typer.echo(f"{name}: skipped, another compactor holds it: {r.held_by}", err=True)
+            continue
+        typer.echo(f"{name}: {r.changes} changes in {r.commits} commits, "
                    f"staged version {r.version if r.version is not None else '-'}", err=True)
+    if failed:
+        typer.echo("cdc: error: compaction failed for "
+                   f"{', '.join(display_name(r.table) for r in failed)} (the other tables were "
+                   "staged); see each table's line for the fix", err=True)
+        raise typer.Exit(max(r.exit_code for r in failed))
 
 
 maintain_app = typer.Typer(help="Upkeep of the lake's layers.", no_args_is_help=True)

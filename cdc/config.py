@@ -117,6 +117,11 @@ class Settings:
     status_seconds: float = _setting(10.0, parse_duration)
     progress_seconds: float = _setting(10.0, parse_duration)
     max_backoff_seconds: float = _setting(30.0, parse_duration)
+    #: give a replication connection up after this long without any message; 0: the
+    #: server's wal_sender_timeout (60 s when that is off)
+    silence_seconds: float = _setting(0.0, parse_duration)
+    #: a slot busy this long across reconnects is held by another consumer: stop
+    slot_busy_seconds: float = _setting(300.0, parse_duration)
     heartbeat_seconds: float = _setting(60.0, parse_duration)  # 0 disables the heartbeat
     compact_every: float = _setting(60.0, parse_duration)  # seconds between compactions; 0: never
     until_caught_up: bool = _setting(False, parse_bool)
@@ -146,6 +151,8 @@ class Settings:
     # cdc compact (and the compaction inside cdc stream)
     history: bool = _setting(True, parse_bool)  # history/<schema>.<table>/ (SCD2) beside staged
     optimize_every: int = _setting(10, _parse_int)
+    #: term of a staged table's single-writer compaction lease (renewed every third of it)
+    lease_seconds: float = _setting(60.0, parse_duration)
     vacuum_retention_hours: int = _setting(168, _parse_int)
     # cdc maintain raw
     maintain_before: str = ""  # consolidate raw days before this UTC date (YYYY-MM-DD)

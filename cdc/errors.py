@@ -123,3 +123,7 @@ class ContractError(CdcError):
     """A table breaks its schema contract under policy ``fail``; nothing past it is acknowledged."""
 
     exit_code = 7
+
+
+class LeaseLost(LakeError):
+    """A writer's lease expired or was taken over before it committed; it committed nothing."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 from test_pgoutput import begin_msg, commit_msg, insert_msg, relation_msg, tuple_data
@@ -87,6 +88,9 @@ class ScriptedSource:
         if self.on_status is not None:
             self.on_status(flush_lsn)
         self.sent.append(Status(flush_lsn, self.played))
+
+    def answering(self) -> AbstractContextManager[None]:
+        return nullcontext()
 
     def close(self) -> None:
         self.closed = True

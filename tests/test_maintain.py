@@ -33,7 +33,8 @@ from test_compact_files import (
 from cdc import faults
 from cdc.config import Settings
 from cdc.errors import ConfigError
-from cdc.lake.layout import parse_raw_key
+from cdc.lake import lease
+from cdc.lake.layout import parse_raw_key, staged_key
 from cdc.lake.maintain import consolidate, expire
 from cdc.lake.store import LocalLake
 from cdc.staged.compactor import CompactOptions, compact_lake, staged_watermark
@@ -110,6 +111,33 @@ class TestConsolidation:
         assert consolidate(lake, DAY0 + dt.timedelta(days=1), watermarks(lake),
                            today=DAY0 + dt.timedelta(days=2)) == []
         assert len(raw_files(tmp_path, KEYED)) == 4
+
+    def test_consolidation_waits_for_a_compactor_holding_the_tables_lease(
+        self, tmp_path: Path
+    ) -> None:
+        """While a compactor holds the table's single-writer lease, no raw file of that
+        table is replaced; consolidation goes ahead once the lease is released."""
+        lake = LocalLake(tmp_path)
+        stream = Stream(lake, [("c", i, i, 0x100 * i, 0) for i in range(1, 5)])
+        for _ in range(4):
+            stream.write(1, True)
+        compact_lake(lake, SLOT, options=CompactOptions(optimize_every=0, today=lambda: DAY0))
+        held = lease.try_acquire(lake, staged_key(KEYED), "cdc compact")
+        assert isinstance(held, lease.Lease)
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: (consolidate(
+            lake, DAY0 + dt.timedelta(days=1), watermarks(lake),
+            today=DAY0 + dt.timedelta(days=2)), done.set()))
+        worker.start()
+        try:
+            wait_for(lambda: lease.current(lake, staged_key(KEYED)) is not None, timeout=5)
+            assert not done.wait(1.0)  # held: it waits rather than replacing files
+            assert len(raw_files(tmp_path, KEYED)) == 4
+        finally:
+            held.release()
+        worker.join(timeout=60)
+        assert done.is_set()
+        assert len(raw_files(tmp_path, KEYED)) == 1
 
     def test_a_crash_between_writing_and_removing_leaves_both_which_readers_dedupe(
         self, tmp_path: Path

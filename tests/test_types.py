@@ -9,12 +9,11 @@ timestamps and times, as an exact count (days / microseconds since the epoch or 
 the same form: temporal columns are read as their integer storage (the ±infinity sentinels
 become ±Infinity), NaN is compared as the string ``'NaN'``, decimals by value. Staged
 Delta tables hold some types differently (delta_types.for_delta): time and wide decimals as
-text, ±infinity as 9999-12-31 / 0001-01-01; the staged comparison maps those back.
+text (±infinity, BC and five-digit years are held exactly, as in raw).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import re
 from decimal import Decimal
@@ -40,18 +39,12 @@ from cdc.decoding.pgtypes import (
     convert_column,
     parse_array,
 )
-from cdc.errors import CompactionError, ConversionError
+from cdc.errors import ConversionError
 from cdc.lake.store import LocalLake
 from cdc.snapshot.consistent import ConsistentSnapshot
 from cdc.snapshot.readers import AdbcReader, CsvReader
 from cdc.staged import delta_types
 from cdc.staged.compactor import compact_lake
-from cdc.staged.delta_types import (
-    DELTA_DATE_MAX,
-    DELTA_DATE_MIN,
-    DELTA_TIMESTAMP_MAX,
-    DELTA_TIMESTAMP_MIN,
-)
 
 # -- the array text parser ---------------------------------------------------------------------
 
@@ -226,7 +219,7 @@ COLUMNS: dict[str, tuple[str, str, list[str]]] = {
                                "ARRAY[-1]::money[]", "'{}'"]),
 }
 
-#: dates and timestamps raw holds exactly but staged Delta tables cannot (outside years 1-9999)
+#: dates and timestamps outside years 1-9999 (raw and staged hold them exactly)
 FAR: dict[str, tuple[str, str, list[str]]] = {
     "d": ("date", "days", ["'4713-01-01 BC'", "'5874897-12-31'", "'0001-12-31 BC'",
                            "'10000-01-01'", "'0044-03-15 BC'"]),
@@ -315,17 +308,13 @@ def _epoch_storage(column: pa.Array, *, staged: bool) -> list[Any]:
     t = column.type
     storage = pa.int32() if pa.types.is_date32(t) else pa.int64()
     top = DATE_INFINITY if pa.types.is_date32(t) else TIMESTAMP_INFINITY
-    high, low = ((DELTA_DATE_MAX, DELTA_DATE_MIN) if pa.types.is_date32(t)
-                 else (DELTA_TIMESTAMP_MAX, DELTA_TIMESTAMP_MIN))
-    if staged:
-        top = high
     out: list[Any] = []
     for v in column.view(storage).to_pylist():
         if v is None:
             out.append(None)
         elif v == top:
             out.append(Decimal("Infinity"))
-        elif v == (low if staged else -top):
+        elif v == -top:
             out.append(Decimal("-Infinity"))
         else:
             out.append(Decimal(v))
@@ -438,16 +427,10 @@ def test_every_type_round_trips_through_snapshot_stream_and_compaction(
     compact_lake(LocalLake(settings.lake), settings.slot, ["public.typed"])
     staged = DeltaTable(f"{settings.lake}/staged/public.typed").to_pyarrow_table()
     _assert_same(_arrow_values(staged, staged=True), _source_values(source), "staged again")
-    with pytest.raises(CompactionError, match=r"column 'd' of public\.far .*outside years"):
-        compact_lake(LocalLake(settings.lake), settings.slot, ["public.far"])
-
-
-def test_a_date_beyond_what_delta_holds_fails_compaction_naming_the_column() -> None:
-    dates = convert_column(["5874897-12-31", "2020-01-01"], column_type(pgtypes.DATE, -1),
-                           table="t", column="d")
-    with pytest.raises(CompactionError, match=r"column 'd' of public\.t .*outside years"):
-        delta_types.for_delta(dates, "column 'd' of public.t")
-    assert delta_types.for_delta(dates.slice(1)).to_pylist() == [dt.date(2020, 1, 1)]
+    # BC and five-digit years are staged exactly too (no statistics for those columns)
+    compact_lake(LocalLake(settings.lake), settings.slot, ["public.far"])
+    staged_far = DeltaTable(f"{settings.lake}/staged/public.far").to_pyarrow_table()
+    _assert_same(_arrow_values(staged_far, staged=True, spec=FAR), far, "far staged")
 
 
 def test_arrays_map_to_lists_of_their_element_type_except_geometric_ones() -> None:
@@ -519,3 +502,21 @@ def test_a_timestamp_beyond_what_arrow_holds_fails_the_snapshot_naming_the_colum
     source.execute("INSERT INTO late VALUES (1, '2024-01-01'), (2, '294270-01-01 00:00:00+00')")
     with pytest.raises(ConversionError, match=r"public\.late\.ts"):
         ConsistentSnapshot(settings, LocalLake(settings.lake), reader=reader).run()
+
+
+def test_infinity_and_the_last_real_date_stay_apart_in_staged_also_inside_arrays() -> None:
+    """`infinity` vs `9999-12-31` and `-infinity` vs `0001-01-01` are distinct staged values."""
+    dates = convert_column(["infinity", "9999-12-31", "-infinity", "0001-01-01", "0044-03-15 BC"],
+                           column_type(pgtypes.DATE, -1), table="t", column="d")
+    staged = delta_types.for_delta(dates).view(pa.int32()).to_pylist()
+    assert len(set(staged)) == 5
+    assert staged == dates.view(pa.int32()).to_pylist()  # exactly raw's values
+    stamps = convert_column(["infinity", "9999-12-31 23:59:59.999999", "-infinity"],
+                            column_type(pgtypes.TIMESTAMP, -1), table="t", column="ts")
+    as_lists = pa.ListArray.from_arrays(pa.array([0, 3]), stamps)
+    staged_list = delta_types.for_delta(as_lists)
+    assert len(set(staged_list.flatten().view(pa.int64()).to_pylist())) == 3
+    schema = pa.schema([("id", pa.int64()), ("d", pa.date32()), ("ts", stamps.type),
+                        ("a", as_lists.type), ("odd name", pa.string()),
+                        ("_commit_ts", pa.timestamp("us", tz="UTC"))])
+    assert delta_types.stats_columns(schema) == "id,`odd name`,_commit_ts"

@@ -21,8 +21,7 @@ The mapping (README "The lake" documents it for users):
 * ``date`` → date32; ``timestamp`` → timestamp[us]; ``timestamptz`` → timestamp[us, UTC].
   ``infinity``/``-infinity`` → the DuckDB sentinels (int32/int64 max and -max), which
   DuckDB reads back as ±infinity; BC and five-digit years are converted exactly.
-  Staged Delta tables cannot hold those sentinels: there they become
-  9999-12-31 (23:59:59.999999) and 0001-01-01 (00:00:00), see :func:`for_delta`.
+  Staged Delta tables hold the same values, sentinels included (see ``for_delta``).
 * ``time`` → time64[us] (staged: its text ``HH:MM:SS.ffffff``, Delta has no time type)
 * ``boolean`` → bool; ``bytea`` → binary
 * arrays of a mapped type (one dimension, lower bound 1) → list<element type>

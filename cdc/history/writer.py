@@ -39,8 +39,10 @@ from cdc.errors import CdcError, CompactionError, HistoryTableUnreadable
 from cdc.events import Lsn, format_lsn
 from cdc.history.versions import HISTORY_META, Plan, plan_versions
 from cdc.lake.layout import history_key
+from cdc.lake.lease import RIVAL_FIX
 from cdc.lake.store import Lake
 from cdc.staged.compactor import CompactOptions, _lock, open_staged
+from cdc.staged.delta_types import STATS_PROPERTY, limit_stats, stats_columns
 from cdc.staged.files import RawFile
 from cdc.staged.merge import Pos, between, dedupe, staged_columns, unify
 from cdc.staged.moves import COLUMNS, fill_borrowed, plan_moves_around_truncates
@@ -278,8 +280,8 @@ class _HistoryWriter:
                 raise CompactionError(
                     f"history table {self.table} was written by someone else meanwhile "
                     f"(watermark {expected} → {dt.transaction_version(APP_ID)})",
-                    fix="run a single compactor per lake (cdc compact or cdc stream "
-                    "--compact-every, not both)")
+                    fix=RIVAL_FIX)
+            limit_stats(dt)  # dates and timestamps of any year (staged.delta_types)
         if dt is not None and plan.closes.num_rows:
             self._merge(dt, plan.closes, opened, key, commit)
         else:
@@ -287,7 +289,8 @@ class _HistoryWriter:
                             storage_options=self.storage, commit_properties=commit,
                             description=self._description(key) if dt is None else None,
                             configuration=({"delta.checkpointInterval":
-                                            str(self.options.checkpoint_interval)}
+                                            str(self.options.checkpoint_interval),
+                                            STATS_PROPERTY: stats_columns(opened.schema)}
                                            if dt is None else None))
             dt = DeltaTable(self.uri, storage_options=self.storage)
         faults.hit("history.after_commit", table=self.table)

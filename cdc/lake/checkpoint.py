@@ -48,6 +48,7 @@ class CheckpointStore:
                "written_at": datetime.now(UTC).isoformat()}
         faults.hit("checkpoint.before_save", lsn=lsn)
         self.lake.write_bytes(self.key, json.dumps(doc).encode())
+        faults.hit("checkpoint.after_save", lsn=lsn)
         self._lsn = lsn
         faults.hit("checkpoint.after_save", lsn=lsn)
         return lsn

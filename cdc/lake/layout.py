@@ -186,3 +186,8 @@ def compaction_floor_key(table: str, consumer: str = "staged") -> str:
     """Where compaction records the oldest raw partition ``consumer`` (``staged`` or
     ``history``) still needs for ``table``."""
     return check_key(f"_cdc/compaction/{consumer}/{table}.json")
+
+
+def compaction_failure_key(table: str) -> str:
+    """Where the last compaction failure of a table (segment) is recorded until it passes."""
+    return f"_cdc/compaction/failed/{table}.json"

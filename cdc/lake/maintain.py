@@ -24,7 +24,8 @@ staged table cannot be rebuilt from raw.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, timedelta
 
@@ -36,7 +37,8 @@ import structlog
 from cdc import faults
 from cdc.errors import ConfigError, LakeError
 from cdc.events import Lsn
-from cdc.lake.layout import RAW, RawKey, parse_raw_key, raw_key, raw_keys
+from cdc.lake import lease
+from cdc.lake.layout import RAW, RawKey, parse_raw_key, raw_key, raw_keys, staged_key
 from cdc.lake.raw import encode
 from cdc.lake.store import Lake
 
@@ -70,11 +72,12 @@ def consolidate(lake: Lake, before: date, applied: Mapping[str, Lsn | None], *,
     results = []
     for table, days in _days(lake, before).items():
         watermark = applied.get(table)
-        for day, keys in sorted(days.items()):
-            done = [k for k in keys if k.first_seq is not None and watermark is not None
-                    and k.last_commit_lsn <= watermark]
-            if len(done) > 1:
-                results.append(_consolidate_day(lake, table, day, done, file_rows))
+        with _held(lake, table):
+            for day, keys in sorted(days.items()):
+                done = [k for k in keys if k.first_seq is not None and watermark is not None
+                        and k.last_commit_lsn <= watermark]
+                if len(done) > 1:
+                    results.append(_consolidate_day(lake, table, day, done, file_rows))
     return results
 
 
@@ -92,13 +95,28 @@ def expire(lake: Lake, retention_days: int, applied: Mapping[str, Lsn | None], *
               for t, ks in raw_keys(lake.list(RAW)).items()}
     for table, days in _days(lake, cutoff).items():
         watermark = applied.get(table)
-        for keys in days.values():
-            old = [k.key for k in keys if watermark is not None
-                   and k.last_commit_lsn <= watermark and k.key != newest.get(table)]
-            _delete(lake, old)
-            removed += len(old)
+        with _held(lake, table):
+            for keys in days.values():
+                old = [k.key for k in keys if watermark is not None
+                       and k.last_commit_lsn <= watermark and k.key != newest.get(table)]
+                _delete(lake, old)
+                removed += len(old)
         log.info("raw_expired", table=table, before=str(cutoff), files=removed)
     return removed
+
+
+@contextmanager
+def _held(lake: Lake, table: str) -> Iterator[None]:
+    """Hold the table's single-writer lease (the compactor's, ``cdc.lake.lease``) while its
+    raw files are rewritten or removed, so no compaction lists a file being replaced."""
+    got = lease.acquire(lake, staged_key(table), "cdc maintain raw")
+    if not isinstance(got, lease.Lease):  # acquire waits, so this is a holder that vanished
+        raise LakeError(f"{table}: could not take the compaction lease ({got.describe()})",
+                        fix="run cdc maintain raw again once the compactor is idle")
+    try:
+        yield
+    finally:
+        got.release()
 
 
 def _days(lake: Lake, before: date) -> dict[str, dict[str, list[RawKey]]]:

@@ -40,6 +40,8 @@ from cdc.lake.layout import check_key
 MULTIPART_BYTES = 64 * 2**20
 PROBE_KEY = "_cdc/.write-check"
 _MISSING = ("NoSuchKey", "404", "NotFound")
+#: a conditional PUT lost: the object exists (412), or a concurrent one is in flight (409)
+_EXISTS = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
 _BODY_ERRORS = (ResponseStreamingError, IncompleteReadError, ReadTimeoutError)
 _AUTH = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
          "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "403")
@@ -124,6 +126,19 @@ class S3Lake:
         except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
             raise self._error("write", key, exc) from exc
 
+    def write_if_absent(self, key: str, data: bytes) -> bool:
+        """A conditional PUT (``If-None-Match: *``): AWS S3 since 2024, MinIO, moto."""
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.object_key(key), Body=data,
+                                   IfNoneMatch="*")
+        except ClientError as exc:
+            if _code(exc) in _EXISTS:
+                return False
+            raise self._error("write", key, exc) from exc
+        except BotoCoreError as exc:
+            raise self._error("write", key, exc) from exc
+        return True
+
     def delete(self, key: str) -> None:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key))
@@ -166,10 +181,7 @@ class S3Lake:
 
     def check_writable(self) -> None:
         self.write_bytes(PROBE_KEY, b"ok")
-        try:
-            self.client.delete_object(Bucket=self.bucket, Key=self.object_key(PROBE_KEY))
-        except (ClientError, BotoCoreError) as exc:
-            raise self._error("delete", PROBE_KEY, exc) from exc
+        self.delete(PROBE_KEY)
 
     # -- pyarrow and Delta tables (delta-rs / object_store) ------------------------------
 

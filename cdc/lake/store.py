@@ -4,7 +4,8 @@ Keys are ``/``-separated paths relative to the lake root
 (``raw/public.t/load_date=2026-11-27/....parquet``). A write is durable and
 atomic when ``write_bytes`` returns: readers never see a partial file, and a
 crash leaves either the old content or the new. Local: the file is written
-beside its target, fsynced, renamed into place and the directory fsynced.
+beside its target, fsynced, renamed into place and the directory fsynced (and a folder
+created for it fsynced into its parent, so a new ``load_date=`` folder survives a power loss).
 
 Readers that want less than a whole file (parquet footers for ``cdc status``, a lazy
 scan for ``cdc query``) use :meth:`Lake.arrow_filesystem`; Delta tables are opened at
@@ -33,6 +34,10 @@ class Lake(Protocol):
 
     def write_bytes(self, key: str, data: bytes) -> None:
         """Store ``data`` at ``key`` atomically and durably (replacing any old content)."""
+
+    def write_if_absent(self, key: str, data: bytes) -> bool:
+        """Store ``data`` at ``key`` only if nothing is there (atomic put-if-absent, durable
+        like ``write_bytes``); False when ``key`` exists. The basis of leases."""
 
     def delete(self, key: str) -> None:
         """Remove ``key`` (no error when it is not there)."""
@@ -71,13 +76,21 @@ class LocalLake:
         return self.root / key
 
     def write_bytes(self, key: str, data: bytes) -> None:
+        self._write(key, data, exclusive=False)
+
+    def write_if_absent(self, key: str, data: bytes) -> bool:
+        return self._write(key, data, exclusive=True)
+
+    def _write(self, key: str, data: bytes, *, exclusive: bool) -> bool:
+        """Write beside the target, fsync, then rename (or, exclusive: hard-link, which
+        fails when the target exists, so readers never see a partial file either way)."""
         target = self.path(check_key(key))
         if not target.resolve().is_relative_to(self.root.resolve()):  # a symlink out
             raise LakeError(f"refusing to write {target}: it resolves outside the lake "
                             f"{self.root}", fix="remove the symbolic link that leads out")
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            created = self._mkdirs(target.parent)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 view = memoryview(data)
@@ -86,14 +99,36 @@ class LocalLake:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, target)
+            if exclusive:
+                try:
+                    os.link(tmp, target)
+                except FileExistsError:
+                    return False
+                finally:
+                    tmp.unlink(missing_ok=True)
+            else:
+                os.replace(tmp, target)
             _fsync_dir(target.parent)
+            for folder in created:  # a new folder is durable once its parent says so
+                _fsync_dir(folder.parent)
+            return True
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
             raise LakeError(f"cannot write {target}: {exc.strerror or exc}",
                             fix="check that the lake folder exists, is writable and has "
                             "free space") from exc
+
+    def _mkdirs(self, folder: Path) -> list[Path]:
+        """Create ``folder`` and missing parents; the ones created, deepest first."""
+        created = []
+        while not folder.is_dir():
+            created.append(folder)
+            folder = folder.parent
+        for path in reversed(created):
+            with contextlib.suppress(FileExistsError):  # a concurrent writer made it
+                path.mkdir()
+        return created
 
     def delete(self, key: str) -> None:
         try:

@@ -22,6 +22,7 @@ from cdc.lake.layout import RAW, display_name, raw_keys
 from cdc.lake.store import Lake
 from cdc.source.admin import Admin
 from cdc.source.connection import connect, translated
+from cdc.staged.failures import failure
 
 #: without track_commit_timestamp, less unacknowledged WAL than this counts as caught up
 #: (checkpoints, heartbeats, other databases' writes between two status updates)
@@ -55,6 +56,7 @@ class TableStatus:
     staged_commit_ts: str | None = None
     compaction_lag_seconds: float | None = None
     history_commit_lsn: str | None = None  # every change below the next LSN is in history
+    compaction_error: str | None = None  # the last compaction failed (with its fix)
 
 
 @dataclass
@@ -162,6 +164,8 @@ def collect(dsn: str, lake: Lake, slot: str, staged: StagedProbe | None = None, 
         if ts is not None and (checkpoint is None or last_lsn < checkpoint):
             acked_ts = ts if acked_ts is None or ts > acked_ts else acked_ts
         entry = TableStatus(display_name(table), files, format_lsn(last_lsn), _iso(ts))
+        failed = failure(lake, table)
+        entry.compaction_error = failed.error if failed is not None else None
         if staged is not None:
             staged_lsn, staged_ts = staged(lake, table)
             entry.staged_commit_lsn = format_lsn(staged_lsn) if staged_lsn is not None else None
@@ -211,7 +215,8 @@ def lag_seconds(slot: SlotStatus, acked_ts: datetime | None, server_ts: datetime
 
 def warnings(status: Status) -> list[str]:
     slot = status.slot
-    found = []
+    found = [f"{t.table}: compaction fails: {t.compaction_error}"
+             for t in status.tables if t.compaction_error]
     if not slot.exists:
         found.append(f"slot {slot.name!r} does not exist")
         return found
@@ -244,6 +249,8 @@ def check(status: Status, *, max_lag_bytes: int | None = None,
         reasons.append(f"stream lags {status.lag_seconds:.0f} s (max {max_lag_seconds:.0f} s)")
     if max_compaction_lag_seconds is not None:
         for table in status.tables:
+            if table.compaction_error:
+                reasons.append(f"{table.table}: compaction fails: {table.compaction_error}")
             lag = table.compaction_lag_seconds
             if lag is not None and lag > max_compaction_lag_seconds:
                 reasons.append(f"{table.table}: staged lags raw by {lag:.0f} s "

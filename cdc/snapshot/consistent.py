@@ -23,6 +23,7 @@ import math
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from cdc.lake.checkpoint import CheckpointStore
 from cdc.lake.contracts import Contracts
 from cdc.lake.raw import RawSink
 from cdc.lake.store import Lake
+from cdc.snapshot.generation import start_generation, truncate_marker
 from cdc.snapshot.readers import TextReader, open_reader
 from cdc.source import publication
 from cdc.source.admin import Admin, parse_table_name
@@ -54,6 +56,8 @@ log = structlog.get_logger("cdc.snapshot.consistent")
 SNAPSHOT_SEQ_BASE = -(2**62)
 CHUNK_SEQ_STRIDE = 2**32
 _INTEGER_TYPES = {INT2, INT4, INT8}
+#: status of a progress record whose slot is gone and whose next generation has begun
+SUPERSEDED = "superseded"
 
 
 def progress_key(slot: str) -> str:
@@ -73,6 +77,8 @@ class TablePlan:
     chunks: list[dict[str, Any]]
     estimated_rows: int
     done: dict[str, int] = field(default_factory=dict)  # chunk index → rows
+    #: where a table re-read whole on resume was read (None: the consistent point)
+    point: Lsn | None = None
 
 
 @dataclass
@@ -84,23 +90,27 @@ class Progress:
     snapshot_ts_us: int
     tables: dict[str, TablePlan]
     status: str = "running"
+    #: 1 for the lake's first snapshot of this slot; +1 each time a snapshot into a newly
+    #: created slot replaces a gone one (``cdc.snapshot.generation``)
+    generation: int = 1
 
     def to_json(self) -> bytes:
         return json.dumps({
             "slot": self.slot, "consistent_point": self.consistent_point,
             "consistent_point_text": format_lsn(self.consistent_point),
             "snapshot_ts_us": self.snapshot_ts_us, "status": self.status,
+            "generation": self.generation,
             "tables": {n: {"chunks": t.chunks, "estimated_rows": t.estimated_rows,
-                           "done": t.done} for n, t in self.tables.items()},
+                           "done": t.done, "point": t.point} for n, t in self.tables.items()},
         }, indent=1).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> Progress:
         doc = json.loads(data)
-        tables = {n: TablePlan(n, t["chunks"], t["estimated_rows"], t["done"])
+        tables = {n: TablePlan(n, t["chunks"], t["estimated_rows"], t["done"], t.get("point"))
                   for n, t in doc["tables"].items()}
         return cls(doc["slot"], doc["consistent_point"], doc["snapshot_ts_us"], tables,
-                   doc["status"])
+                   doc["status"], int(doc.get("generation", 1)))
 
 
 # -- reading a chunk ------------------------------------------------------------------------------
@@ -162,11 +172,8 @@ def snapshot_batch(relation: Relation, types: Sequence[ColumnType],  # noqa: PLR
 def plan_table(conn: psycopg.Connection[Any], relation: Relation, chunk_rows: int) -> TablePlan:
     """Split a table into chunks of about ``chunk_rows`` rows."""
     table = sql.Identifier(relation.schema, relation.name)
-    row = conn.execute(
-        "SELECT greatest(reltuples, 0)::bigint, greatest(relpages, 1) FROM pg_class "
-        "WHERE oid = %s::regclass", (table.as_string(conn),)).fetchone()
-    estimated, pages = (int(row[0]), int(row[1])) if row else (0, 1)
-    if estimated == 0:  # never analyzed: count (cheap next to copying it)
+    estimated, pages = _estimate(conn, table)
+    if estimated < 0:  # never analyzed: count (cheap next to copying it)
         count = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table)).fetchone()
         estimated = int(count[0]) if count else 0
     nchunks = max(1, math.ceil(estimated / chunk_rows))
@@ -190,6 +197,32 @@ def plan_table(conn: psycopg.Connection[Any], relation: Relation, chunk_rows: in
     bounds = [None, *edges, None]
     return TablePlan(name, [{"kind": "ctid", "lo": bounds[i], "hi": bounds[i + 1]}
                             for i in range(nchunks)], estimated)
+
+
+_SIZES = (
+    "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::float8, coalesce(sum(c.relpages), 0), "
+    "coalesce(sum(pg_relation_size(c.oid)), 0) / current_setting('block_size')::int, "
+    "coalesce(max(pg_relation_size(c.oid)), 0) / current_setting('block_size')::int, "
+    "bool_or(c.reltuples >= 0 AND c.relpages > 0) "
+    "FROM pg_class c WHERE c.relkind <> 'p' AND (c.oid = %(t)s::regclass OR c.oid IN "
+    "(SELECT relid FROM pg_partition_tree(%(t)s::regclass) WHERE isleaf))")
+
+
+def _estimate(conn: psycopg.Connection[Any], table: sql.Identifier) -> tuple[int, int]:
+    """(estimated rows, pages of the largest leaf), or rows -1 when never analyzed.
+
+    Over the leaves of a partitioned table (the parent has no pages of its own), and scaled
+    by the current size like the planner does, so stale ``reltuples`` (a table that grew
+    since its last ANALYZE) do not give one huge chunk. CTID ranges apply to each leaf, so
+    they span the largest leaf's pages.
+    """
+    row = conn.execute(_SIZES, {"t": table.as_string(conn)}).fetchone()
+    if row is None or not row[4]:
+        pages = int(row[3]) if row is not None else 0
+        return -1, max(pages, 1)
+    tuples, relpages, pages_now, largest = float(row[0]), int(row[1]), int(row[2]), int(row[3])
+    density = tuples / relpages if relpages else 0.0
+    return math.ceil(density * max(pages_now, relpages)), max(largest, 1)
 
 
 # -- progress display -----------------------------------------------------------------------------
@@ -238,6 +271,7 @@ class SnapshotResult:
     consistent_point: Lsn
     rows: dict[str, int]
     resumed: bool
+    already_done: bool = False
 
 
 class ConsistentSnapshot:
@@ -264,18 +298,13 @@ class ConsistentSnapshot:
             admin = Admin(conn, s.dsn)
             relations = self._relations(admin)
             existing = admin.slot(s.slot)
-            if stored is not None:
-                progress = Progress.from_json(stored)
-                if progress.status == "done":
+            previous = Progress.from_json(stored) if stored is not None else None
+            if existing is not None and previous is not None and previous.status != SUPERSEDED:
+                if previous.status == "done":
                     log.info("snapshot_already_done", slot=s.slot)
-                    return SnapshotResult(progress.consistent_point, {}, resumed=False)
-                if existing is None:
-                    raise SlotError(
-                        f"an unfinished snapshot for slot {s.slot!r} is recorded in the lake but "
-                        "the slot is gone, so changes since its start are lost to this lake",
-                        fix=f"start over: delete {progress_key(s.slot)} in the lake and run "
-                        "cdc snapshot again")
-                return self._copy(progress, relations, snapshot_name=None, resumed=True)
+                    return SnapshotResult(previous.consistent_point, {}, resumed=False,
+                                          already_done=True)
+                return self._resume(previous, relations)
             if existing is not None:
                 raise SlotError(
                     f"slot {s.slot!r} already exists; a consistent snapshot must create its "
@@ -283,6 +312,13 @@ class ConsistentSnapshot:
                     fix=f"snapshot into a new slot (--slot another_name), or drop this one with "
                     f"`cdc slot drop --slot {s.slot}` (its changes not yet in the lake are then "
                     "covered by the new snapshot)")
+        # no slot: the lake's first snapshot of it, or a new generation over a gone slot
+        # (an unfinished snapshot whose slot is gone, or a checkpoint the slot followed)
+        follows = previous is not None or CheckpointStore(self.lake, s.slot).load() is not None
+        generation = (previous.generation if previous is not None else 1) + int(follows)
+        if previous is not None:  # a crash from here on must not find it "done" or resumable
+            previous.status = SUPERSEDED
+            self.lake.write_bytes(progress_key(s.slot), previous.to_json())
         with connect(s.dsn, replication=True) as repl, translated(s.dsn):
             row = repl.execute(sql.SQL(
                 "CREATE_REPLICATION_SLOT {} LOGICAL {} (SNAPSHOT 'export')").format(
@@ -298,10 +334,49 @@ class ConsistentSnapshot:
                 plans = {r.qualified_name: plan_table(conn, r, self.chunk_rows)
                          for r, _ in relations.values()}
                 conn.execute("COMMIT")
-            progress = Progress(s.slot, consistent_point, int(time.time() * 1e6), plans)
+            progress = Progress(s.slot, consistent_point, int(time.time() * 1e6), plans,
+                                generation=generation)
+            if follows:  # before the progress file: a crash before it starts over
+                start_generation(self.lake, relations, lsn=consistent_point,
+                                 ts_us=progress.snapshot_ts_us, generation=generation)
             self.lake.write_bytes(progress_key(s.slot), progress.to_json())
             # the replication connection stays open (idle) while workers import its snapshot
             return self._copy(progress, relations, snapshot_name=snapshot_name, resumed=False)
+
+    def _resume(self, progress: Progress,
+                relations: dict[str, tuple[Relation, list[ColumnType]]]) -> SnapshotResult:
+        """Finish a snapshot whose exported snapshot is gone, in a new one at a known LSN.
+
+        Keyed tables keep their finished chunks (replay dedupes what changed meanwhile).
+        A keyless table cannot be deduplicated: rows inserted after the consistent point
+        would land as snapshot rows *and* as streamed inserts. So an unfinished keyless
+        table is re-read whole in a snapshot exported by a temporary slot at LSN ``L``, its
+        rows labelled ``L``, after a truncate marker at ``L``: compaction drops its older
+        rows and the changes streamed before ``L``, and applies those after it.
+        """
+        s = self.settings
+        redo = [n for n, plan in progress.tables.items()
+                if len(plan.done) < len(plan.chunks) and n in relations
+                and not any(c.is_key for c in relations[n][0].columns)]
+        if not redo:
+            return self._copy(progress, relations, snapshot_name=None, resumed=True)
+        temporary = f"{s.slot[:40]}_resume_{uuid.uuid4().hex[:8]}"
+        with connect(s.dsn, replication=True) as repl, translated(s.dsn):
+            row = repl.execute(sql.SQL(
+                "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL {} (SNAPSHOT 'export')").format(
+                sql.Identifier(temporary), sql.Identifier(s.plugin))).fetchone()
+            assert row is not None
+            point, snapshot_name = parse_lsn(str(row[1])), str(row[2])
+            for name in redo:
+                plan = progress.tables[name]
+                plan.done.clear()
+                plan.point = point
+                relation, types = relations[name]
+                RawSink(self.lake).write(truncate_marker(relation, types, lsn=point,
+                                                         ts_us=progress.snapshot_ts_us))
+            self.lake.write_bytes(progress_key(s.slot), progress.to_json())
+            log.info("snapshot_keyless_tables_reread", tables=redo, lsn=format_lsn(point))
+            return self._copy(progress, relations, snapshot_name=snapshot_name, resumed=True)
 
     def _relations(self, admin: Admin) -> dict[str, tuple[Relation, list[ColumnType]]]:
         published = admin.published_tables(self.settings.publication)
@@ -338,17 +413,21 @@ class ConsistentSnapshot:
                               f"{progress_key(self.settings.slot)} and dropping the slot")
         self.display = display = ProgressDisplay(progress)
         queue = list(reversed(todo))
+        failed = threading.Event()  # one worker's error stops the others at their next chunk
 
         def worker() -> None:
             reader = self.open_reader(self.settings.dsn, snapshot_name)
             try:
-                while True:
+                while not failed.is_set():
                     with self.lock:
                         if not queue:
                             break
                         name, index = queue.pop()
                     relation, types = relations[name]
                     self._copy_chunk(reader, progress, relation, types, index)
+            except BaseException:
+                failed.set()
+                raise
             finally:
                 reader.close()
 
@@ -370,7 +449,8 @@ class ConsistentSnapshot:
         columns = reader.read(relation, chunk_filter(relation, plan.chunks[index]))
         rows = len(columns[0]) if columns else 0
         if rows:
-            batch = snapshot_batch(relation, types, columns, lsn=progress.consistent_point,
+            point = plan.point if plan.point is not None else progress.consistent_point
+            batch = snapshot_batch(relation, types, columns, lsn=point,
                                    first_seq=SNAPSHOT_SEQ_BASE + index * CHUNK_SEQ_STRIDE,
                                    ts_us=progress.snapshot_ts_us, label=f"r{index:06d}",
                                    column_facts=self.column_facts.get(relation.qualified_name))

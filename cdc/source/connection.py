@@ -87,18 +87,39 @@ def translated(dsn: str) -> Iterator[None]:
         raise translate(exc, dsn) from exc
 
 
-def connect(dsn: str, *, replication: bool = False) -> psycopg.Connection[tuple[object, ...]]:
-    """An autocommit connection with the session settings cdc relies on."""
-    # client_encoding: on a SQL_ASCII database psycopg would otherwise return text as bytes
-    # (SHOW wal_level gave b'logical')
-    kwargs: dict[str, object] = {"options": SESSION_OPTIONS, "application_name": "cdc",
-                                 "client_encoding": "utf8"}
+#: libpq settings cdc adds unless the DSN sets them: a connect timeout, and TCP keepalives
+#: so a peer that vanished is noticed in about a minute even while nothing is sent
+DEFAULTS = {"connect_timeout": "10", "keepalives": "1", "keepalives_idle": "30",
+            "keepalives_interval": "10", "keepalives_count": "3"}
+
+
+def conninfo(dsn: str, *, replication: bool = False) -> str:
+    """The DSN with cdc's session settings added, never overwriting the user's.
+
+    The user's ``options`` (hosted PostgreSQL routes by them, e.g. ``endpoint=...``) come
+    first and cdc's ``-c`` settings after them (they must hold for parsing), and a given
+    ``application_name`` is kept.
+    """
+    params = conninfo_to_dict(dsn)
+    user_options = str(params.get("options") or "").strip()
+    kwargs: dict[str, object] = {
+        "options": f"{user_options} {SESSION_OPTIONS}" if user_options else SESSION_OPTIONS,
+        # on a SQL_ASCII database psycopg would otherwise return text as bytes
+        # (SHOW wal_level gave b'logical')
+        "client_encoding": "utf8"}
+    if not params.get("application_name"):
+        kwargs["application_name"] = "cdc"
+    for name, value in DEFAULTS.items():
+        if name not in params:
+            kwargs[name] = value
     if replication:
         kwargs["replication"] = "database"
+    return make_conninfo(dsn, **kwargs)  # type: ignore[arg-type]
+
+
+def connect(dsn: str, *, replication: bool = False) -> psycopg.Connection[tuple[object, ...]]:
+    """An autocommit connection with the session settings cdc relies on."""
     with translated(dsn):
-        params = conninfo_to_dict(dsn)
-        if "connect_timeout" not in params:
-            kwargs["connect_timeout"] = 10
-        return psycopg.connect(make_conninfo(dsn, **kwargs), autocommit=True)  # type: ignore[arg-type]
+        return psycopg.connect(conninfo(dsn, replication=replication), autocommit=True)
 
 

@@ -7,6 +7,7 @@ that plays frames and records the status updates it is sent.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 from cdc.events import Lsn
@@ -20,6 +21,9 @@ class Source(Protocol):
 
     def send_status(self, flush_lsn: Lsn, *, reply: bool = False) -> None:
         """Report ``flush_lsn`` as written, flushed and applied (the slot may advance to it)."""
+
+    def answering(self) -> AbstractContextManager[None]:
+        """While the caller is busy (a long flush), keep answering the server."""
 
     def close(self) -> None:
         """Release the connection (idempotent; the connection may already be broken)."""

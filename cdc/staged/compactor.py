@@ -37,11 +37,14 @@ from deltalake.exceptions import TableNotFoundError
 from cdc import faults
 from cdc.errors import CdcError, CompactionError, ConfigError, StagedTableUnreadable
 from cdc.events import Lsn, format_lsn
+from cdc.lake import lease
 from cdc.lake.columns import lake_column
 from cdc.lake.layout import segment_of, staged_key
 from cdc.lake.store import Lake
 from cdc.names import parse_table_list, parse_table_name
 from cdc.staged.bounds import lake_bound, resync_start, table_bound
+from cdc.staged.delta_types import STATS_PROPERTY, limit_stats, stats_columns
+from cdc.staged.failures import clear_failure, record_failure
 from cdc.staged.files import RawFile, list_raw, raw_tables, record_floor
 from cdc.staged.merge import (
     DELETED,
@@ -54,7 +57,7 @@ from cdc.staged.merge import (
     staged_columns,
     unify,
 )
-from cdc.staged.renames import earlier_names, find_renames, move_staged
+from cdc.staged.renames import earlier_names, find_renames, move_renamed
 from cdc.staged.steps import evolve, resolve_moves
 from cdc.staged.target import by_group, file_groups, replace, staged_rows
 
@@ -78,6 +81,9 @@ class CompactOptions:
     #: at a time (``staged/target.py``): a merge's memory follows it, not the table's size
     file_bytes: int = 16 * 2**20
     today: Callable[[], date] = field(default=lambda: datetime.now(UTC).date())  # UTC date
+    lease_seconds: float = lease.DEFAULT_TTL  # term of a table's single-writer lease
+    wait: bool = True  # a table another compactor holds: wait for it (else skip it)
+    purpose: str = "cdc compact"  # who holds the lease, as rivals are told
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,9 @@ class TableResult:
     watermark: Lsn | None  # every change below (watermark + 1, 0) is in staged
     version: int | None  # Delta version after the run (None: no staged table yet)
     seconds: float
+    held_by: str = ""  # skipped: another compactor holds the table's lease
+    error: str = ""  # failed: the error with its fix (the other tables went on)
+    exit_code: int = 0  # failed: the error's exit code
 
 
 _MIN = -(2**63)
@@ -146,58 +155,92 @@ def compact_lake(lake: Lake, slot: str, tables: Sequence[str] = (),
     Without a stream checkpoint the bound is the last finished ``cdc snapshot --mode
     updated_at`` run (``staged/bounds.py``). Returns one result per table; an empty list
     when there is neither yet. With ``history``, each keyed table's history
-    (``cdc.history``) follows its staged table.
+    (``cdc.history``) follows its staged table. A table that fails does not stop the others: its result carries the error, which is also
+    recorded in the lake for ``cdc status`` (``cdc.staged.failures``) until it compacts.
     """
     bound = lake_bound(lake, slot)  # before listing: files below it exist
     if bound is None:
         log.info("nothing_to_compact", reason="no checkpoint yet", slot=slot, lake=lake.uri)
         return []
+    options = options or CompactOptions()
     results = []
     folders = raw_tables(lake)
     renamed = find_renames(lake, folders)  # ALTER TABLE ... RENAME TO (staged/renames.py)
-    for old, new in sorted(renamed.items()):
-        move_staged(lake, old, new)
+    move_renamed(lake, renamed, options.purpose)
     wanted = [segment_of(n) for n in parse_table_list(tables)]  # names → lake segments
     by_segment = {segment_of(parse_table_name(k)): tuple(lake_column(c) for c in v)
                   for k, v in (keys or {}).items()}
     for table in dict.fromkeys(renamed.get(t, t) for t in wanted or folders):
-        earlier = earlier_names(renamed, table)  # its folders under earlier names
-        table_max = table_bound(lake, table, bound)  # below a resync's hold, both layers
-        compactor = _TableCompactor(lake, table, by_segment.get(table),
-                                    options or CompactOptions(), earlier)
-        results.append(compactor.run(table_max))
-        if history:  # same bound; its own watermark and floor (cdc/history/writer.py)
+        try:
+            result = compact_table(lake, table, table_bound(lake, table, bound),
+                                   key=by_segment.get(table), options=options, history=history,
+                                   earlier=earlier_names(renamed, table))
+        except CdcError as exc:
+            log.warning("compaction_table_failed", table=table, error=str(exc))
+            record_failure(lake, table, exc)
+            results.append(TableResult(table, 0, 0, None, None, 0.0, error=str(exc),
+                                       exit_code=exc.exit_code))
+            continue
+        if not result.held_by:
+            clear_failure(lake, table)
+        results.append(result)
+    return results
+
+
+def compact_table(  # noqa: PLR0913  the table, its bound and its settings
+    lake: Lake, table: str, bound: Lsn, *, key: tuple[str, ...] | None,
+    options: CompactOptions, history: bool = True, earlier: list[str] | None = None,
+) -> TableResult:
+    """One table, under its single-writer lease (``cdc.lake.lease``): wait for a rival
+    holder or skip the table (``options.wait``); the commit is fenced by the lease. Its
+    history follows under the same lease (same bound, its own watermark and floor).
+    ``earlier``: the table's raw folders under earlier names (``staged/renames.py``); a
+    resync's hold is in ``bound`` already (``staged/bounds.py``)."""
+    name = staged_key(table)
+    got = lease.try_acquire(lake, name, options.purpose, ttl=options.lease_seconds)
+    if not isinstance(got, lease.Lease) and options.wait:
+        log.warning("compaction_waiting", table=table, held_by=got.describe())
+        got = lease.acquire(lake, name, options.purpose, ttl=options.lease_seconds)
+    if not isinstance(got, lease.Lease):
+        log.info("compaction_skipped", table=table, held_by=got.describe())
+        return TableResult(table, 0, 0, None, None, 0.0, held_by=got.describe())
+    try:
+        result = _TableCompactor(lake, table, key, options, got.fence,
+                                 earlier=earlier).run(bound)
+        if history:  # cdc/history/writer.py
             from cdc.history.writer import compact_history, history_watermark
 
+            got.fence()
             watermark = history_watermark(lake, table)
-            listing = list_raw(lake, table, watermark, consumer="history", folders=earlier)
-            done = compact_history(lake, table, listing.files, table_max,
-                                   key=by_segment.get(table), options=options)
+            listing = list_raw(lake, table, watermark, consumer="history",
+                               folders=earlier or ())
+            done = compact_history(lake, table, listing.files, bound, key=key, options=options)
             if done is not None and done.watermark is not None:
-                record_floor(lake, table, done.watermark, listing,
-                             (options or CompactOptions()).today())
-    return results
+                record_floor(lake, table, done.watermark, listing, options.today())
+        return result
+    finally:
+        got.release()
 
 
 class _TableCompactor:
     def __init__(self, lake: Lake, table: str, key: tuple[str, ...] | None,
-                 options: CompactOptions, earlier: list[str] | None = None) -> None:
+                 options: CompactOptions, fence: Callable[[], None], *,
+                 earlier: list[str] | None = None) -> None:
         self.lake, self.table, self.key_override = lake, table, key
-        self.options, self.earlier = options, earlier or []
+        self.options, self.fence, self.earlier = options, fence, earlier or []
         self.uri, self.storage = lake.delta_location(staged_key(table))
 
     def run(self, bound: Lsn) -> TableResult:
         started = time.monotonic()
-        with _lock(self.uri):
-            try:
-                dt, changes, commits = self._compact(bound)
-            except CdcError:
-                raise
-            except Exception as exc:  # delta-rs raises DeltaError and plain Exception
-                raise CompactionError(f"compacting {self.table} into {self.uri} failed: "
-                                      f"{str(exc).splitlines()[0]}",
-                                      fix="fix the cause and run cdc compact again; "
-                                      "applied changes are never applied twice") from exc
+        try:
+            dt, changes, commits = self._compact(bound)
+        except CdcError:
+            raise
+        except Exception as exc:  # delta-rs raises DeltaError and plain Exception
+            raise CompactionError(f"compacting {self.table} into {self.uri} failed: "
+                                  f"{str(exc).splitlines()[0]}",
+                                  fix="fix the cause and run cdc compact again; "
+                                  "applied changes are never applied twice") from exc
         result = TableResult(self.table, changes, commits,
                              dt.transaction_version(APP_ID) if dt else None,
                              dt.version() if dt else None, round(time.monotonic() - started, 3))
@@ -311,7 +354,9 @@ class _TableCompactor:
         else:
             state, keep = rows.filter(pc.is_in(rows["_op"], pa.array(["c", "r"]))), []
         if dt is not None and not truncated:
-            dt = evolve(dt, rows.schema, self.uri, self.storage, self.options.file_bytes)
+            current = dt
+            dt = evolve(dt, rows.schema, self.uri, self.storage, self.options.file_bytes,
+                        guard=lambda: self._guard(current, expected))
         # after a truncate (or cdc resync's) the table is replaced: the source's schema now
         target = pa.schema(dt.schema().to_arrow()) if dt is not None and not truncated else None
         state = staged_columns(state, target, self.table)
@@ -331,40 +376,50 @@ class _TableCompactor:
         if dt is not None and merges:
             for i, (gone, new) in enumerate(merges):  # file group by file group
                 faults.hit("staged.before_commit", table=self.table)
-                self._check_watermark(dt, expected)
+                self._guard(dt, expected)
                 last = i + 1 == len(merges) and not inserts.num_rows
                 replace(dt, gone, new.sort_by([(k, "ascending") for k in key]), key,
                         commit if last else None)
             if not inserts.num_rows:
                 return dt
         faults.hit("staged.before_commit", table=self.table)
-        self._check_watermark(dt, expected)
+        self._guard(dt, expected)
         mode: Literal["append", "overwrite"] = "overwrite" if dt is None or truncated else "append"
-        write_deltalake(self.uri, inserts, mode=mode,
+        write_deltalake(self.uri if dt is None else dt, inserts, mode=mode,
                         schema_mode="overwrite" if truncated else "merge",
                         storage_options=self.storage, commit_properties=commit,
                         target_file_size=self.options.file_bytes,
                         description=self._description(key) if dt is None else None,
-                        configuration=self._configuration() if dt is None else None)
+                        configuration=self._configuration(inserts.schema) if dt is None
+                        else None)
         return DeltaTable(self.uri, storage_options=self.storage)
 
-    def _check_watermark(self, dt: DeltaTable | None, expected: Lsn | None) -> None:
-        """The watermark must not have moved since we read it."""
+    def _guard(self, dt: DeltaTable | None, expected: Lsn | None) -> None:
+        """Right before a commit, under the lease: fail unless it is still ours to make."""
+        # under the lease, on the table the commit goes to: the watermark must not have
+        # moved since we read it (nor the table appeared), and the lease must still be ours
+        found: object = None
         if dt is not None:
             dt.update_incremental()
-            if dt.transaction_version(APP_ID) != expected:
-                raise CompactionError(
-                    f"staged table {self.table} was compacted by someone else meanwhile "
-                    f"(watermark {expected} → {dt.transaction_version(APP_ID)})",
-                    fix="run a single compactor per lake (cdc compact or cdc stream "
-                    "--compact-every, not both)")
+            found = dt.transaction_version(APP_ID)
+        elif self._open() is not None:
+            found = "a table created meanwhile"
+        if found != expected:
+            raise CompactionError(
+                f"staged table {self.table} was compacted by someone else meanwhile "
+                f"(watermark {expected} → {found}); nothing was committed",
+                fix=lease.RIVAL_FIX)
+        self.fence()
+        if dt is not None:
+            limit_stats(dt)
 
     def _plan_groups(self, dt: DeltaTable, state: pa.Table, key: tuple[str, ...],
                      keep: list[str]) -> tuple[list[tuple[pa.Table, pa.Table]], pa.Table]:
         """(removals, inserts) per touched file group, and the inserts that remove nothing
         (``staged/target.py``): each group's staged rows are read and merged on their own."""
         if dt.metadata().configuration.get("delta.targetFileSize") is None:
-            dt.alter.set_table_properties(self._configuration())  # tables made before it
+            dt.alter.set_table_properties(  # tables made before it
+                self._configuration(pa.schema(dt.schema().to_arrow())))
         groups = file_groups(dt, key[0], self.options.file_bytes)
         merges, rest = [], [state.drop_columns([DELETED, *keep]).slice(0, 0)]
         dataset = dt.to_pyarrow_dataset()  # one version for every group: no commit until all
@@ -385,9 +440,10 @@ class _TableCompactor:
                 "of its inserted rows (updates and deletes cannot be matched); name a key with "
                 f"cdc compact --key {self.table}=col1,col2 to merge instead")
 
-    def _configuration(self) -> dict[str, str]:
+    def _configuration(self, schema: pa.Schema) -> dict[str, str]:
         return {"delta.checkpointInterval": str(self.options.checkpoint_interval),
-                "delta.targetFileSize": str(self.options.file_bytes)}
+                "delta.targetFileSize": str(self.options.file_bytes),
+                STATS_PROPERTY: stats_columns(schema)}
 
     def _maintain(self, dt: DeltaTable, before: int) -> None:
         """OPTIMIZE (bin-pack small files), then VACUUM past the retention, each time the
@@ -418,12 +474,15 @@ class CompactionLoop:
 
     def __init__(self, lake: Lake, slot: str, interval: float,
                  keys: Mapping[str, tuple[str, ...]] | None = None, *,
-                 history: bool = True) -> None:
+                 history: bool = True, lease_seconds: float = lease.DEFAULT_TTL) -> None:
         self.lake = lake
         self.history = history
         self.slot = slot
         self.interval = interval
         self.keys = keys
+        # beside `cdc compact` (or a second stream): skip a table another one holds
+        self.options = CompactOptions(wait=False, purpose="cdc stream --compact-every",
+                                      lease_seconds=lease_seconds)
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="compaction", daemon=True)
 
@@ -441,7 +500,10 @@ class CompactionLoop:
         while not self.stopping.wait(self.interval):
             try:
                 for result in compact_lake(self.lake, self.slot, keys=self.keys,
-                                           history=self.history):
+                                           history=self.history, options=self.options):
+                    if result.error:
+                        metrics.COMPACTION_FAILURES.labels(result.table).inc()
+                        continue
                     metrics.COMPACTION_RUNS.labels(result.table).inc()
                     metrics.COMPACTION_SECONDS.observe(result.seconds)
             except CdcError as exc:

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 import pyarrow.compute as pc
+from deltalake import DeltaTable
 
-from cdc.decoding.pgtypes import DATE_INFINITY, TIMESTAMP_INFINITY
 from cdc.errors import CompactionError
 
-#: what staged Delta tables hold instead (Delta's writers cannot handle the sentinels)
-DELTA_DATE_MAX, DELTA_DATE_MIN = 2932896, -719162  # 9999-12-31, 0001-01-01
-DELTA_TIMESTAMP_MAX = 253402300799999999  # 9999-12-31 23:59:59.999999
-DELTA_TIMESTAMP_MIN = -62135596800000000  # 0001-01-01 00:00:00
-
-
+#: the Delta table property naming the columns that get file statistics
+STATS_PROPERTY = "delta.dataSkippingStatsColumns"
+_SIMPLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def delta_type(arrow_type: pa.DataType) -> pa.DataType:
@@ -33,16 +32,17 @@ def for_delta(column: pa.Array | pa.ChunkedArray,  # noqa: PLR0911  one return p
 
     Naive ``timestamp`` becomes UTC-zoned (Delta's ``timestampNtz`` needs reader 3 / writer
     7, which several engines cannot read); ``numeric`` wider than 38 digits and ``time``
-    become text (Delta has neither); the ±infinity sentinels of dates and timestamps become
-    9999-12-31 (23:59:59.999999) and 0001-01-01 (00:00:00): Delta's writer cannot hold them.
-    Finite dates and timestamps outside years 1-9999 (BC, or five-digit years) raise
-    CompactionError naming the column: Delta's writer fails past year ±262142 and its Python
-    reader (``to_pyarrow_dataset``) cannot parse file statistics outside 1-9999. Nothing is
-    clamped; raw keeps such values exactly.
+    become text (Delta has neither). Dates and timestamps are kept exactly, BC and
+    five-digit years included, and ``±infinity`` stays raw's sentinel (the int32 / int64
+    extremes, which DuckDB reads back as ``±infinity``), so ``infinity`` and a real
+    ``9999-12-31`` stay apart: delta-rs can store any such value, it only cannot compute
+    file statistics past year ±262142, nor can its Python reader parse statistics outside
+    years 1-9999 — so staged tables keep no statistics of date and timestamp columns
+    (:func:`stats_columns`).
     """
     if isinstance(column, pa.ChunkedArray):
         target = delta_type(column.type)
-        if target == column.type and not _has_infinity_type(column.type):
+        if target == column.type:
             return column
         return pa.chunked_array([for_delta(c, name) for c in column.chunks], target)
     t = column.type
@@ -50,16 +50,8 @@ def for_delta(column: pa.Array | pa.ChunkedArray,  # noqa: PLR0911  one return p
         values = for_delta(column.values, name)
         return pa.ListArray.from_arrays(column.offsets, values, type=delta_type(t),
                                         mask=column.is_null() if column.null_count else None)
-    if pa.types.is_timestamp(t) or pa.types.is_date32(t):
-        storage = pa.int64() if pa.types.is_timestamp(t) else pa.int32()
-        top, low, high = ((TIMESTAMP_INFINITY, DELTA_TIMESTAMP_MIN, DELTA_TIMESTAMP_MAX)
-                          if storage == pa.int64() else
-                          (DATE_INFINITY, DELTA_DATE_MIN, DELTA_DATE_MAX))
-        ints = column.view(storage)
-        ints = pc.if_else(pc.equal(ints, top), pa.scalar(high, storage), ints)
-        ints = pc.if_else(pc.equal(ints, -top), pa.scalar(low, storage), ints)
-        _check_delta_range(ints, storage == pa.int64(), name)
-        return ints.cast(delta_type(t) if storage == pa.int64() else t)
+    if pa.types.is_timestamp(t):
+        return column.cast(delta_type(t))  # naive → UTC-zoned: the same integers
     if pa.types.is_time(t):
         return _time_text(column.cast(pa.time64("us")).view(pa.int64()))
     if pa.types.is_decimal256(t):
@@ -67,21 +59,27 @@ def for_delta(column: pa.Array | pa.ChunkedArray,  # noqa: PLR0911  one return p
     return column
 
 
-_DELTA_DAYS = (DELTA_DATE_MIN, DELTA_DATE_MAX)
+def limit_stats(dt: DeltaTable) -> None:
+    """Give a table made before statistics were limited the limit (for BC dates etc.)."""
+    if STATS_PROPERTY not in dt.metadata().configuration:
+        dt.alter.set_table_properties(
+            {STATS_PROPERTY: stats_columns(pa.schema(dt.schema().to_arrow()))})
 
 
-def _check_delta_range(ints: pa.Array, timestamp: bool, name: str) -> None:
-    unit = 86_400_000_000 if timestamp else 1
-    low, high = _DELTA_DAYS[0] * unit, (_DELTA_DAYS[1] + 1) * unit - 1
-    bounds = pc.min_max(ints).as_py()
-    if bounds["min"] is None or (low <= bounds["min"] and bounds["max"] <= high):
-        return
-    bad = bounds["min"] if bounds["min"] < low else bounds["max"]
-    raise CompactionError(
-        f"{name} holds a {'timestamp' if timestamp else 'date'} outside years 1-9999 "
-        f"({bad} {'µs' if timestamp else 'days'} from 1970-01-01), which a Delta table cannot "
-        "hold", fix="the raw layer keeps it exactly; leave the table out of compaction "
-        "(--tables) or change the value in the source and re-snapshot")
+def stats_columns(schema: pa.Schema) -> str:
+    """The value of :data:`STATS_PROPERTY` for a staged table of ``schema``: every flat
+    column except dates and timestamps (``_commit_ts`` is always finite and kept: status
+    reads its maximum), so any date or timestamp PostgreSQL holds can be staged."""
+    names = []
+    for f in schema:
+        temporal = pa.types.is_date(f.type) or pa.types.is_timestamp(f.type)
+        nested = pa.types.is_nested(f.type)
+        if f.name == "_commit_ts" or not (temporal or nested):
+            if "`" in f.name or "," in f.name:
+                raise CompactionError(f"column name {f.name!r} contains a backtick or comma",
+                                      fix="rename the column at the source")
+            names.append(f.name if _SIMPLE.match(f.name) else f"`{f.name}`")
+    return ",".join(names)
 
 
 def _time_text(micros: pa.Array) -> pa.Array:
@@ -96,9 +94,3 @@ def _time_text(micros: pa.Array) -> pa.Array:
                2), ":",
         padded(pc.subtract(seconds, pc.multiply(pc.divide(seconds, 60), 60)), 2), ".",
         padded(pc.subtract(micros, pc.multiply(seconds, 1_000_000)), 6), "")
-
-
-def _has_infinity_type(t: pa.DataType) -> bool:
-    if pa.types.is_list(t):
-        return _has_infinity_type(t.value_type)
-    return bool(pa.types.is_timestamp(t) or pa.types.is_date32(t))

@@ -209,8 +209,8 @@ def staged_columns(state: pa.Table, target: pa.Schema | None, table: str) -> pa.
     """Source columns as Delta holds them, aligned with the staged table's columns.
 
     Types Delta cannot hold are mapped by ``delta_types.for_delta``: naive ``timestamp`` becomes
-    UTC-zoned, ``numeric`` wider than 38 digits and ``time`` become text, ±infinity dates and
-    timestamps become 9999-12-31 / 0001-01-01.
+    UTC-zoned, ``numeric`` wider than 38 digits and ``time`` become text; dates and
+    timestamps (±infinity, BC and five-digit years included) are kept exactly.
     Columns staged has but the source no longer sends (dropped) are NULL from now on.
     """
     columns: dict[str, pa.ChunkedArray] = {}

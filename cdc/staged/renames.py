@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import structlog
 from deltalake import DeltaTable
 
+from cdc.lake import lease
 from cdc.lake.layout import compaction_floor_key, staged_key
 from cdc.lake.store import Lake
 from cdc.staged.files import RawFile, newest_file
@@ -57,6 +58,27 @@ def find_renames(lake: Lake, tables: Sequence[str]) -> dict[str, str]:
 def earlier_names(renamed: dict[str, str], table: str) -> list[str]:
     """The raw folders of ``table`` under its earlier names."""
     return sorted(old for old, new in renamed.items() if new == table)
+
+
+def move_renamed(lake: Lake, renamed: dict[str, str], purpose: str) -> None:
+    """``move_staged`` for each rename, under both tables' single-writer leases (a table
+    another compactor holds is moved by a later run)."""
+    for old, new in sorted(renamed.items()):
+        held: list[lease.Lease] = []
+        try:
+            for name in sorted((old, new)):
+                got = lease.try_acquire(lake, staged_key(name), purpose)
+                if not isinstance(got, lease.Lease):
+                    log.info("rename_move_deferred", old=old, new=new, held_by=got.describe())
+                    break
+                held.append(got)
+            else:
+                for got in held:
+                    got.fence()
+                move_staged(lake, old, new)
+        finally:
+            for got in held:
+                got.release()
 
 
 def move_staged(lake: Lake, old: str, new: str) -> bool:

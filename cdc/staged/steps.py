@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pyarrow as pa
 from deltalake import DeltaTable, write_deltalake
 
@@ -32,12 +34,14 @@ def resolve_moves(dt: DeltaTable | None, rows: pa.Table, key: tuple[str, ...]) -
     return fill_borrowed(moves.rows, moves.borrow, key, staged)
 
 
-def evolve(dt: DeltaTable, newest: pa.Schema, uri: str, storage: dict[str, str] | None,
-           file_bytes: int) -> DeltaTable:
-    """``dt``, rewritten once when ``newest`` renames or adds a column with a default."""
+def evolve(dt: DeltaTable, newest: pa.Schema, uri: str, storage: dict[str, str] | None,  # noqa: PLR0917
+           file_bytes: int, guard: Callable[[], None]) -> DeltaTable:
+    """``dt``, rewritten once when ``newest`` renames or adds a column with a default;
+    ``guard`` right before the commit (the compactor's lease and watermark check)."""
     if not evolves(pa.schema(dt.schema().to_arrow()), newest):
         return dt
     rewritten = evolved(dt.to_pyarrow_table(), newest)
+    guard()
     write_deltalake(uri, rewritten, mode="overwrite", schema_mode="overwrite",
                     storage_options=storage, target_file_size=file_bytes)
     return DeltaTable(uri, storage_options=storage)

@@ -44,13 +44,14 @@ from cdc.lake.raw import RawSink
 from cdc.lake.store import Lake
 from cdc.ops import metrics
 from cdc.snapshot.consistent import snapshot_in_progress
+from cdc.snapshot.generation import slot_gone
 from cdc.source import publication
 from cdc.source.admin import Admin
 from cdc.source.catalog import Catalog, PublishedTables, SideConnection
 from cdc.source.connection import connect, describe
 from cdc.source.heartbeat import Heartbeat
 from cdc.source.protocol import Source, SourceFactory
-from cdc.source.replication import ReplicationStream
+from cdc.source.replication import Reconnects, ReplicationStream
 from cdc.staged.compactor import CompactionLoop, parse_keys
 from cdc.stream.ack import AckPolicy
 from cdc.stream.batcher import Batch, Batcher, FlushLimits, decoder_for
@@ -71,6 +72,7 @@ class StreamStats:
     transactions: int = 0
     files: int = 0
     rows_written: int = 0
+    reconnects: int = 0
     started: float = field(default_factory=time.monotonic)
 
 
@@ -107,11 +109,12 @@ class Streamer:
                                   settings.flush_seconds)
         self.contracts = Contracts.load(settings.contracts)
         self.publications = [settings.publication]  # and its insert-only companion, if any
+        self.compactor: CompactionLoop | None = None
 
     def _replication(self, start_lsn: Lsn) -> Source:
         s = self.settings
         return ReplicationStream(s.dsn, s.slot, ",".join(self.publications), start_lsn,
-                                 s.plugin)
+                                 s.plugin, silence_seconds=s.silence_seconds)
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -124,8 +127,11 @@ class Streamer:
                             fix="run cdc snapshot again to finish it, then cdc stream")
         with connect(s.dsn) as conn:
             self.publications = publication.prepare(conn, s)  # cdc check's findings first
-            slot, created = Admin(conn, s.dsn).ensure_slot(s.slot, s.plugin)
-        stored = self.checkpoint.load()
+            admin = Admin(conn, s.dsn)
+            stored = self.checkpoint.load()
+            if stored is not None and admin.slot(s.slot) is None:
+                raise slot_gone(s.slot, stored)
+            slot, created = admin.ensure_slot(s.slot, s.plugin)
         if created or stored is None:
             assert slot.confirmed_flush is not None
             log.info("slot_created" if created else "slot_adopted", slot=s.slot,
@@ -136,8 +142,8 @@ class Streamer:
                 f"slot {s.slot!r} was consumed up to {format_lsn(slot.confirmed_flush)} but the "
                 f"lake's checkpoint is at {format_lsn(stored)}: changes in between are not in "
                 "the lake (another consumer read this slot, or the lake was replaced)",
-                fix="stop the other consumer; to start over, drop the slot (cdc slot drop) and "
-                "take a new snapshot",
+                fix=f"stop the other consumer; to start over: cdc slot drop --slot {s.slot}, "
+                f"then cdc snapshot --slot {s.slot} (a new snapshot generation)",
             )
         return stored
 
@@ -155,22 +161,30 @@ class Streamer:
                  slot=self.settings.slot, publication=self.settings.publication,
                  start_lsn=format_lsn(start),
                  until=format_lsn(target) if target is not None else None)
-        compactor = (CompactionLoop(self.lake, self.settings.slot, self.settings.compact_every,
-                                    parse_keys(self.settings.keys),
-                                    history=self.settings.history).start()
-                     if self.settings.compact_every > 0 else None)
         try:
             return self._stream(target)
         finally:
-            if compactor is not None:
-                compactor.stop()
+            if self.compactor is not None:
+                self.compactor.stop()
+
+    def _start_compactor(self) -> None:
+        """Once this stream holds the slot: a second stream waiting for it compacts nothing."""
+        if self.compactor is None and self.settings.compact_every > 0:
+            self.compactor = CompactionLoop(self.lake, self.settings.slot,
+                                            self.settings.compact_every,
+                                            parse_keys(self.settings.keys),
+                                            history=self.settings.history,
+                                            lease_seconds=self.settings.lease_seconds).start()
 
     def _stream(self, target: Lsn | None) -> StreamStats:
-        delay = 1.0
+        reconnects = Reconnects(self.settings.max_backoff_seconds,
+                                self.settings.slot_busy_seconds)
         while True:
             started = time.monotonic()
             try:
-                Session(self, target).run()
+                session = Session(self, target)
+                self._start_compactor()
+                session.run()
                 return self.stats
             except CdcError as exc:
                 metrics.ERRORS.labels(type(exc).__name__).inc()
@@ -178,11 +192,10 @@ class Streamer:
                     raise
                 if self.stopper.requested:
                     return self.stats
-                if time.monotonic() - started > 60:
-                    delay = 1.0  # it ran fine for a while: start backing off afresh
+                delay = reconnects.next_delay(exc, time.monotonic() - started)
+                self.stats.reconnects += 1
                 log.warning("reconnecting", error=str(exc), retry_in_s=delay)
                 self._sleep(delay)
-                delay = min(delay * 2, self.settings.max_backoff_seconds)
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -210,23 +223,30 @@ class Session:
         self.commit_lsn: Lsn = 0
         self.xid = 0
         self.commit_ts = 0
-        self.source = streamer.open_source(start)
         self.next_status = 0.0
         self.side = SideConnection(self.settings.dsn)
         self.heartbeat = Heartbeat(self.side, self.settings.heartbeat_seconds)
         self.table_keeper = publication.TableKeeper(self.side, self.settings)
         self.catalog = Catalog(self.side)
         self.wal2json: Wal2JsonDecoder | None = None
-        if self.settings.plugin == "wal2json":
-            admin = Admin(self.side.get(), self.settings.dsn)
-            self.wal2json = Wal2JsonDecoder(
-                PublishedTables(lambda: Admin(self.side.get(), self.settings.dsn)
-                                .published_tables(self.settings.publication)),
-                lambda schema, table: Admin(self.side.get(), self.settings.dsn).describe_table(
-                    schema, table)[0],
-                insert_only=set(admin.insert_only_tables(self.settings.publication)),
-                generated=lambda schema, table: Admin(self.side.get(), self.settings.dsn)
-                .generated_columns(schema, table))
+        try:
+            if self.settings.plugin == "wal2json":
+                admin = Admin(self.side.get(), self.settings.dsn)
+                self.wal2json = Wal2JsonDecoder(
+                    PublishedTables(lambda: Admin(self.side.get(), self.settings.dsn)
+                                    .published_tables(self.settings.publication)),
+                    lambda schema, table: Admin(self.side.get(),
+                                                self.settings.dsn).describe_table(
+                        schema, table)[0],
+                    insert_only=set(admin.insert_only_tables(self.settings.publication)),
+                    generated=lambda schema, table: Admin(self.side.get(), self.settings.dsn)
+                    .generated_columns(schema, table))
+            # last: nothing after it can fail and leave the slot held (ReplicationStream
+            # closes its own connection when START_REPLICATION fails)
+            self.source = streamer.open_source(start)
+        except BaseException:
+            self.side.close()
+            raise
         self.next_progress = time.monotonic() + self.settings.progress_seconds
 
     def run(self) -> None:
@@ -368,7 +388,8 @@ class Session:
         here with ``wait``)."""
         self.writer.submit(self.batcher.detach_all(), self.ack.last_commit_end)
         if wait:
-            self.writer.wait()
+            with self.source.answering():  # a slow lake must not let wal_sender_timeout strike
+                self.writer.wait()
             self.ack.flushed()
             self.send_status(force=True)
 
