@@ -155,8 +155,9 @@ def compact_lake(lake: Lake, slot: str, tables: Sequence[str] = (),
     Without a stream checkpoint the bound is the last finished ``cdc snapshot --mode
     updated_at`` run (``staged/bounds.py``). Returns one result per table; an empty list
     when there is neither yet. With ``history``, each keyed table's history
-    (``cdc.history``) follows its staged table. A table that fails does not stop the others: its result carries the error, which is also
-    recorded in the lake for ``cdc status`` (``cdc.staged.failures``) until it compacts.
+    (``cdc.history``) follows its staged table. A table that fails does not stop the
+    others: its result carries the error, which is also recorded in the lake for ``cdc
+    status`` (``cdc.staged.failures``) until it compacts.
     """
     bound = lake_bound(lake, slot)  # before listing: files below it exist
     if bound is None:
