@@ -19,7 +19,6 @@ from test_compact import staged_rows
 from test_schema_changes import drained, rows_of
 
 from cdc.config import Settings
-from cdc.errors import CompactionError
 from cdc.lake.checkpoint import ResyncHold
 from cdc.lake.store import LocalLake
 from cdc.snapshot.resync import Resync
@@ -91,9 +90,8 @@ class TestResyncWhileStreaming:
             source.execute("ALTER TABLE t ALTER v TYPE text USING 'was ' || v")
             source.execute("UPDATE t SET v = 'new' WHERE id = 1")
             drained(source, settings)
-            with pytest.raises(CompactionError) as failed:
-                compact(settings)
-            assert "cdc resync --tables public.t" in failed.value.fix
+            [failed] = compact(settings)  # reported, not raised: other tables go on
+            assert "cdc resync --tables public.t" in failed.error
             with writing(source, "t", "'w' || %s", keys=320, seed=7):
                 assert resync(settings, "public.t") > 0
             drained(source, settings)
