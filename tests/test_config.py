@@ -12,6 +12,7 @@ import typer.main
 from typer.testing import CliRunner
 
 from cdc import cli
+from cdc.cli import options as cli_options
 from cdc.config import FIELDS, Settings, flag_name, load_settings
 from cdc.errors import ConfigError
 from cdc.log import scrub
@@ -227,7 +228,7 @@ class TestEveryOption:
         def loaded(flags: dict[str, Any], config_file: str | None, **kw: Any) -> Settings:
             raise _Loaded(load_settings(flags, config_file, **kw))
 
-        monkeypatch.setattr(cli, "load_settings", loaded)
+        monkeypatch.setattr(cli_options, "load_settings", loaded)
         arguments = ["x" for _, c in _commands() if _ == words
                      for p in c.params if p.param_type_name == "argument"]
         base = {f"CDC_{f.upper()}": None for f in FIELDS}

@@ -1,0 +1,343 @@
+"""Commands that capture from the source: stream, snapshot, resync, check and slot admin."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cdc.cli.options import (
+    ConfigOpt,
+    ContractsOpt,
+    Dsn,
+    ExcludeOpt,
+    HistoryOpt,
+    KeylessOpt,
+    KeyOpt,
+    LakeOpt,
+    LeaseOpt,
+    LogFormatOpt,
+    LogLevelOpt,
+    PluginOpt,
+    PublicationOpt,
+    S3EndpointOpt,
+    S3MaxAttemptsOpt,
+    SlotOpt,
+    TablesOpt,
+    ViaRootOpt,
+    _open_lake,
+    _settings,
+    app,
+    lsn_text,
+    slot_app,
+)
+from cdc.errors import ConfigError
+
+
+@app.command()
+def stream(
+    dsn: Dsn = None, lake: LakeOpt = None, slot: SlotOpt = None,
+    publication: PublicationOpt = None, tables: TablesOpt = None, plugin: PluginOpt = None,
+    config: ConfigOpt = None, log_format: LogFormatOpt = None, log_level: LogLevelOpt = None,
+    s3_endpoint: S3EndpointOpt = None, s3_max_attempts: S3MaxAttemptsOpt = None,
+    exclude_tables: ExcludeOpt = None, keyless_tables: KeylessOpt = None,
+    table_sync_seconds: Annotated[str | None, typer.Option(
+        help="Without --tables: add tables created meanwhile that qualify to the publication "
+        "this often while streaming; 0: only at start (env: CDC_TABLE_SYNC_SECONDS; default: "
+        "60s)", show_default=False)] = None,
+    flush_rows: Annotated[int | None, typer.Option(
+        help="Flush when this many changes are buffered (env: CDC_FLUSH_ROWS; default: 200000)",
+        show_default=False)] = None,
+    flush_bytes: Annotated[str | None, typer.Option(
+        help="Flush when the buffered changes take about this much memory, e.g. 64MB "
+        "(env: CDC_FLUSH_BYTES; default: 128MiB)", show_default=False)] = None,
+    flush_seconds: Annotated[str | None, typer.Option(
+        help="Flush when the oldest buffered change is this old, e.g. 10s "
+        "(env: CDC_FLUSH_SECONDS; default: 10s)", show_default=False)] = None,
+    until_caught_up: Annotated[bool | None, typer.Option(
+        "--until-caught-up/--no-until-caught-up", help="Drain the slot up to the WAL position "
+        "at start, flush, acknowledge and exit 0, for cron-style runs (env: "
+        "CDC_UNTIL_CAUGHT_UP; default: off)", show_default=False)] = None,
+    metrics_port: Annotated[int | None, typer.Option(
+        help="Serve Prometheus metrics on this port (env: CDC_METRICS_PORT; default: off)",
+        show_default=False)] = None,
+    compact_every: Annotated[str | None, typer.Option(
+        help="Compact raw into the staged Delta tables this often, in the background; 0 "
+        "disables (env: CDC_COMPACT_EVERY; default: 60s)", show_default=False)] = None,
+    keys: KeyOpt = None,
+    publish_via_partition_root: ViaRootOpt = None, contracts: ContractsOpt = None,
+    history: HistoryOpt = None,
+    heartbeat_seconds: Annotated[str | None, typer.Option(
+        help="When idle, write a logical message this often so a quiet database's slot "
+        "keeps advancing; 0 disables (env: CDC_HEARTBEAT_SECONDS; default: 60s)",
+        show_default=False)] = None,
+    status_seconds: Annotated[str | None, typer.Option(
+        help="Send the server a status update (acknowledgement) this often, e.g. 10s "
+        "(env: CDC_STATUS_SECONDS; default: 10s)", show_default=False)] = None,
+    progress_seconds: Annotated[str | None, typer.Option(
+        help="Log a progress line this often (env: CDC_PROGRESS_SECONDS; default: 10s)",
+        show_default=False)] = None,
+    max_backoff_seconds: Annotated[str | None, typer.Option(
+        help="Longest wait between reconnection attempts (env: CDC_MAX_BACKOFF_SECONDS; "
+        "default: 30s)", show_default=False)] = None,
+    unconvertible: Annotated[str | None, typer.Option(
+        help="A value that cannot be stored exactly (NaN in numeric(p,s), a multi-dimensional "
+        "array): fail stops without acknowledging it; quarantine writes its batch to "
+        "raw/_rejected, holds compaction of the table and goes on, until you fix the column "
+        "and run cdc resync --tables (env: CDC_UNCONVERTIBLE; default: fail)",
+        show_default=False)] = None,
+    silence_seconds: Annotated[str | None, typer.Option(
+        help="Give the replication connection up and reconnect after this long without any "
+        "message from the server (a stalled network path); 0: the server's "
+        "wal_sender_timeout (env: CDC_SILENCE_SECONDS; default: 0)", show_default=False)] = None,
+    slot_busy_seconds: Annotated[str | None, typer.Option(
+        help="Stop (exit 4) when the slot stays held by another consumer this long "
+        "(env: CDC_SLOT_BUSY_SECONDS; default: 5m)", show_default=False)] = None,
+    lease_seconds: LeaseOpt = None,
+) -> None:
+    """Stream changes from the slot into <lake>/raw/ until stopped (Ctrl-C / SIGTERM flush,
+    acknowledge and exit 0).
+
+    Runs `cdc check` first and stops on what would harm the source. Creates the publication
+    (an explicit, checked table list; tables created later are added when they qualify) and
+    the slot when missing.
+    A position is acknowledged to the slot only after everything up to it is durable in
+    the lake and recorded in <lake>/_cdc/checkpoints/.
+    """
+    from cdc.stream.session import stream as run_stream
+
+    settings = _settings(config, dsn=dsn, lake=lake, slot=slot, publication=publication,
+                         tables=tables, plugin=plugin, log_format=log_format,
+                         log_level=log_level, flush_rows=flush_rows, flush_bytes=flush_bytes,
+                         flush_seconds=flush_seconds, metrics_port=metrics_port,
+                         heartbeat_seconds=heartbeat_seconds, compact_every=compact_every,
+                         keys=keys, publish_via_partition_root=publish_via_partition_root,
+                         s3_endpoint=s3_endpoint, contracts=contracts,
+                         s3_max_attempts=s3_max_attempts, until_caught_up=until_caught_up,
+                         status_seconds=status_seconds, progress_seconds=progress_seconds,
+                         max_backoff_seconds=max_backoff_seconds, history=history,
+                         exclude_tables=exclude_tables, keyless_tables=keyless_tables,
+                         table_sync_seconds=table_sync_seconds,
+                         unconvertible=unconvertible,
+                         silence_seconds=silence_seconds, slot_busy_seconds=slot_busy_seconds,
+                         lease_seconds=lease_seconds)
+    if settings.metrics_port:
+        from cdc.ops.metrics import serve
+
+        serve(settings.metrics_port)
+    stats = run_stream(settings, _open_lake(settings),
+                       until_caught_up=settings.until_caught_up)
+    typer.echo(f"streamed {stats.changes} changes in {stats.transactions} transactions "
+               f"into {stats.files} files", err=True)
+
+
+@app.command()
+def snapshot(
+    dsn: Dsn = None, lake: LakeOpt = None, slot: SlotOpt = None,
+    publication: PublicationOpt = None, tables: TablesOpt = None, plugin: PluginOpt = None,
+    config: ConfigOpt = None, log_format: LogFormatOpt = None, log_level: LogLevelOpt = None,
+    s3_endpoint: S3EndpointOpt = None, s3_max_attempts: S3MaxAttemptsOpt = None,
+    publish_via_partition_root: ViaRootOpt = None, contracts: ContractsOpt = None,
+    exclude_tables: ExcludeOpt = None, keyless_tables: KeylessOpt = None,
+    snapshot_mode: Annotated[str | None, typer.Option(
+        "--mode", help="consistent: every published table at one instant, tied to a new slot "
+        "so `cdc stream` continues exactly where it ends. updated_at: rows whose updated_at "
+        "column passed the stored watermark (cannot see deletes, and sees only the last "
+        "version of a row between runs) (env: CDC_SNAPSHOT_MODE; default: consistent)",
+        show_default=False)] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="Parallel COPY connections (env: CDC_WORKERS; default: 2)",
+        show_default=False)] = None,
+    chunk_rows: Annotated[int | None, typer.Option(
+        help="Rows per chunk (primary-key or CTID range) and per raw file (env: "
+        "CDC_CHUNK_ROWS; default: 500000)", show_default=False)] = None,
+    updated_at_column: Annotated[str | None, typer.Option(
+        help="updated_at mode: the change-time column of every table (env: "
+        "CDC_UPDATED_AT_COLUMN; default: updated_at)", show_default=False)] = None,
+    updated_at: Annotated[list[str] | None, typer.Option(
+        "--updated-at", help="updated_at mode: per-table column, schema.table=column "
+        "(repeatable; env: CDC_UPDATED_AT, comma-separated)", show_default=False)] = None,
+    updated_at_lookback: Annotated[str | None, typer.Option(
+        help="updated_at mode: also re-read rows whose updated_at is at most this long before "
+        "the previous run's start, e.g. 10m: more than your longest transaction, so a row "
+        "committed late is not missed (env: CDC_UPDATED_AT_LOOKBACK; default: 5m; 0: off)",
+        show_default=False)] = None,
+) -> None:
+    """Backfill the lake's raw layer from the tables' current contents.
+
+    --mode consistent (default) creates the slot with an exported snapshot and copies every
+    published table inside it: run it once, then `cdc stream`; the lake holds every row exactly
+    once at the hand-over. Interrupted? Run it again: finished chunks are kept.
+
+    --mode updated_at exports rows changed since the last run by an updated_at column
+    (re-reading a --updated-at-lookback window), and `cdc compact` upserts them into staged.
+    It cannot see deletes and sees only the last version of a row between runs: use it only
+    where logical replication is not available.
+    """
+
+    settings = _settings(config, dsn=dsn, lake=lake, slot=slot, publication=publication,
+                         tables=tables, plugin=plugin, log_format=log_format,
+                         log_level=log_level, s3_endpoint=s3_endpoint,
+                         publish_via_partition_root=publish_via_partition_root,
+                         contracts=contracts, s3_max_attempts=s3_max_attempts,
+                         snapshot_mode=snapshot_mode, workers=workers, chunk_rows=chunk_rows,
+                         updated_at_column=updated_at_column, updated_at=updated_at,
+                         exclude_tables=exclude_tables, keyless_tables=keyless_tables,
+                         updated_at_lookback=updated_at_lookback)
+    target = _open_lake(settings)
+    if settings.snapshot_mode == "consistent":
+        from cdc.snapshot.consistent import ConsistentSnapshot
+
+        result = ConsistentSnapshot(settings, target, workers=settings.workers,
+                                    chunk_rows=settings.chunk_rows).run()
+        total = sum(result.rows.values())
+        if result.already_done:
+            typer.echo(f"snapshot into slot {settings.slot} already done at "
+                       f"{lsn_text(result.consistent_point)}: nothing to copy; run cdc stream "
+                       f"--slot {settings.slot}", err=True)
+            return
+        typer.echo(f"snapshot {'resumed and ' if result.resumed else ''}done: {total} rows "
+                   f"from {len(result.rows)} tables at {lsn_text(result.consistent_point)}; "
+                   f"now run cdc stream --slot {settings.slot}", err=True)
+    else:  # updated_at (the settings know no other mode)
+        from cdc.snapshot.updated_at import UpdatedAtExport, parse_column_overrides
+
+        exported = UpdatedAtExport(settings, target,
+                                   default_column=settings.updated_at_column,
+                                   columns=parse_column_overrides(settings.updated_at),
+                                   page_rows=settings.chunk_rows).run()
+        typer.echo(f"updated_at export done: {sum(exported.values())} rows from "
+                   f"{len(exported)} tables", err=True)
+
+
+@app.command("check")
+def check_cmd(
+    dsn: Dsn = None, slot: SlotOpt = None, publication: PublicationOpt = None,
+    tables: TablesOpt = None, exclude_tables: ExcludeOpt = None,
+    keyless_tables: KeylessOpt = None, config: ConfigOpt = None,
+    check_json: Annotated[bool | None, typer.Option(
+        "--json/--no-json", help="Print JSON for machines (env: CDC_CHECK_JSON; default: "
+        "off)", show_default=False)] = None,
+    check_strict: Annotated[bool | None, typer.Option(
+        "--strict/--no-strict", help="Exit 1 on warnings too (env: CDC_CHECK_STRICT; "
+        "default: off)", show_default=False)] = None,
+) -> None:
+    """Preflight: what would break the source or be lost, one line per problem with its fix.
+
+    Checks wal_level, free slots and WAL senders, the REPLICATION privilege,
+    max_slot_wal_keep_size and the slot's wal_status, and every table the publication covers
+    or would cover: a usable replica identity, UNLOGGED, partitioning and
+    publish_via_partition_root, generated columns, columns named like cdc's metadata. Only
+    reads the catalog. Exits 0 when there is no error (warnings are printed), 1 otherwise.
+    `cdc stream`, `cdc snapshot` and `cdc slot create` run it first.
+    """
+    import json
+
+    from cdc.source import publication as pub
+    from cdc.source.connection import connect
+
+    s = _settings(config, dsn=dsn, slot=slot, publication=publication, tables=tables,
+                  exclude_tables=exclude_tables, keyless_tables=keyless_tables,
+                  check_json=check_json, check_strict=check_strict)
+    with connect(s.dsn) as conn:
+        report = pub.check(conn, s)
+    if s.check_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for finding in report.findings:
+            typer.echo(finding.line())
+        if not report.findings:
+            typer.echo(f"ok: {len(report.plan.cover)} tables, nothing would break or be lost")
+    if report.errors or (s.check_strict and report.findings):
+        raise typer.Exit(1)
+
+
+@slot_app.command("create")
+def slot_create(dsn: Dsn = None, slot: SlotOpt = None, publication: PublicationOpt = None,
+                tables: TablesOpt = None, plugin: PluginOpt = None,
+                publish_via_partition_root: ViaRootOpt = None,
+                config: ConfigOpt = None, exclude_tables: ExcludeOpt = None,
+                keyless_tables: KeylessOpt = None) -> None:
+    """Create the publication and the replication slot (no-op for what exists), after the
+    checks of `cdc check`."""
+    from cdc.events import format_lsn
+    from cdc.source import publication as pub
+    from cdc.source.admin import Admin
+    from cdc.source.connection import connect
+
+    s = _settings(config, dsn=dsn, slot=slot, publication=publication, tables=tables,
+                  plugin=plugin, publish_via_partition_root=publish_via_partition_root,
+                  exclude_tables=exclude_tables, keyless_tables=keyless_tables)
+    with connect(s.dsn) as conn:
+        names = pub.prepare(conn, s)
+        info, created = Admin(conn, s.dsn).ensure_slot(s.slot, s.plugin)
+    lsn = format_lsn(info.confirmed_flush) if info.confirmed_flush else "?"
+    typer.echo(f"slot {s.slot} {'created' if created else 'exists'} at {lsn}; "
+               f"publication {', '.join(names)}")
+
+
+@slot_app.command("drop")
+def slot_drop(dsn: Dsn = None, slot: SlotOpt = None, publication: PublicationOpt = None,
+              config: ConfigOpt = None,
+              keep_publication: Annotated[bool | None, typer.Option(
+                  "--keep-publication/--no-keep-publication", help="Leave the publication "
+                  "even when cdc created it (env: CDC_KEEP_PUBLICATION; default: off)",
+                  show_default=False)] = None) -> None:
+    """Drop the replication slot so the server stops retaining WAL for it, and the publication
+    when cdc created it (its COMMENT says so); says what it left."""
+    from cdc.source import publication as pub
+    from cdc.source.admin import Admin
+    from cdc.source.connection import connect
+
+    s = _settings(config, dsn=dsn, slot=slot, publication=publication,
+                  keep_publication=keep_publication)
+    with connect(s.dsn) as conn:
+        dropped = Admin(conn, s.dsn).drop_slot(s.slot)
+        said = [] if s.keep_publication else pub.drop(conn, s.dsn, s.publication)
+    typer.echo(f"slot {s.slot} {'dropped' if dropped else 'did not exist'}")
+    for line in said:
+        typer.echo(line)
+    if dropped:
+        typer.echo(f"a lake that followed it now misses the changes from here on: `cdc stream` "
+                   f"refuses it until `cdc snapshot --slot {s.slot}` takes a new snapshot "
+                   "(or retire the pipeline)", err=True)
+
+
+@app.command()
+def resync(
+    dsn: Dsn = None, lake: LakeOpt = None, slot: SlotOpt = None, tables: TablesOpt = None,
+    config: ConfigOpt = None, log_format: LogFormatOpt = None, log_level: LogLevelOpt = None,
+    s3_endpoint: S3EndpointOpt = None, s3_max_attempts: S3MaxAttemptsOpt = None,
+    resync_chunk_rows: Annotated[int | None, typer.Option(
+        help="Rows per chunk, read in key order (env: CDC_RESYNC_CHUNK_ROWS; default: 100000)",
+        show_default=False)] = None,
+    resync_wait_seconds: Annotated[str | None, typer.Option(
+        help="How long to wait for the stream's checkpoint to pass a chunk, e.g. 5m (env: "
+        "CDC_RESYNC_WAIT_SECONDS; default: 5m)", show_default=False)] = None,
+) -> None:
+    """Re-read tables (--tables public.t) from the source while `cdc stream` keeps running,
+    and replace their staged state at the next `cdc compact` (raw keeps its history).
+
+    Chunks are read in key order between watermarks written into the WAL, with no lock held;
+    changes racing with a chunk win over its rows. The way out after a rewriting ALTER COLUMN
+    ... TYPE, a DROP + re-CREATE of a table, a value the stream could not store, or a table
+    added to the publication after it had rows. `cdc stream` must run on the same slot.
+    """
+    from cdc.snapshot.resync import Resync
+
+    settings = _settings(config, dsn=dsn, lake=lake, slot=slot, tables=tables,
+                         log_format=log_format, log_level=log_level, s3_endpoint=s3_endpoint,
+                         s3_max_attempts=s3_max_attempts, resync_chunk_rows=resync_chunk_rows,
+                         resync_wait_seconds=resync_wait_seconds)
+    if not settings.tables:
+        raise ConfigError("cdc resync needs the tables to re-read",
+                          fix="name them: cdc resync --tables public.invoice")
+    target = _open_lake(settings)
+    for table in settings.tables:
+        result = Resync(settings, target, table, chunk_rows=settings.resync_chunk_rows,
+                        wait_seconds=settings.resync_wait_seconds).run()
+        typer.echo(f"{result.table}: resynced {result.rows} rows in {result.chunks} chunks "
+                   f"({result.dropped} superseded by changes meanwhile); run cdc compact (or "
+                   "let cdc stream's compaction) replace its staged state", err=True)
+
+
