@@ -56,8 +56,9 @@ from cdc.lake.checkpoint import CheckpointStore
 from cdc.lake.layout import compaction_floor_key
 from cdc.lake.raw import encode
 from cdc.lake.store import LocalLake
-from cdc.staged.compactor import CompactOptions, compact_lake
+from cdc.staged.compactor import CompactOptions
 from cdc.staged.files import list_raw
+from cdc.staged.runner import compact_lake
 from cdc.stream.batcher import META_SCHEMA
 
 TABLE = "public.bench"

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from cdc.config import Settings
 from cdc.lake.store import LocalLake
-from cdc.stream.session import Stopper, Streamer, StreamStats
+from cdc.stream.streamer import Stopper, Streamer, StreamStats
 
 
 def raw_files(lake_dir: Path, table: str) -> list[Path]:

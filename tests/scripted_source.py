@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from test_pgoutput import begin_msg, commit_msg, insert_msg, relation_msg, tuple_data
 
 from cdc.events import Lsn
-from cdc.stream.session import Stopper
+from cdc.stream.streamer import Stopper
 
 INT4, TEXT = 23, 25
 OID = 16384

@@ -22,7 +22,8 @@ from cdc.lake.layout import RAW
 from cdc.lake.store import LocalLake
 from cdc.source.protocol import Source
 from cdc.stream.ack import AckPolicy
-from cdc.stream.session import Session, Stopper, Streamer
+from cdc.stream.session import Session
+from cdc.stream.streamer import Stopper, Streamer
 
 START = 0x1000
 

@@ -29,14 +29,9 @@ from cdc import faults
 from cdc.config import Settings
 from cdc.errors import CompactionError
 from cdc.lake.store import LocalLake
-from cdc.staged.compactor import (
-    APP_ID,
-    CompactOptions,
-    TableResult,
-    compact_lake,
-    staged_watermark,
-)
+from cdc.staged.compactor import APP_ID, CompactOptions, TableResult, staged_watermark
 from cdc.staged.merge import DELETED, KEEP, META, against_staged
+from cdc.staged.runner import compact_lake
 
 BIG = 100_000  # bytes: TOASTed out of line (STORAGE EXTERNAL), so updates leave it unchanged
 

@@ -22,7 +22,8 @@ from test_history_chunks import TABLE, change, raw_layouts, write
 from cdc import faults
 from cdc.lake.checkpoint import CheckpointStore
 from cdc.lake.store import LocalLake
-from cdc.staged.compactor import CompactOptions, compact_lake
+from cdc.staged.compactor import CompactOptions
+from cdc.staged.runner import compact_lake
 
 
 def staged(lake_dir: Path) -> list[dict[str, Any]]:

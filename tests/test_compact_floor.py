@@ -17,7 +17,8 @@ from cdc.lake.layout import compaction_floor_key, raw_key
 from cdc.lake.maintain import expire
 from cdc.lake.raw import encode
 from cdc.lake.store import LocalLake
-from cdc.staged.compactor import CompactOptions, compact_lake, staged_watermark
+from cdc.staged.compactor import CompactOptions, staged_watermark
+from cdc.staged.runner import compact_lake
 from cdc.stream.batcher import META_SCHEMA
 
 SLOT = "floor"

@@ -32,7 +32,8 @@ from cdc.config import Settings
 from cdc.history.versions import HISTORY_META
 from cdc.history.writer import APP_ID
 from cdc.lake.store import LocalLake
-from cdc.staged.compactor import CompactOptions, compact_lake
+from cdc.staged.compactor import CompactOptions
+from cdc.staged.runner import compact_lake
 
 BIG = 20_000  # bytes, stored out of line (STORAGE EXTERNAL): an update leaves it unchanged
 COLUMNS = ("id", "name", "email", "body")

@@ -16,7 +16,7 @@ from cdc.events import format_lsn
 from cdc.history.as_of import AsOf
 from cdc.lake.store import LocalLake
 from cdc.ops.query import duckdb_views
-from cdc.staged.compactor import compact_lake
+from cdc.staged.runner import compact_lake
 
 __all__ = ["small"]  # the fixture, shared with test_history.py
 

@@ -13,7 +13,7 @@ from test_compact import assert_staged_equals_source
 from cdc.config import Settings
 from cdc.lake.store import LocalLake
 from cdc.ops import metrics
-from cdc.staged.compactor import CompactionLoop
+from cdc.staged.runner import CompactionLoop
 
 
 def query(settings: Settings, sql: str) -> list[dict[str, str]]:

@@ -27,7 +27,8 @@ from cdc.config import Settings
 from cdc.errors import LeaseLost
 from cdc.lake import lease
 from cdc.lake.store import Lake, LocalLake
-from cdc.staged.compactor import CompactOptions, compact_lake
+from cdc.staged.compactor import CompactOptions
+from cdc.staged.runner import compact_lake
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -37,8 +37,9 @@ from cdc.lake import lease
 from cdc.lake.layout import parse_raw_key, staged_key
 from cdc.lake.maintain import consolidate, expire
 from cdc.lake.store import LocalLake
-from cdc.staged.compactor import CompactOptions, compact_lake, staged_watermark
+from cdc.staged.compactor import CompactOptions, staged_watermark
 from cdc.staged.files import raw_tables
+from cdc.staged.runner import compact_lake
 
 
 def watermarks(lake: LocalLake) -> dict[str, int | None]:

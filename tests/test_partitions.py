@@ -10,8 +10,8 @@ from rawlake import raw_files, read_raw, replay, stream_until_caught_up
 from cdc.config import Settings
 from cdc.lake.store import LocalLake
 from cdc.snapshot.consistent import ConsistentSnapshot
-from cdc.staged.compactor import compact_lake
-from cdc.stream.session import Streamer
+from cdc.staged.runner import compact_lake
+from cdc.stream.streamer import Streamer
 
 EVENTS = """
 CREATE TABLE events (id int, day date, kind text, PRIMARY KEY (id, day))

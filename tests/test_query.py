@@ -20,8 +20,8 @@ from cdc.config import Settings
 from cdc.lake.store import Lake, LocalLake, open_lake
 from cdc.ops.athena import athena_type, raw_ddl
 from cdc.ops.query import run_query
-from cdc.staged.compactor import compact_lake
-from cdc.stream.session import Streamer
+from cdc.staged.runner import compact_lake
+from cdc.stream.streamer import Streamer
 
 SCHEMA = ("CREATE TABLE invoice (id int PRIMARY KEY, customer text, total numeric(10,2), "
           "paid boolean, day date, paid_at timestamptz, seen timestamp, n smallint, big bigint, "

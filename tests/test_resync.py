@@ -22,7 +22,8 @@ from cdc.config import Settings
 from cdc.lake.checkpoint import ResyncHold
 from cdc.lake.store import LocalLake
 from cdc.snapshot.resync import Resync
-from cdc.staged.compactor import CompactOptions, TableResult, compact_lake
+from cdc.staged.compactor import CompactOptions, TableResult
+from cdc.staged.runner import compact_lake
 
 PLUGINS = pytest.mark.parametrize("plugin", ["pgoutput", "wal2json"])
 

@@ -28,9 +28,9 @@ from cdc.lake.layout import staged_key
 from cdc.lake.s3 import S3Lake
 from cdc.lake.store import Lake, open_lake
 from cdc.snapshot.consistent import ConsistentSnapshot
-from cdc.staged.compactor import compact_lake
 from cdc.staged.merge import META
-from cdc.stream.session import Stopper, Streamer
+from cdc.staged.runner import compact_lake
+from cdc.stream.streamer import Stopper, Streamer
 
 SECRET = "moto-secret-never-printed"  # noqa: S105 (a fake key for moto)
 

@@ -16,7 +16,8 @@ from cdc.config import Settings
 from cdc.events import Relation
 from cdc.lake import store
 from cdc.lake.store import LocalLake
-from cdc.snapshot.consistent import ConsistentSnapshot, chunk_filter, plan_table
+from cdc.snapshot.consistent import ConsistentSnapshot, chunk_filter
+from cdc.snapshot.planning import plan_table
 from cdc.snapshot.readers import TextReader, open_reader
 from cdc.source.admin import Admin
 
@@ -141,7 +142,7 @@ class TestKeylessResume:
         from rawlake import stream_until_caught_up
         from test_compact import assert_staged_equals_source, staged_rows
 
-        from cdc.staged.compactor import compact_lake
+        from cdc.staged.runner import compact_lake
 
         source.execute("CREATE TABLE events (k int, n int)")
         source.execute("ALTER TABLE events REPLICA IDENTITY FULL")

@@ -44,7 +44,7 @@ from cdc.lake.store import LocalLake
 from cdc.snapshot.consistent import ConsistentSnapshot
 from cdc.snapshot.readers import AdbcReader, CsvReader
 from cdc.staged import delta_types
-from cdc.staged.compactor import compact_lake
+from cdc.staged.runner import compact_lake
 
 # -- the array text parser ---------------------------------------------------------------------
 

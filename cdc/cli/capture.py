@@ -104,7 +104,7 @@ def stream(
     A position is acknowledged to the slot only after everything up to it is durable in
     the lake and recorded in <lake>/_cdc/checkpoints/.
     """
-    from cdc.stream.session import stream as run_stream
+    from cdc.stream.streamer import stream as run_stream
 
     settings = _settings(config, dsn=dsn, lake=lake, slot=slot, publication=publication,
                          tables=tables, plugin=plugin, log_format=log_format,

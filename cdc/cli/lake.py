@@ -103,7 +103,8 @@ def compact(
     recorded in each Delta commit), so running it again, or after a crash, is safe. Needs no
     source connection: it reads only the lake.
     """
-    from cdc.staged.compactor import CompactOptions, compact_lake, parse_keys
+    from cdc.staged.compactor import CompactOptions
+    from cdc.staged.runner import compact_lake, parse_keys
 
     settings = _settings(config, need_dsn=False, lake=lake, slot=slot, tables=tables,
                          keys=keys, log_format=log_format, log_level=log_level,

@@ -19,24 +19,22 @@ change order, so replaying raw still gives the source's state.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import psycopg
 import pyarrow as pa
 import structlog
 from psycopg import sql
 
 from cdc import faults
 from cdc.config import Settings
-from cdc.decoding.pgtypes import INT2, INT4, INT8, ColumnType, column_type
+from cdc.decoding.pgtypes import ColumnType, column_type
 from cdc.errors import SlotError, SourceError
 from cdc.events import Lsn, Relation, format_lsn, parse_lsn
 from cdc.lake.checkpoint import CheckpointStore
@@ -44,6 +42,7 @@ from cdc.lake.contracts import Contracts
 from cdc.lake.raw import RawSink
 from cdc.lake.store import Lake
 from cdc.snapshot.generation import start_generation, truncate_marker
+from cdc.snapshot.planning import TablePlan, plan_table
 from cdc.snapshot.readers import TextReader, open_reader
 from cdc.source import publication
 from cdc.source.admin import Admin, parse_table_name
@@ -55,7 +54,6 @@ log = structlog.get_logger("cdc.snapshot.consistent")
 
 SNAPSHOT_SEQ_BASE = -(2**62)
 CHUNK_SEQ_STRIDE = 2**32
-_INTEGER_TYPES = {INT2, INT4, INT8}
 #: status of a progress record whose slot is gone and whose next generation has begun
 SUPERSEDED = "superseded"
 
@@ -67,18 +65,6 @@ def progress_key(slot: str) -> str:
 def snapshot_in_progress(lake: Lake, slot: str) -> bool:
     data = lake.read_bytes(progress_key(slot))
     return data is not None and json.loads(data).get("status") != "done"
-
-
-@dataclass
-class TablePlan:
-    """One table's chunks (JSON-able bounds) and which are done."""
-
-    name: str
-    chunks: list[dict[str, Any]]
-    estimated_rows: int
-    done: dict[str, int] = field(default_factory=dict)  # chunk index → rows
-    #: where a table re-read whole on resume was read (None: the consistent point)
-    point: Lsn | None = None
 
 
 @dataclass
@@ -165,64 +151,6 @@ def snapshot_batch(relation: Relation, types: Sequence[ColumnType],  # noqa: PLR
         unchanged=pa.nulls(n, pa.list_(pa.string())), column_facts=column_facts,
     )
     return Batch(relation, table, lsn, lsn, first_seq, label=label)
-
-
-# -- planning -------------------------------------------------------------------------------------
-
-def plan_table(conn: psycopg.Connection[Any], relation: Relation, chunk_rows: int) -> TablePlan:
-    """Split a table into chunks of about ``chunk_rows`` rows."""
-    table = sql.Identifier(relation.schema, relation.name)
-    estimated, pages = _estimate(conn, table)
-    if estimated < 0:  # never analyzed: count (cheap next to copying it)
-        count = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table)).fetchone()
-        estimated = int(count[0]) if count else 0
-    nchunks = max(1, math.ceil(estimated / chunk_rows))
-    name = relation.qualified_name
-    if nchunks == 1:
-        return TablePlan(name, [{"kind": "all"}], estimated)
-    keys = [c for c in relation.columns if c.is_key]
-    if len(keys) == 1 and keys[0].type_oid in _INTEGER_TYPES:
-        column = sql.Identifier(keys[0].name)
-        lo_hi = conn.execute(sql.SQL("SELECT min({}), max({}) FROM {}").format(
-            column, column, table)).fetchone()
-        lo, hi = int(lo_hi[0] or 0), int(lo_hi[1] or 0)  # type: ignore[index]
-        step = max(1, math.ceil((hi - lo + 1) / nchunks))
-        edges = [lo + i * step for i in range(1, nchunks)]
-        bounds = [None, *edges, None]
-        chunks = [{"kind": "pk", "column": keys[0].name, "lo": bounds[i], "hi": bounds[i + 1]}
-                  for i in range(nchunks)]
-        return TablePlan(name, chunks, estimated)
-    step = max(1, math.ceil(pages / nchunks))
-    edges = [i * step for i in range(1, nchunks)]
-    bounds = [None, *edges, None]
-    return TablePlan(name, [{"kind": "ctid", "lo": bounds[i], "hi": bounds[i + 1]}
-                            for i in range(nchunks)], estimated)
-
-
-_SIZES = (
-    "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::float8, coalesce(sum(c.relpages), 0), "
-    "coalesce(sum(pg_relation_size(c.oid)), 0) / current_setting('block_size')::int, "
-    "coalesce(max(pg_relation_size(c.oid)), 0) / current_setting('block_size')::int, "
-    "bool_or(c.reltuples >= 0 AND c.relpages > 0) "
-    "FROM pg_class c WHERE c.relkind <> 'p' AND (c.oid = %(t)s::regclass OR c.oid IN "
-    "(SELECT relid FROM pg_partition_tree(%(t)s::regclass) WHERE isleaf))")
-
-
-def _estimate(conn: psycopg.Connection[Any], table: sql.Identifier) -> tuple[int, int]:
-    """(estimated rows, pages of the largest leaf), or rows -1 when never analyzed.
-
-    Over the leaves of a partitioned table (the parent has no pages of its own), and scaled
-    by the current size like the planner does, so stale ``reltuples`` (a table that grew
-    since its last ANALYZE) do not give one huge chunk. CTID ranges apply to each leaf, so
-    they span the largest leaf's pages.
-    """
-    row = conn.execute(_SIZES, {"t": table.as_string(conn)}).fetchone()
-    if row is None or not row[4]:
-        pages = int(row[3]) if row is not None else 0
-        return -1, max(pages, 1)
-    tuples, relpages, pages_now, largest = float(row[0]), int(row[1]), int(row[2]), int(row[3])
-    density = tuples / relpages if relpages else 0.0
-    return math.ceil(density * max(pages_now, relpages)), max(largest, 1)
 
 
 # -- progress display -----------------------------------------------------------------------------
