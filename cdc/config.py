@@ -127,6 +127,9 @@ class Settings:
     until_caught_up: bool = _setting(False, parse_bool)
     # add new tables to a managed publication this often while streaming; 0: at start only
     table_sync_seconds: float = _setting(60.0, parse_duration)
+    #: a table that joins the publication while the lake follows the slot is backfilled by
+    #: the stream (a resync of it, recorded in _cdc/backfill/ before it joins)
+    backfill_new_tables: bool = _setting(True, parse_bool)
     metrics_port: int = _setting(0, _parse_int)  # 0: no metrics endpoint
     publish_via_partition_root: bool = _setting(True, parse_bool)  # for a publication cdc creates
     contracts: str = ""  # folder of <schema>.<table>.toml schema contracts; "": none

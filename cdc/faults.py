@@ -27,7 +27,7 @@ POINTS = frozenset({
     "raw.before_write", "raw.after_write",
     "checkpoint.before_save", "checkpoint.after_save",
     "status.before_send", "status.after_send",
-    "snapshot.after_chunk",
+    "snapshot.after_chunk", "resync.after_chunk",
     "staged.before_commit", "staged.after_commit", "staged.after_maintenance",
     "history.before_commit", "history.after_commit",
     "maintain.after_write",

@@ -157,6 +157,7 @@ LAYERS: dict[str, tuple[object, str, object, object, object, object]] = {
     "keyless_tables": ("insert-only", "refuse", "insert-only",
                        "insert-only", "refuse", "insert-only"),
     "table_sync_seconds": ("1s", "2s", "0", 1.0, 2.0, 0.0),
+    "backfill_new_tables": (False, "true", False, False, True, False),
     "check_json": (True, "0", True, True, False, True),
     "check_strict": (True, "0", True, True, False, True),
     "keep_publication": (True, "0", True, True, False, True),

@@ -20,6 +20,8 @@ from cdc.cli.options import (
     LogLevelOpt,
     PluginOpt,
     PublicationOpt,
+    ResyncChunkRowsOpt,
+    ResyncWaitOpt,
     S3EndpointOpt,
     S3MaxAttemptsOpt,
     SlotOpt,
@@ -45,6 +47,11 @@ def stream(
         help="Without --tables: add tables created meanwhile that qualify to the publication "
         "this often while streaming; 0: only at start (env: CDC_TABLE_SYNC_SECONDS; default: "
         "60s)", show_default=False)] = None,
+    backfill_new_tables: Annotated[bool | None, typer.Option(
+        "--backfill-new-tables/--no-backfill-new-tables", help="Re-read a table that joins "
+        "the publication while the lake follows the slot (table sync, a restart, a longer "
+        "--tables list), so the rows it held before reach the lake; off: only its changes "
+        "from then on (env: CDC_BACKFILL_NEW_TABLES; default: on)", show_default=False)] = None,
     flush_rows: Annotated[int | None, typer.Option(
         help="Flush when this many changes are buffered (env: CDC_FLUSH_ROWS; default: 200000)",
         show_default=False)] = None,
@@ -94,6 +101,7 @@ def stream(
         help="Stop (exit 4) when the slot stays held by another consumer this long "
         "(env: CDC_SLOT_BUSY_SECONDS; default: 5m)", show_default=False)] = None,
     lease_seconds: LeaseOpt = None,
+    resync_chunk_rows: ResyncChunkRowsOpt = None, resync_wait_seconds: ResyncWaitOpt = None,
 ) -> None:
     """Stream changes from the slot into <lake>/raw/ until stopped (Ctrl-C / SIGTERM flush,
     acknowledge and exit 0).
@@ -118,9 +126,10 @@ def stream(
                          max_backoff_seconds=max_backoff_seconds, history=history,
                          exclude_tables=exclude_tables, keyless_tables=keyless_tables,
                          table_sync_seconds=table_sync_seconds,
-                         unconvertible=unconvertible,
+                         backfill_new_tables=backfill_new_tables, unconvertible=unconvertible,
                          silence_seconds=silence_seconds, slot_busy_seconds=slot_busy_seconds,
-                         lease_seconds=lease_seconds)
+                         lease_seconds=lease_seconds, resync_chunk_rows=resync_chunk_rows,
+                         resync_wait_seconds=resync_wait_seconds)
     if settings.metrics_port:
         from cdc.ops.metrics import serve
 
@@ -308,18 +317,14 @@ def resync(
     dsn: Dsn = None, lake: LakeOpt = None, slot: SlotOpt = None, tables: TablesOpt = None,
     config: ConfigOpt = None, log_format: LogFormatOpt = None, log_level: LogLevelOpt = None,
     s3_endpoint: S3EndpointOpt = None, s3_max_attempts: S3MaxAttemptsOpt = None,
-    resync_chunk_rows: Annotated[int | None, typer.Option(
-        help="Rows per chunk, read in key order (env: CDC_RESYNC_CHUNK_ROWS; default: 100000)",
-        show_default=False)] = None,
-    resync_wait_seconds: Annotated[str | None, typer.Option(
-        help="How long to wait for the stream's checkpoint to pass a chunk, e.g. 5m (env: "
-        "CDC_RESYNC_WAIT_SECONDS; default: 5m)", show_default=False)] = None,
+    resync_chunk_rows: ResyncChunkRowsOpt = None, resync_wait_seconds: ResyncWaitOpt = None,
 ) -> None:
     """Re-read tables (--tables public.t) from the source while `cdc stream` keeps running,
     and replace their staged state at the next `cdc compact` (raw keeps its history).
 
     Chunks are read in key order between watermarks written into the WAL, with no lock held;
-    changes racing with a chunk win over its rows. The way out after a rewriting ALTER COLUMN
+    changes racing with a chunk win over its rows. A table without a key is read whole in one
+    snapshot taken under a SHARE lock held for a moment (at most 2 s). The way out after a rewriting ALTER COLUMN
     ... TYPE, a DROP + re-CREATE of a table, a value the stream could not store, or a table
     added to the publication after it had rows. `cdc stream` must run on the same slot.
     """

@@ -87,6 +87,13 @@ HistoryOpt = Annotated[str | None, typer.Option(
 LeaseOpt = Annotated[str | None, typer.Option(
     help="Term of a staged table's single-writer compaction lease; a killed compactor holds "
     "a table at most this long (env: CDC_LEASE_SECONDS; default: 60s)", show_default=False)]
+ResyncChunkRowsOpt = Annotated[int | None, typer.Option(
+    "--resync-chunk-rows", help="Rows per chunk of a re-read (cdc resync, and cdc stream's "
+    "backfill of a table that joins the publication) (env: CDC_RESYNC_CHUNK_ROWS; default: "
+    "100000)", show_default=False)]
+ResyncWaitOpt = Annotated[str | None, typer.Option(
+    "--resync-wait-seconds", help="How long a re-read waits for the stream's checkpoint to "
+    "pass a chunk, e.g. 5m (env: CDC_RESYNC_WAIT_SECONDS; default: 5m)", show_default=False)]
 LogLevelOpt = Annotated[str | None, typer.Option(
     "--log-level", help="debug, info, warning, error (env: CDC_LOG_LEVEL; default: info)",
     show_default=False)]

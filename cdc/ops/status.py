@@ -20,6 +20,7 @@ from cdc.events import Lsn, format_lsn
 from cdc.lake.checkpoint import CheckpointStore, ResyncHold
 from cdc.lake.layout import RAW, display_name, raw_keys
 from cdc.lake.store import Lake
+from cdc.snapshot.backfill import Backfills
 from cdc.source.admin import Admin
 from cdc.source.connection import connect, translated
 from cdc.staged.failures import failure
@@ -60,6 +61,20 @@ class TableStatus:
 
 
 @dataclass
+class BackfillStatus:
+    """A table that joined the publication and whose earlier rows the stream re-reads."""
+
+    table: str
+    state: str  # pending (not started), running (its latest attempt started), failed (retried)
+    insert_only: bool
+    recorded_at: str
+    started_at: str | None
+    chunks: int  # written by the latest attempt
+    attempts: int
+    error: str | None
+
+
+@dataclass
 class Status:
     slot: SlotStatus
     checkpoint_lsn: str | None
@@ -67,6 +82,7 @@ class Status:
     last_acked_commit_ts: str | None
     server_last_commit_ts: str | None
     tables: list[TableStatus] = field(default_factory=list)
+    backfills: list[BackfillStatus] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -179,6 +195,10 @@ def collect(dsn: str, lake: Lake, slot: str, staged: StagedProbe | None = None, 
     status = Status(slot_info, format_lsn(checkpoint) if checkpoint is not None else None,
                     lag_seconds(slot_info, acked_ts, server_ts, now), _iso(acked_ts),
                     _iso(server_ts), tables)
+    status.backfills = [BackfillStatus(b.name.display(), b.state, b.insert_only, b.recorded_at,
+                                       b.started_at, b.chunks, b.attempts, b.error)
+                        for b in Backfills(lake, slot).load_all()]
+    owed = {b.table for b in status.backfills}
     status.warnings = warnings(status)
     status.warnings += [
         f"{t} is partitioned and published through its root: a TRUNCATE of one of its "
@@ -187,7 +207,8 @@ def collect(dsn: str, lake: Lake, slot: str, staged: StagedProbe | None = None, 
     status.warnings += [
         f"compaction of {display_name(t)} is held below {format_lsn(held)} by a cdc resync "
         f"that has not finished: run cdc resync --tables {display_name(t)} again"
-        for t in sorted(progress) if (held := ResyncHold(lake, t).load()) is not None]
+        for t in sorted(progress) if (held := ResyncHold(lake, t).load()) is not None
+        and display_name(t) not in owed]  # a backfill's hold: cdc stream runs it again
     return status
 
 
@@ -217,6 +238,8 @@ def warnings(status: Status) -> list[str]:
     slot = status.slot
     found = [f"{t.table}: compaction fails: {t.compaction_error}"
              for t in status.tables if t.compaction_error]
+    found += [f"{b.table}: its backfill failed ({b.attempts} attempts so far; cdc stream "
+              f"retries it): {b.error}" for b in status.backfills if b.error]
     if not slot.exists:
         found.append(f"slot {slot.name!r} does not exist")
         return found
@@ -289,6 +312,9 @@ def render(status: Status) -> str:
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         for r in [header, *rows]:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    lines += [f"backfill {b.table}: {b.state}"
+              + (f" since {b.started_at[:19]}, {b.chunks} chunks written" if b.started_at
+                 else f" since {b.recorded_at[:19]}") for b in status.backfills]
     lines += [f"warning: {w}" for w in status.warnings]
     return "\n".join(lines)
 

@@ -16,10 +16,18 @@ read in key order, one chunk at a time, each between two watermarks written into
 3. While it runs, ``_cdc/resync/<table>.json`` holds compaction of the table below the next
    position a chunk will land at; at the end it is released.
 
+A table without a key cannot be read in key order: it is read whole, in chunks, in one
+snapshot taken while a ``SHARE`` lock keeps its writers out for a moment (the lock waits for
+the transactions writing to it, at most ``LOCK_TIMEOUT``, and new writers wait behind it for
+as long). Every row that snapshot holds was committed before the truncate's position and every
+change it misses commits after the rows' position, so the re-read is exact for keyless
+(insert-only) tables too, duplicates and all.
+
 This is the way out where the WAL cannot help: a rewriting ``ALTER COLUMN ... TYPE``, a
 ``DROP`` + re-``CREATE`` of a table, rows dropped from the WAL history by a value the stream
-could not store, a table added to the publication after its rows were written. A resync
-that stops half-way leaves compaction of the table held: run it again.
+could not store, a table added to the publication after its rows were written (``cdc stream``
+does that one itself: ``snapshot/backfill.py``). A resync that stops half-way leaves
+compaction of the table held: run it again.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import pyarrow.parquet as pq
 import structlog
 from psycopg import sql
 
+from cdc import faults
 from cdc.config import Settings
 from cdc.decoding.pgtypes import ColumnType, column_type
 from cdc.errors import ConfigError, SourceError
@@ -45,7 +54,8 @@ from cdc.lake.checkpoint import CheckpointStore, ResyncHold
 from cdc.lake.layout import RAW, raw_keys, table_segment
 from cdc.lake.raw import RawSink
 from cdc.lake.store import Lake
-from cdc.snapshot.consistent import select_query, snapshot_batch
+from cdc.snapshot.consistent import chunk_filter, select_query, snapshot_batch
+from cdc.snapshot.planning import plan_table
 from cdc.snapshot.readers import csv_columns
 from cdc.source.admin import Admin, parse_table_name
 from cdc.source.catalog import column_facts
@@ -55,6 +65,13 @@ from cdc.stream.batcher import Batch, raw_table
 log = structlog.get_logger("cdc.snapshot.resync")
 
 PREFIX = "cdc.resync"
+#: how long a keyless table's re-read waits for the SHARE lock (its writers wait as long)
+LOCK_TIMEOUT = "2s"
+
+
+class ResyncStopped(Exception):
+    """The stream a backfill runs in stops: the resync is abandoned (its hold stays; the
+    next start runs it again)."""
 
 
 @dataclass(frozen=True)
@@ -67,14 +84,16 @@ class ResyncResult:
 
 
 class Resync:
-    def __init__(self, settings: Settings, lake: Lake, table: str, *, chunk_rows: int = 100_000,
+    def __init__(self, settings: Settings, lake: Lake, table: str, *, chunk_rows: int = 100_000,  # noqa: PLR0913  keyword-only tuning and hooks
                  wait_seconds: float = 300.0,
-                 after_chunk: Callable[[int], None] | None = None) -> None:
+                 after_chunk: Callable[[int], None] | None = None,
+                 stopping: Callable[[], bool] | None = None) -> None:
         self.settings, self.lake = settings, lake
         self.schema, self.name = parse_table_name(table)
         self.chunk_rows = chunk_rows
         self.wait_seconds = wait_seconds
-        self.after_chunk = after_chunk  # tests: write while a resync runs
+        self.after_chunk = after_chunk  # tests: write while a resync runs; backfill progress
+        self.stopping = stopping or (lambda: False)
         self.sink = RawSink(lake)
         self.checkpoint = CheckpointStore(lake, settings.slot)
 
@@ -83,10 +102,6 @@ class Resync:
         with connect(self.settings.dsn) as conn:
             admin = Admin(conn, self.settings.dsn)
             relation, type_names = admin.describe_table(self.schema, self.name)
-            key = list(relation.key_columns)
-            if not key:
-                raise SourceError(f"table {relation.qualified_name} has no primary key; a "
-                                  "resync reads it in key order", fix="add a primary key")
             if self.checkpoint.load() is None:
                 raise ConfigError(f"slot {self.settings.slot} has no checkpoint in "
                                   f"{self.lake.uri}: a resync needs the stream",
@@ -100,55 +115,119 @@ class Resync:
             # this one is done; otherwise hold below the next position a row lands at
             prior = hold.load()
             hold.hold(admin.current_wal_lsn() if prior is None else prior)
-            # positions are the watermark's end - 1: after every commit before the message,
-            # before every commit after it, and below a checkpoint at the message's end
-            start = self._emit(conn, relation, "start") - 1
+            if relation.key_columns:
+                result = self._by_key(conn, admin, relation, types=types, cfacts=cfacts,
+                                      hold=hold, prior=prior)
+            else:
+                result = self._whole(conn, relation, types, cfacts)
+            hold.release()
+        log.info("resync_done", table=relation.qualified_name, rows=result.rows,
+                 chunks=result.chunks)
+        return result
+
+    def _by_key(self, conn: psycopg.Connection[Any], admin: Admin,  # noqa: PLR0913  the table's facts, read once in run()
+                relation: Relation, *, types: list[ColumnType],
+                cfacts: dict[str, dict[str, str]], hold: ResyncHold,
+                prior: Lsn | None) -> ResyncResult:
+        """Chunks in key order, each between two watermarks (the module's steps 1-3)."""
+        key = list(relation.key_columns)
+        # positions are the watermark's end - 1: after every commit before the message,
+        # before every commit after it, and below a checkpoint at the message's end
+        start = self._emit(conn, relation, "start") - 1
+        self.sink.write(self._truncate(relation, types, start, cfacts))
+        rows = dropped = chunks = 0
+        after: list[str] | None = None
+        while True:
+            if self.stopping():
+                raise ResyncStopped(relation.qualified_name)
+            hold.hold(admin.current_wal_lsn() if prior is None else prior)
+            low = self._emit(conn, relation, "low", chunks)
+            with translated(self.settings.dsn), conn.transaction():
+                # one snapshot for the chunk, and the transactions it sees as running:
+                # one may have written its commit before ``low`` and still be invisible
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                snap = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
+                columns = csv_columns(conn, select_query(
+                    relation, self._after(key, after), self._tail(key)),
+                    len(relation.columns))
+            assert snap is not None
+            running = [int(x) & 0xFFFFFFFF for x in str(snap[0]).split(":")[2].split(",")
+                       if x]
+            high = self._emit(conn, relation, "high", chunks) - 1
+            n = len(columns[0])
+            if n == 0:
+                break
+            last = [columns[[c.name for c in relation.columns].index(k)][n - 1]
+                    for k in key]
+            after = [str(v.as_py()) if isinstance(v, pa.Scalar) else str(v) for v in last]
+            batch = snapshot_batch(relation, types, columns, lsn=high, first_seq=0,
+                                   ts_us=int(time.time() * 1e6),
+                                   label=f"s{start:016X}-{chunks:06d}",
+                                   column_facts=cfacts)
+            self._wait_for_stream(high + 1)
+            kept = self._without_changed(batch.table, relation, key, low, high,
+                                         running=running)
+            dropped += batch.table.num_rows - kept.num_rows
+            if kept.num_rows:
+                self.sink.write(Batch(relation, kept, high, high, 0, batch.label))
+            rows += kept.num_rows
+            chunks += 1
+            log.info("resync_chunk", table=relation.qualified_name, chunk=chunks,
+                     rows=kept.num_rows, dropped=batch.table.num_rows - kept.num_rows,
+                     at=format_lsn(high))
+            faults.hit("resync.after_chunk", table=relation.qualified_name, chunk=chunks)
+            if self.after_chunk is not None:
+                self.after_chunk(chunks)
+            if n < self.chunk_rows:
+                break
+        return ResyncResult(relation.qualified_name, rows, dropped, chunks, start)
+
+    def _whole(self, conn: psycopg.Connection[Any], relation: Relation,
+               types: list[ColumnType], cfacts: dict[str, dict[str, str]]) -> ResyncResult:
+        """A table without a key, read whole in one snapshot taken under a brief SHARE lock."""
+        dsn = self.settings.dsn
+        table = sql.Identifier(relation.schema, relation.name)
+        rows = chunks = 0
+        with translated(dsn), conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            with connect(dsn) as locker, locker.transaction():
+                locker.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                locker.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
+                    sql.Literal(LOCK_TIMEOUT)))
+                try:  # LOCK takes no snapshot: the exported one is taken after it is granted
+                    locker.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(table))
+                except psycopg.errors.LockNotAvailable as exc:
+                    raise SourceError(
+                        f"{relation.qualified_name} has no key, and its re-read needs a moment "
+                        f"with no transaction writing to it: none came within {LOCK_TIMEOUT}",
+                        fix="let the long transaction writing to it end, then run cdc resync "
+                        "again (cdc stream retries a backfill by itself)") from exc
+                snapshot = locker.execute("SELECT pg_export_snapshot()").fetchone()
+                assert snapshot is not None
+                conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(
+                    sql.Literal(str(snapshot[0]))))
+                start = self._emit(locker, relation, "start") - 1
+                at = self._emit(locker, relation, "whole") - 1
+            # the lock is released: writers go on, their commits order after ``at``
             self.sink.write(self._truncate(relation, types, start, cfacts))
-            rows = dropped = chunks = 0
-            after: list[str] | None = None
-            while True:
-                hold.hold(admin.current_wal_lsn() if prior is None else prior)
-                low = self._emit(conn, relation, "low", chunks)
-                with translated(self.settings.dsn), conn.transaction():
-                    # one snapshot for the chunk, and the transactions it sees as running:
-                    # one may have written its commit before ``low`` and still be invisible
-                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                    snap = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
-                    columns = csv_columns(conn, select_query(
-                        relation, self._after(key, after), self._tail(key)),
-                        len(relation.columns))
-                assert snap is not None
-                running = [int(x) & 0xFFFFFFFF for x in str(snap[0]).split(":")[2].split(",")
-                           if x]
-                high = self._emit(conn, relation, "high", chunks) - 1
-                n = len(columns[0])
-                if n == 0:
-                    break
-                last = [columns[[c.name for c in relation.columns].index(k)][n - 1]
-                        for k in key]
-                after = [str(v.as_py()) if isinstance(v, pa.Scalar) else str(v) for v in last]
-                batch = snapshot_batch(relation, types, columns, lsn=high, first_seq=0,
-                                       ts_us=int(time.time() * 1e6),
-                                       label=f"s{start:016X}-{chunks:06d}",
-                                       column_facts=cfacts)
-                self._wait_for_stream(high + 1)
-                kept = self._without_changed(batch.table, relation, key, low, high,
-                                             running=running)
-                dropped += batch.table.num_rows - kept.num_rows
-                if kept.num_rows:
-                    self.sink.write(Batch(relation, kept, high, high, 0, batch.label))
-                rows += kept.num_rows
+            for bounds in plan_table(conn, relation, self.chunk_rows).chunks:
+                if self.stopping():
+                    raise ResyncStopped(relation.qualified_name)
+                columns = csv_columns(conn, select_query(relation, chunk_filter(relation, bounds)),
+                                      len(relation.columns))
+                if len(columns[0]):
+                    self.sink.write(snapshot_batch(
+                        relation, types, columns, lsn=at, first_seq=rows,
+                        ts_us=int(time.time() * 1e6), label=f"s{start:016X}-{chunks:06d}",
+                        column_facts=cfacts))
+                rows += len(columns[0])
                 chunks += 1
                 log.info("resync_chunk", table=relation.qualified_name, chunk=chunks,
-                         rows=kept.num_rows, dropped=batch.table.num_rows - kept.num_rows,
-                         at=format_lsn(high))
+                         rows=len(columns[0]), at=format_lsn(at))
+                faults.hit("resync.after_chunk", table=relation.qualified_name, chunk=chunks)
                 if self.after_chunk is not None:
                     self.after_chunk(chunks)
-                if n < self.chunk_rows:
-                    break
-            hold.release()
-        log.info("resync_done", table=relation.qualified_name, rows=rows, chunks=chunks)
-        return ResyncResult(relation.qualified_name, rows, dropped, chunks, start)
+        return ResyncResult(relation.qualified_name, rows, 0, chunks, start)
 
     def _emit(self, conn: psycopg.Connection[Any], relation: Relation, phase: str,
               chunk: int = 0) -> Lsn:
@@ -174,6 +253,8 @@ class Resync:
     def _wait_for_stream(self, lsn: Lsn) -> None:
         deadline = time.monotonic() + self.wait_seconds
         while (CheckpointStore(self.lake, self.settings.slot).load() or 0) < lsn:
+            if self.stopping():
+                raise ResyncStopped(format_lsn(lsn))
             if time.monotonic() > deadline:
                 raise SourceError(
                     f"the stream's checkpoint did not reach {format_lsn(lsn)} within "

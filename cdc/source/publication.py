@@ -12,7 +12,10 @@ when it has no usable replica identity. Instead (invariant 8):
   companion publication ``<publication>_inserts`` that publishes only inserts and truncates
   (for append-only tables): their UPDATE/DELETE keep working and are not captured;
 - the publications cdc creates carry a ``COMMENT`` saying so; ``cdc slot drop`` drops those
-  and leaves any other.
+  and leaves any other;
+- a table that joins a publication while the lake follows the slot had rows before it joined
+  (pgoutput filters by membership as it decodes): a :class:`Joining` is told before the
+  ``ALTER PUBLICATION ... ADD TABLE`` commits (the stream records a backfill durably) and after.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 import structlog
@@ -52,6 +55,16 @@ INSERTS = "insert, truncate"  # what the companion of keyless (append-only) tabl
 def inserts_name(publication: str) -> str:
     """The companion publication for insert-only (keyless) tables."""
     return f"{publication[:55]}_inserts"
+
+
+class Joining(Protocol):
+    """Told about tables joining a publication (the stream's backfill, ``snapshot/backfill.py``)."""
+
+    def before_add(self, tables: Sequence[TableName], *, insert_only: bool) -> None:
+        """Before the statement that adds them commits: record what they will need."""
+
+    def added(self, tables: Sequence[TableName]) -> None:
+        """After it committed: their changes flow from now on."""
 
 
 class PreflightError(SourceError):
@@ -98,11 +111,12 @@ def check(conn: psycopg.Connection[Any], s: Settings) -> Report:
     return Report(found + plan.findings, plan)
 
 
-def prepare(conn: psycopg.Connection[Any], s: Settings) -> list[str]:
+def prepare(conn: psycopg.Connection[Any], s: Settings,
+            joining: Joining | None = None) -> list[str]:
     """Check, then create or extend the publication(s); the names to stream from.
 
     Blocking findings raise :class:`PreflightError` before anything is created; the other
-    findings are logged as warnings.
+    findings are logged as warnings. ``joining`` hears of every table added.
     """
     report = check(conn, s)
     blocking = [f for f in report.findings if f.blocks]
@@ -113,15 +127,20 @@ def prepare(conn: psycopg.Connection[Any], s: Settings) -> list[str]:
                     problem=finding.message, fix=finding.fix)
     plan = report.plan
     managed = not s.tables
-    _apply(conn, s, _Target(s.publication, plan.publication), [t.name for t in plan.add],
-           managed=managed)
+    added = [t.name for t in plan.add]
+    _apply(conn, s, _Target(s.publication, plan.publication), added, managed=managed,
+           joining=joining)
     companion = publication_facts(conn, s.dsn, inserts_name(s.publication))
     if plan.insert_only or (companion is None and s.keyless_tables == "insert-only"):
         # created even empty, so the stream names it from the start and a keyless table
         # created later can join it while the stream runs
-        _apply(conn, s, _Target(inserts_name(s.publication), companion, INSERTS),
-               [t.name for t in plan.insert_only], managed=managed)
+        inserts = [t.name for t in plan.insert_only]
+        _apply(conn, s, _Target(inserts_name(s.publication), companion, INSERTS), inserts,
+               managed=managed, joining=joining)
+        added += inserts
         companion = companion or publication_facts(conn, s.dsn, inserts_name(s.publication))
+    if joining is not None and added:
+        joining.added(added)
     return [s.publication] + ([inserts_name(s.publication)] if companion is not None else [])
 
 
@@ -134,9 +153,11 @@ class TableKeeper:
     log: keeping the table list must never stop the stream.
     """
 
-    def __init__(self, side: SideConnection, settings: Settings) -> None:
+    def __init__(self, side: SideConnection, settings: Settings,
+                 joining: Joining | None = None) -> None:
         self.side = side
         self.settings = settings
+        self.joining = joining
         self.interval = settings.table_sync_seconds if not settings.tables else 0.0
         self.next = time.monotonic() + self.interval
         self.reported: set[tuple[str, str]] = set()
@@ -163,17 +184,21 @@ class TableKeeper:
             with conn.transaction():
                 conn.execute("SET LOCAL lock_timeout = '5s'")
                 _apply(conn, s, _Target(s.publication, plan.publication),
-                       [t.name for t in plan.add], managed=True)
+                       [t.name for t in plan.add], managed=True, joining=self.joining)
                 if companion is not None:
                     _apply(conn, s, _Target(companion.name, companion, INSERTS),
-                           [t.name for t in plan.insert_only], managed=True)
+                           [t.name for t in plan.insert_only], managed=True,
+                           joining=self.joining)
         except (CdcError, psycopg.Error) as exc:
             log.warning("table_sync_failed", error=str(exc).splitlines()[0] if str(exc) else "",
                         fix="check the role's rights on the publication; cdc retries")
             self.side.close()
             return [], []
-        return ([t.name for t in plan.add],
-                [t.name for t in plan.insert_only] if companion is not None else [])
+        added = [t.name for t in plan.add]
+        inserts = [t.name for t in plan.insert_only] if companion is not None else []
+        if self.joining is not None and (added or inserts):
+            self.joining.added(added + inserts)
+        return added, inserts
 
 
 @dataclass(frozen=True)
@@ -186,7 +211,7 @@ class _Target:
 
 
 def _apply(conn: psycopg.Connection[Any], s: Settings, target: _Target, add: list[TableName],
-           *, managed: bool) -> None:
+           *, managed: bool, joining: Joining | None = None) -> None:
     name, existing, publish = target.name, target.existing, target.publish
     idents = sql.SQL(", ").join(sql.Identifier(t.schema, t.table) for t in add)
     if existing is None:
@@ -210,6 +235,8 @@ def _apply(conn: psycopg.Connection[Any], s: Settings, target: _Target, add: lis
         what = "could not be extended"
     else:
         return
+    if joining is not None and add:
+        joining.before_add(add, insert_only=publish == INSERTS)
     try:
         with conn.transaction():
             for statement in statements:
@@ -220,14 +247,26 @@ def _apply(conn: psycopg.Connection[Any], s: Settings, target: _Target, add: lis
             f"{str(exc).strip().splitlines()[0]}",
             fix=f"run as a superuser or the tables' owner: {statements[0].as_string(conn)}",
         ) from exc
-    if existing is None:
-        log.info("publication_created", publication=name, tables=len(add),
-                 publish=publish or "insert, update, delete, truncate")
-    else:
-        for table in add:
-            log.warning("table_added_to_publication", publication=name, table=table.display(),
-                        note="rows it held before now are not in the lake; snapshot it to "
-                        "backfill them")
+    _added(target, add, joining)
+
+
+def _added(target: _Target, add: list[TableName], joining: Joining | None) -> None:
+    """Log what was created or added, and what becomes of the rows the tables held before."""
+    if target.existing is None:
+        log.info("publication_created", publication=target.name, tables=len(add),
+                 publish=target.publish or "insert, update, delete, truncate")
+        if joining is None:
+            return  # a new publication on a new slot: cdc snapshot reads its tables
+    for table in add:
+        if joining is not None:
+            log.info("table_added_to_publication", publication=target.name,
+                     table=table.display(),
+                     note="cdc stream backfills the rows it held before (cdc status shows it)")
+        else:
+            log.warning("table_added_to_publication", publication=target.name,
+                        table=table.display(),
+                        note="rows it held before now are not in the lake: cdc resync --tables "
+                        f"{table.option()} while cdc stream runs backfills them")
 
 
 def drop(conn: psycopg.Connection[Any], dsn: str, publication: str) -> list[str]:

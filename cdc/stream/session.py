@@ -78,7 +78,7 @@ class Session:
         self.next_status = 0.0
         self.side = SideConnection(self.settings.dsn)
         self.heartbeat = Heartbeat(self.side, self.settings.heartbeat_seconds)
-        self.table_keeper = publication.TableKeeper(self.side, self.settings)
+        self.table_keeper = publication.TableKeeper(self.side, self.settings, streamer.backfills)
         self.catalog = Catalog(self.side)
         self.wal2json: Wal2JsonDecoder | None = None
         try:
@@ -228,7 +228,7 @@ class Session:
 
     def done(self) -> bool:
         ack = self.ack
-        if self.target is None or ack.in_transaction:
+        if self.target is None or ack.in_transaction or self.streamer.backfills.busy():
             return False
         return max(ack.last_commit_end, ack.server_wal_end) >= self.target
 

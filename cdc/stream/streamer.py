@@ -22,6 +22,7 @@ from cdc.lake.contracts import Contracts
 from cdc.lake.raw import RawSink
 from cdc.lake.store import Lake
 from cdc.ops import metrics
+from cdc.snapshot.backfill import Backfiller
 from cdc.snapshot.consistent import snapshot_in_progress
 from cdc.snapshot.generation import slot_gone
 from cdc.source import publication
@@ -80,6 +81,8 @@ class Streamer:
         self.contracts = Contracts.load(settings.contracts)
         self.publications = [settings.publication]  # and its insert-only companion, if any
         self.compactor: CompactionLoop | None = None
+        #: re-reads the tables that join the publication (the table keeper tells it)
+        self.backfills = Backfiller(settings, lake)
 
     def _replication(self, start_lsn: Lsn) -> Source:
         s = self.settings
@@ -95,10 +98,13 @@ class Streamer:
         if snapshot_in_progress(self.lake, s.slot):
             raise SlotError(f"the snapshot into slot {s.slot!r} has not finished",
                             fix="run cdc snapshot again to finish it, then cdc stream")
+        stored = self.checkpoint.load()
         with connect(s.dsn) as conn:
-            self.publications = publication.prepare(conn, s)  # cdc check's findings first
+            # cdc check's findings first; a table that joins a slot the lake follows is owed
+            # its earlier rows (a new slot's tables: cdc snapshot's)
+            self.publications = publication.prepare(
+                conn, s, self.backfills if stored is not None else None)
             admin = Admin(conn, s.dsn)
-            stored = self.checkpoint.load()
             if stored is not None and admin.slot(s.slot) is None:
                 raise slot_gone(s.slot, stored)
             slot, created = admin.ensure_slot(s.slot, s.plugin)
@@ -134,6 +140,7 @@ class Streamer:
         try:
             return self._stream(target)
         finally:
+            self.backfills.stop()
             if self.compactor is not None:
                 self.compactor.stop()
 
@@ -154,6 +161,7 @@ class Streamer:
             try:
                 session = Session(self, target)
                 self._start_compactor()
+                self.backfills.start()  # once this stream holds the slot, like compaction
                 session.run()
                 return self.stats
             except CdcError as exc:

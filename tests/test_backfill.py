@@ -1,0 +1,174 @@
+"""Tables that join the publication cdc manages while it streams (or while it is down) get
+the rows they held before: the stream backfills them, exactly, and survives restarts."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+from conftest import SourceDb, with_settings
+from polling import wait_for
+from rawlake import cdc_command, prepare, run_cdc, stream_until_caught_up, streaming_in_thread
+from test_compact import staged_rows
+from test_resync import compact, writing
+from test_schema_changes import drained, rows_of
+
+from cdc.config import Settings
+from cdc.lake.checkpoint import ResyncHold
+from cdc.lake.store import LocalLake
+from cdc.snapshot.backfill import Backfills
+
+
+def published(source: SourceDb, settings: Settings) -> set[str]:
+    return {r[0] for r in source.execute(
+        "SELECT tablename FROM pg_publication_tables WHERE pubname = ANY(%s)",
+        ([settings.publication, f"{settings.publication}_inserts"],))}
+
+
+def owed(settings: Settings) -> list[str]:
+    return [b.name.display() for b in Backfills(LocalLake(settings.lake), settings.slot)
+            .load_all()]
+
+
+def slot_active(source: SourceDb) -> bool:
+    rows = source.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
+                          (source.slot,))
+    return bool(rows and rows[0][0])
+
+
+@contextmanager
+def appending(source: SourceDb, table: str, seed: int) -> Iterator[None]:
+    """Inserts of repeated values into a keyless ``table`` in a thread until the block ends."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        rng = random.Random(seed)
+        try:
+            with psycopg.connect(source.dsn, autocommit=True) as conn:
+                while not stop.is_set():
+                    with conn.transaction():
+                        for _ in range(rng.randint(1, 5)):
+                            conn.execute(f"INSERT INTO {table} VALUES (%s, 'w')",
+                                         (rng.randint(0, 9),))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    if errors:
+        raise errors[0]
+
+
+class TestTablesAddedWhileStreaming:
+    def test_a_table_created_and_filled_while_streaming_reaches_staged_with_its_earlier_rows(
+            self, source: SourceDb, settings: Settings) -> None:
+        """Rows written before the table sync adds the table are in staged, like the later
+        ones, while the application goes on writing during the backfill."""
+        source.execute("CREATE TABLE first (id int PRIMARY KEY)")
+        live = with_settings(settings, table_sync_seconds=0.5, resync_chunk_rows=40)
+        prepare(live)
+        with streaming_in_thread(live):
+            wait_for(lambda: slot_active(source), what="the stream to hold the slot")
+            source.execute("CREATE TABLE late (id int PRIMARY KEY, v text)")
+            source.execute("INSERT INTO late SELECT g, 'early' FROM generate_series(1, 300) g")
+            wait_for(lambda: "late" in published(source, settings),
+                     what="the table sync to add the table")
+            with writing(source, "late", "'w' || %s", keys=350, seed=5):
+                wait_for(lambda: not owed(settings), what="the backfill to finish")
+            drained(source, settings)
+        compact(settings)
+        assert staged_rows(settings, "public.late") == rows_of(source, "SELECT * FROM late")
+        assert ResyncHold(LocalLake(settings.lake), "public.late").load() is None
+
+    def test_a_keyless_insert_only_table_is_backfilled_exactly_duplicates_included(
+            self, source: SourceDb, settings: Settings) -> None:
+        """A table without a key (companion insert-only publication) is re-read in one
+        snapshot under a brief lock: staged holds each source row as often as the source,
+        with inserts going on before, during and after the backfill."""
+        source.execute("CREATE TABLE first (id int PRIMARY KEY)")
+        live = with_settings(settings, table_sync_seconds=0.5, resync_chunk_rows=40,
+                             keyless_tables="insert-only")
+        prepare(live)
+        with streaming_in_thread(live):
+            wait_for(lambda: slot_active(source), what="the stream to hold the slot")
+            source.execute("CREATE TABLE logs (v int, note text)")
+            source.execute("INSERT INTO logs SELECT g % 10, 'early' "
+                           "FROM generate_series(1, 300) g")
+            with appending(source, "logs", seed=11):
+                wait_for(lambda: "logs" in published(source, settings),
+                         what="the table sync to add the table")
+                wait_for(lambda: not owed(settings), what="the backfill to finish")
+            drained(source, settings)
+        compact(settings)
+        staged = staged_rows(settings, "public.logs")
+        assert staged == rows_of(source, "SELECT * FROM logs")
+        assert sum(1 for r in staged if r["note"] == "early") == 300
+
+
+class TestTablesAddedWhileDown:
+    def test_a_table_created_while_cdc_was_down_is_backfilled_by_an_until_caught_up_run(
+            self, source: SourceDb, settings: Settings) -> None:
+        """The start adds it; `--until-caught-up` exits only once its backfill is done."""
+        source.execute("CREATE TABLE first (id int PRIMARY KEY)")
+        prepare(settings)
+        stream_until_caught_up(settings)
+        source.execute("CREATE TABLE later (id int PRIMARY KEY, v int)")
+        source.execute("INSERT INTO later SELECT g, g FROM generate_series(1, 120) g")
+        stream_until_caught_up(with_settings(settings, resync_chunk_rows=50))
+        assert not owed(settings)
+        compact(settings)
+        assert staged_rows(settings, "public.later") == rows_of(source, "SELECT * FROM later")
+
+    def test_a_backfill_killed_half_way_is_shown_by_status_and_finished_by_the_next_start(
+            self, source: SourceDb, settings: Settings) -> None:
+        """kill -9 after the backfill's second chunk: `cdc status` shows it running with its
+        chunks; compaction stays held; the next `cdc stream` runs it again to the end."""
+        source.execute("CREATE TABLE first (id int PRIMARY KEY)")
+        prepare(settings)
+        stream_until_caught_up(settings)
+        source.execute("CREATE TABLE later (id int PRIMARY KEY, v int)")
+        source.execute("INSERT INTO later SELECT g, g FROM generate_series(1, 200) g")
+        killed = subprocess.run(
+            cdc_command(settings, "--resync-chunk-rows", "20", "--compact-every", "0"),
+            env={**os.environ, "CDC_FAULTS": "resync.after_chunk=kill@3"},
+            capture_output=True, text=True, timeout=120, check=False)
+        assert killed.returncode == -9, killed.stderr
+        status = run_cdc(["status", "--dsn", settings.dsn, "--lake", settings.lake,
+                          "--slot", settings.slot, "--json"])
+        [backfill] = json.loads(status.stdout)["backfills"]
+        assert (backfill["table"], backfill["state"], backfill["chunks"]) == (
+            "public.later", "running", 2)
+        assert ResyncHold(LocalLake(settings.lake), "public.later").load() is not None
+        source.execute("DELETE FROM later WHERE id <= 10")
+        stream_until_caught_up(with_settings(settings, resync_chunk_rows=20))
+        assert not owed(settings)
+        compact(settings)
+        assert staged_rows(settings, "public.later") == rows_of(source, "SELECT * FROM later")
+
+    def test_without_backfill_new_tables_only_later_changes_arrive(
+            self, source: SourceDb, settings: Settings) -> None:
+        """`--no-backfill-new-tables`: nothing is owed, the older rows stay out (as before)."""
+        source.execute("CREATE TABLE first (id int PRIMARY KEY)")
+        off = with_settings(settings, backfill_new_tables=False)
+        prepare(off)
+        stream_until_caught_up(off)
+        source.execute("CREATE TABLE later (id int PRIMARY KEY, v int)")
+        source.execute("INSERT INTO later VALUES (1, 1)")
+        stream_until_caught_up(off)
+        source.execute("INSERT INTO later VALUES (2, 2)")
+        stream_until_caught_up(off)
+        assert not owed(settings)
+        compact(settings)
+        assert staged_rows(settings, "public.later") == [{"id": 2, "v": 2}]
