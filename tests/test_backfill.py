@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
+import pytest
 from conftest import SourceDb, with_settings
 from polling import wait_for
 from rawlake import cdc_command, prepare, run_cdc, stream_until_caught_up, streaming_in_thread
@@ -72,12 +73,14 @@ def appending(source: SourceDb, table: str, seed: int) -> Iterator[None]:
 
 
 class TestTablesAddedWhileStreaming:
+    @pytest.mark.parametrize("plugin", ["pgoutput", "wal2json"])
     def test_a_table_created_and_filled_while_streaming_reaches_staged_with_its_earlier_rows(
-            self, source: SourceDb, settings: Settings) -> None:
+            self, source: SourceDb, settings: Settings, plugin: str) -> None:
         """Rows written before the table sync adds the table are in staged, like the later
         ones, while the application goes on writing during the backfill."""
         source.execute("CREATE TABLE first (id int PRIMARY KEY)")
-        live = with_settings(settings, table_sync_seconds=0.5, resync_chunk_rows=40)
+        live = with_settings(settings, table_sync_seconds=0.5, resync_chunk_rows=40,
+                             plugin=plugin)
         prepare(live)
         with streaming_in_thread(live):
             wait_for(lambda: slot_active(source), what="the stream to hold the slot")
