@@ -4,11 +4,18 @@ Serves the demo and the test suite: both need a real server they can start
 and stop without touching the machine's own clusters. ``initdb`` and
 ``postgres`` refuse to run as root, so when we are root the server runs as the
 ``postgres`` user, with its data and socket in a directory that user owns.
+
+A process killed with SIGKILL (a test run cut short) cannot stop its cluster, so each
+cluster's owner is recorded beside it (``cdc-pg-XXXX.owner``: pid, the kernel's start time of
+that process, host and pid namespace), and starting a cluster first reaps the clusters whose
+owner is gone (:func:`reap_orphans`). A cluster whose owner lives — another test run on this
+machine — or one without a record is never touched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
 import shutil
@@ -56,6 +63,88 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+OWNER = ".owner"  # suffix of the record beside a cluster's directory
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot: tells a reused pid apart), ""
+    where /proc does not tell, None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]  # field 22, starttime
+    except FileNotFoundError:
+        return None if Path("/proc/self/stat").exists() else _signalable(pid)
+    except (OSError, IndexError):
+        return _signalable(pid)
+
+
+def _signalable(pid: int) -> str | None:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return ""
+    return ""
+
+
+def _namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")  # pids mean something only inside it
+    except OSError:
+        return ""
+
+
+def _owner_record() -> dict[str, object]:
+    return {"pid": os.getpid(), "start": _process_start(os.getpid()) or "",
+            "host": socket.gethostname(), "namespace": _namespace()}
+
+
+def _orphaned(owner: dict[str, object]) -> bool:
+    """The process that started the cluster is gone (never guessed across hosts or pid
+    namespaces, where the pid cannot be checked)."""
+    if owner.get("host") != socket.gethostname() or owner.get("namespace") != _namespace():
+        return False
+    start = _process_start(int(str(owner["pid"])))
+    return start is None or (start != "" and start != owner.get("start"))
+
+
+def reap_orphans(base_dir: Path | None = None) -> list[Path]:
+    """Stop and remove the clusters in ``base_dir`` (default: the temp folder) whose owner
+    process is gone; the directories reaped."""
+    root = Path(base_dir or tempfile.gettempdir())
+    reaped = []
+    for record in sorted(root.glob(f"cdc-pg-*{OWNER}")):
+        cluster = record.with_name(record.name[:-len(OWNER)])
+        try:
+            owner = json.loads(record.read_text())
+            if not _orphaned(owner):
+                continue
+            if os.geteuid() != 0 and cluster.exists() and cluster.stat().st_uid != os.geteuid():
+                continue  # not ours to stop
+            claim = record.with_name(f"{record.name}.reaping-{os.getpid()}")
+            os.rename(record, claim)  # one reaper per orphan: the others' rename fails
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # half-written, just claimed by another reaper, or not a record of ours
+        _stop_orphan(cluster)
+        shutil.rmtree(cluster, ignore_errors=True)
+        claim.unlink(missing_ok=True)
+        reaped.append(cluster)
+    return reaped
+
+
+def _stop_orphan(cluster: Path) -> None:
+    data = cluster / "data"
+    if not (data / "postmaster.pid").exists():
+        return
+    uid = cluster.stat().st_uid
+    user = pwd.getpwuid(uid).pw_name if os.geteuid() == 0 and uid != 0 else None
+    with contextlib.suppress(Exception):
+        subprocess.run([find_pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "-w",
+                        "stop"], user=user, check=False, capture_output=True, cwd=str(cluster),
+                       timeout=60)
+
+
 @dataclass
 class LocalCluster:
     """A PostgreSQL cluster in a temporary directory, listening on 127.0.0.1."""
@@ -80,8 +169,18 @@ class LocalCluster:
             cwd=str(self._dir), env={**os.environ, "LC_ALL": "C.UTF-8"},
         )
 
+    @property
+    def _owner_path(self) -> Path:
+        assert self._dir is not None
+        return self._dir.with_name(self._dir.name + OWNER)
+
     def start(self) -> LocalCluster:
+        with contextlib.suppress(Exception):  # clean-up of killed runs must never stop this one
+            reap_orphans(self.base_dir)
         self._dir = Path(tempfile.mkdtemp(prefix="cdc-pg-", dir=self.base_dir))
+        written = self._dir.with_name(self._dir.name + OWNER + ".tmp")
+        written.write_text(json.dumps(_owner_record()))
+        written.replace(self._owner_path)  # before the server exists: never an unowned one
         if os.geteuid() == 0:
             self._user = "postgres"
             try:
@@ -137,6 +236,7 @@ class LocalCluster:
             self._run(find_pg_bin("pg_ctl"), "-D", str(self.data_dir), "-m", "immediate",
                       "-w", "stop", check=False)
         shutil.rmtree(self._dir, ignore_errors=True)
+        self._owner_path.unlink(missing_ok=True)
         self._dir = None
 
     def __enter__(self) -> LocalCluster:

@@ -324,9 +324,10 @@ def resync(
 
     Chunks are read in key order between watermarks written into the WAL, with no lock held;
     changes racing with a chunk win over its rows. A table without a key is read whole in one
-    snapshot taken under a SHARE lock held for a moment (at most 2 s). The way out after a rewriting ALTER COLUMN
-    ... TYPE, a DROP + re-CREATE of a table, a value the stream could not store, or a table
-    added to the publication after it had rows. `cdc stream` must run on the same slot.
+    snapshot taken under a SHARE lock held for a moment (at most 2 s). The way out after a
+    rewriting ALTER COLUMN ... TYPE, a DROP + re-CREATE of a table, a value the stream could
+    not store, or a table added to the publication after it had rows (`cdc stream` backfills
+    those itself). `cdc stream` must run on the same slot.
     """
     from cdc.snapshot.resync import Resync
 
