@@ -7,9 +7,8 @@ import json
 import os
 import random
 import subprocess
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
+from typing import Any
 
 import psycopg
 import pytest
@@ -17,7 +16,7 @@ from conftest import SourceDb, with_settings
 from polling import wait_for
 from rawlake import cdc_command, prepare, run_cdc, stream_until_caught_up, streaming_in_thread
 from test_compact import staged_rows
-from test_resync import compact, writing
+from test_resync import compact, repeating, writing
 from test_schema_changes import drained, rows_of
 
 from cdc.config import Settings
@@ -43,33 +42,15 @@ def slot_active(source: SourceDb) -> bool:
     return bool(rows and rows[0][0])
 
 
-@contextmanager
-def appending(source: SourceDb, table: str, seed: int) -> Iterator[None]:
+def appending(source: SourceDb, table: str, seed: int) -> AbstractContextManager[None]:
     """Inserts of repeated values into a keyless ``table`` in a thread until the block ends."""
-    stop = threading.Event()
-    errors: list[BaseException] = []
 
-    def run() -> None:
-        rng = random.Random(seed)
-        try:
-            with psycopg.connect(source.dsn, autocommit=True) as conn:
-                while not stop.is_set():
-                    with conn.transaction():
-                        for _ in range(rng.randint(1, 5)):
-                            conn.execute(f"INSERT INTO {table} VALUES (%s, 'w')",
-                                         (rng.randint(0, 9),))
-        except BaseException as exc:
-            errors.append(exc)
+    def step(conn: psycopg.Connection[Any], rng: random.Random) -> None:
+        with conn.transaction():
+            for _ in range(rng.randint(1, 5)):
+                conn.execute(f"INSERT INTO {table} VALUES (%s, 'w')", (rng.randint(0, 9),))
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=30)
-    if errors:
-        raise errors[0]
+    return repeating(source, step, seed)
 
 
 class TestTablesAddedWhileStreaming:

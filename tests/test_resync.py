@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -36,8 +36,9 @@ def compact(settings: Settings, **options: Any) -> list[TableResult]:
 
 
 @contextmanager
-def writing(source: SourceDb, table: str, value: str, keys: int, seed: int) -> Iterator[None]:
-    """Random inserts, updates and deletes on ``table`` in a thread until the block ends."""
+def repeating(source: SourceDb, step: Callable[[psycopg.Connection[Any], random.Random], None],
+              seed: int) -> Iterator[None]:
+    """``step`` again and again on one connection in a thread until the block ends."""
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -46,16 +47,7 @@ def writing(source: SourceDb, table: str, value: str, keys: int, seed: int) -> I
         try:
             with psycopg.connect(source.dsn, autocommit=True) as conn:
                 while not stop.is_set():
-                    k = rng.randint(1, keys)
-                    kind = rng.random()
-                    if kind < 0.5:
-                        conn.execute(f"UPDATE {table} SET v = {value} WHERE id = %s",
-                                     (k, rng.randint(0, 999)))
-                    elif kind < 0.75:
-                        conn.execute(f"DELETE FROM {table} WHERE id = %s", (k,))
-                    else:
-                        conn.execute(f"INSERT INTO {table} (id, v) VALUES (%s, {value}) "
-                                     "ON CONFLICT (id) DO NOTHING", (k, rng.randint(0, 999)))
+                    step(conn, rng)
         except BaseException as exc:
             errors.append(exc)
 
@@ -68,6 +60,25 @@ def writing(source: SourceDb, table: str, value: str, keys: int, seed: int) -> I
         thread.join(timeout=30)
     if errors:
         raise errors[0]
+
+
+def writing(source: SourceDb, table: str, value: str, keys: int,
+            seed: int) -> AbstractContextManager[None]:
+    """Random inserts, updates and deletes on ``table`` in a thread until the block ends."""
+
+    def step(conn: psycopg.Connection[Any], rng: random.Random) -> None:
+        k = rng.randint(1, keys)
+        kind = rng.random()
+        if kind < 0.5:
+            conn.execute(f"UPDATE {table} SET v = {value} WHERE id = %s",
+                         (k, rng.randint(0, 999)))
+        elif kind < 0.75:
+            conn.execute(f"DELETE FROM {table} WHERE id = %s", (k,))
+        else:
+            conn.execute(f"INSERT INTO {table} (id, v) VALUES (%s, {value}) "
+                         "ON CONFLICT (id) DO NOTHING", (k, rng.randint(0, 999)))
+
+    return repeating(source, step, seed)
 
 
 def resync(settings: Settings, table: str) -> int:
