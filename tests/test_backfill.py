@@ -8,11 +8,15 @@ import os
 import random
 import subprocess
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from conftest import SourceDb, with_settings
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 from polling import wait_for
 from rawlake import cdc_command, prepare, run_cdc, stream_until_caught_up, streaming_in_thread
 from test_compact import staged_rows
@@ -156,3 +160,60 @@ class TestTablesAddedWhileDown:
         assert not owed(settings)
         compact(settings)
         assert staged_rows(settings, "public.later") == [{"id": 2, "v": 2}]
+
+
+# one operation of the application on a table: ("put", key, value) upserts (keyless: inserts
+# the value), ("del", key) deletes (keyless: skipped, an insert-only table captures none)
+Op = tuple[Any, ...]
+OPS = st.lists(st.one_of(st.tuples(st.just("put"), st.integers(1, 12), st.integers(0, 3)),
+                         st.tuples(st.just("del"), st.integers(1, 12))), max_size=25)
+
+
+def apply(source: SourceDb, table: str, ops: list[Op], *, keyed: bool) -> None:
+    with source.connect() as conn:
+        for op in ops:
+            if op[0] == "put" and keyed:
+                conn.execute(f"INSERT INTO {table} VALUES (%s, %s) ON CONFLICT (id) DO UPDATE "
+                             "SET v = excluded.v", (op[1], op[2]))
+            elif op[0] == "put":
+                conn.execute(f"INSERT INTO {table} VALUES (%s, %s)", (op[1], op[2]))
+            elif keyed:
+                conn.execute(f"DELETE FROM {table} WHERE id = %s", (op[1],))
+
+
+class TestBackfillConverges:
+    def test_staged_equals_the_source_whatever_is_written_before_during_and_after_the_join(
+            self, source: SourceDb, settings: Settings) -> None:
+        """Property: random writes before the table joins, racing with its backfill, and
+        after it; staged always ends equal to the source (the oracle), for keyed tables and
+        for keyless insert-only ones (duplicates counted). One stream serves every example."""
+        source.execute("CREATE TABLE first (id int PRIMARY KEY)")
+        live = with_settings(settings, table_sync_seconds=0.3, resync_chunk_rows=4,
+                             keyless_tables="insert-only")
+        prepare(live)
+        made = iter(range(1000))
+        with streaming_in_thread(live):
+            wait_for(lambda: slot_active(source), what="the stream to hold the slot")
+
+            @hyp_settings(max_examples=6, suppress_health_check=[
+                HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+            @given(before=OPS, during=OPS, after=OPS, keyed=st.booleans())
+            def converges(before: list[Op], during: list[Op], after: list[Op],
+                          keyed: bool) -> None:
+                table = f"p{next(made)}"
+                source.execute(f"CREATE TABLE {table} (id int {'PRIMARY KEY' if keyed else ''},"
+                               " v int)")
+                apply(source, table, before, keyed=keyed)
+                wait_for(lambda: table in published(source, settings),
+                         what="the table sync to add the table")
+                apply(source, table, during, keyed=keyed)
+                wait_for(lambda: f"public.{table}" not in owed(settings),
+                         what="the backfill to finish")
+                apply(source, table, after, keyed=keyed)
+                drained(source, settings)
+                compact(settings)
+                expected = rows_of(source, f"SELECT * FROM {table}")
+                if expected or Path(settings.lake, "staged", f"public.{table}").exists():
+                    assert staged_rows(settings, f"public.{table}") == expected
+
+            converges()
