@@ -105,15 +105,20 @@ class TestTablesAddedWhileStreaming:
         assert sum(1 for r in staged if r["note"] == "early") == 300
 
 
+def created_while_down(source: SourceDb, settings: Settings, *, rows: int) -> None:
+    """A lake that follows the slot; then, with no stream running, a new table ``later``."""
+    source.execute("CREATE TABLE first (id int PRIMARY KEY)")
+    prepare(settings)
+    stream_until_caught_up(settings)
+    source.execute("CREATE TABLE later (id int PRIMARY KEY, v int)")
+    source.execute("INSERT INTO later SELECT g, g FROM generate_series(1, %s) g", (rows,))
+
+
 class TestTablesAddedWhileDown:
     def test_a_table_created_while_cdc_was_down_is_backfilled_by_an_until_caught_up_run(
             self, source: SourceDb, settings: Settings) -> None:
         """The start adds it; `--until-caught-up` exits only once its backfill is done."""
-        source.execute("CREATE TABLE first (id int PRIMARY KEY)")
-        prepare(settings)
-        stream_until_caught_up(settings)
-        source.execute("CREATE TABLE later (id int PRIMARY KEY, v int)")
-        source.execute("INSERT INTO later SELECT g, g FROM generate_series(1, 120) g")
+        created_while_down(source, settings, rows=120)
         stream_until_caught_up(with_settings(settings, resync_chunk_rows=50))
         assert not owed(settings)
         compact(settings)
@@ -123,11 +128,7 @@ class TestTablesAddedWhileDown:
             self, source: SourceDb, settings: Settings) -> None:
         """kill -9 after the backfill's second chunk: `cdc status` shows it running with its
         chunks; compaction stays held; the next `cdc stream` runs it again to the end."""
-        source.execute("CREATE TABLE first (id int PRIMARY KEY)")
-        prepare(settings)
-        stream_until_caught_up(settings)
-        source.execute("CREATE TABLE later (id int PRIMARY KEY, v int)")
-        source.execute("INSERT INTO later SELECT g, g FROM generate_series(1, 200) g")
+        created_while_down(source, settings, rows=200)
         killed = subprocess.run(
             cdc_command(settings, "--resync-chunk-rows", "20", "--compact-every", "0"),
             env={**os.environ, "CDC_FAULTS": "resync.after_chunk=kill@3"},

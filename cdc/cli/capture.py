@@ -31,6 +31,7 @@ from cdc.cli.options import (
     _settings,
     app,
     lsn_text,
+    option,
     slot_app,
 )
 from cdc.errors import ConfigError
@@ -43,63 +44,24 @@ def stream(
     config: ConfigOpt = None, log_format: LogFormatOpt = None, log_level: LogLevelOpt = None,
     s3_endpoint: S3EndpointOpt = None, s3_max_attempts: S3MaxAttemptsOpt = None,
     exclude_tables: ExcludeOpt = None, keyless_tables: KeylessOpt = None,
-    table_sync_seconds: Annotated[str | None, typer.Option(
-        help="Without --tables: add tables created meanwhile that qualify to the publication "
-        "this often while streaming; 0: only at start (env: CDC_TABLE_SYNC_SECONDS; default: "
-        "60s)", show_default=False)] = None,
-    backfill_new_tables: Annotated[bool | None, typer.Option(
-        "--backfill-new-tables/--no-backfill-new-tables", help="Re-read a table that joins "
-        "the publication while the lake follows the slot (table sync, a restart, a longer "
-        "--tables list), so the rows it held before reach the lake; off: only its changes "
-        "from then on (env: CDC_BACKFILL_NEW_TABLES; default: on)", show_default=False)] = None,
-    flush_rows: Annotated[int | None, typer.Option(
-        help="Flush when this many changes are buffered (env: CDC_FLUSH_ROWS; default: 200000)",
-        show_default=False)] = None,
-    flush_bytes: Annotated[str | None, typer.Option(
-        help="Flush when the buffered changes take about this much memory, e.g. 64MB "
-        "(env: CDC_FLUSH_BYTES; default: 128MiB)", show_default=False)] = None,
-    flush_seconds: Annotated[str | None, typer.Option(
-        help="Flush when the oldest buffered change is this old, e.g. 10s "
-        "(env: CDC_FLUSH_SECONDS; default: 10s)", show_default=False)] = None,
-    until_caught_up: Annotated[bool | None, typer.Option(
-        "--until-caught-up/--no-until-caught-up", help="Drain the slot up to the WAL position "
-        "at start, flush, acknowledge and exit 0, for cron-style runs (env: "
-        "CDC_UNTIL_CAUGHT_UP; default: off)", show_default=False)] = None,
-    metrics_port: Annotated[int | None, typer.Option(
-        help="Serve Prometheus metrics on this port (env: CDC_METRICS_PORT; default: off)",
-        show_default=False)] = None,
-    compact_every: Annotated[str | None, typer.Option(
-        help="Compact raw into the staged Delta tables this often, in the background; 0 "
-        "disables (env: CDC_COMPACT_EVERY; default: 60s)", show_default=False)] = None,
+    table_sync_seconds: Annotated[str | None, option("table_sync_seconds")] = None,
+    backfill_new_tables: Annotated[bool | None, option("backfill_new_tables")] = None,
+    flush_rows: Annotated[int | None, option("flush_rows")] = None,
+    flush_bytes: Annotated[str | None, option("flush_bytes")] = None,
+    flush_seconds: Annotated[str | None, option("flush_seconds")] = None,
+    until_caught_up: Annotated[bool | None, option("until_caught_up")] = None,
+    metrics_port: Annotated[int | None, option("metrics_port")] = None,
+    compact_every: Annotated[str | None, option("compact_every")] = None,
     keys: KeyOpt = None,
     publish_via_partition_root: ViaRootOpt = None, contracts: ContractsOpt = None,
     history: HistoryOpt = None,
-    heartbeat_seconds: Annotated[str | None, typer.Option(
-        help="When idle, write a logical message this often so a quiet database's slot "
-        "keeps advancing; 0 disables (env: CDC_HEARTBEAT_SECONDS; default: 60s)",
-        show_default=False)] = None,
-    status_seconds: Annotated[str | None, typer.Option(
-        help="Send the server a status update (acknowledgement) this often, e.g. 10s "
-        "(env: CDC_STATUS_SECONDS; default: 10s)", show_default=False)] = None,
-    progress_seconds: Annotated[str | None, typer.Option(
-        help="Log a progress line this often (env: CDC_PROGRESS_SECONDS; default: 10s)",
-        show_default=False)] = None,
-    max_backoff_seconds: Annotated[str | None, typer.Option(
-        help="Longest wait between reconnection attempts (env: CDC_MAX_BACKOFF_SECONDS; "
-        "default: 30s)", show_default=False)] = None,
-    unconvertible: Annotated[str | None, typer.Option(
-        help="A value that cannot be stored exactly (NaN in numeric(p,s), a multi-dimensional "
-        "array): fail stops without acknowledging it; quarantine writes its batch to "
-        "raw/_rejected, holds compaction of the table and goes on, until you fix the column "
-        "and run cdc resync --tables (env: CDC_UNCONVERTIBLE; default: fail)",
-        show_default=False)] = None,
-    silence_seconds: Annotated[str | None, typer.Option(
-        help="Give the replication connection up and reconnect after this long without any "
-        "message from the server (a stalled network path); 0: the server's "
-        "wal_sender_timeout (env: CDC_SILENCE_SECONDS; default: 0)", show_default=False)] = None,
-    slot_busy_seconds: Annotated[str | None, typer.Option(
-        help="Stop (exit 4) when the slot stays held by another consumer this long "
-        "(env: CDC_SLOT_BUSY_SECONDS; default: 5m)", show_default=False)] = None,
+    heartbeat_seconds: Annotated[str | None, option("heartbeat_seconds")] = None,
+    status_seconds: Annotated[str | None, option("status_seconds")] = None,
+    progress_seconds: Annotated[str | None, option("progress_seconds")] = None,
+    max_backoff_seconds: Annotated[str | None, option("max_backoff_seconds")] = None,
+    unconvertible: Annotated[str | None, option("unconvertible")] = None,
+    silence_seconds: Annotated[str | None, option("silence_seconds")] = None,
+    slot_busy_seconds: Annotated[str | None, option("slot_busy_seconds")] = None,
     lease_seconds: LeaseOpt = None,
     resync_chunk_rows: ResyncChunkRowsOpt = None, resync_wait_seconds: ResyncWaitOpt = None,
 ) -> None:
@@ -114,22 +76,7 @@ def stream(
     """
     from cdc.stream.streamer import stream as run_stream
 
-    settings = _settings(config, dsn=dsn, lake=lake, slot=slot, publication=publication,
-                         tables=tables, plugin=plugin, log_format=log_format,
-                         log_level=log_level, flush_rows=flush_rows, flush_bytes=flush_bytes,
-                         flush_seconds=flush_seconds, metrics_port=metrics_port,
-                         heartbeat_seconds=heartbeat_seconds, compact_every=compact_every,
-                         keys=keys, publish_via_partition_root=publish_via_partition_root,
-                         s3_endpoint=s3_endpoint, contracts=contracts,
-                         s3_max_attempts=s3_max_attempts, until_caught_up=until_caught_up,
-                         status_seconds=status_seconds, progress_seconds=progress_seconds,
-                         max_backoff_seconds=max_backoff_seconds, history=history,
-                         exclude_tables=exclude_tables, keyless_tables=keyless_tables,
-                         table_sync_seconds=table_sync_seconds,
-                         backfill_new_tables=backfill_new_tables, unconvertible=unconvertible,
-                         silence_seconds=silence_seconds, slot_busy_seconds=slot_busy_seconds,
-                         lease_seconds=lease_seconds, resync_chunk_rows=resync_chunk_rows,
-                         resync_wait_seconds=resync_wait_seconds)
+    settings = _settings(locals())
     if settings.metrics_port:
         from cdc.ops.metrics import serve
 
@@ -148,29 +95,12 @@ def snapshot(
     s3_endpoint: S3EndpointOpt = None, s3_max_attempts: S3MaxAttemptsOpt = None,
     publish_via_partition_root: ViaRootOpt = None, contracts: ContractsOpt = None,
     exclude_tables: ExcludeOpt = None, keyless_tables: KeylessOpt = None,
-    snapshot_mode: Annotated[str | None, typer.Option(
-        "--mode", help="consistent: every published table at one instant, tied to a new slot "
-        "so `cdc stream` continues exactly where it ends. updated_at: rows whose updated_at "
-        "column passed the stored watermark (cannot see deletes, and sees only the last "
-        "version of a row between runs) (env: CDC_SNAPSHOT_MODE; default: consistent)",
-        show_default=False)] = None,
-    workers: Annotated[int | None, typer.Option(
-        help="Parallel COPY connections (env: CDC_WORKERS; default: 2)",
-        show_default=False)] = None,
-    chunk_rows: Annotated[int | None, typer.Option(
-        help="Rows per chunk (primary-key or CTID range) and per raw file (env: "
-        "CDC_CHUNK_ROWS; default: 500000)", show_default=False)] = None,
-    updated_at_column: Annotated[str | None, typer.Option(
-        help="updated_at mode: the change-time column of every table (env: "
-        "CDC_UPDATED_AT_COLUMN; default: updated_at)", show_default=False)] = None,
-    updated_at: Annotated[list[str] | None, typer.Option(
-        "--updated-at", help="updated_at mode: per-table column, schema.table=column "
-        "(repeatable; env: CDC_UPDATED_AT, comma-separated)", show_default=False)] = None,
-    updated_at_lookback: Annotated[str | None, typer.Option(
-        help="updated_at mode: also re-read rows whose updated_at is at most this long before "
-        "the previous run's start, e.g. 10m: more than your longest transaction, so a row "
-        "committed late is not missed (env: CDC_UPDATED_AT_LOOKBACK; default: 5m; 0: off)",
-        show_default=False)] = None,
+    snapshot_mode: Annotated[str | None, option("snapshot_mode")] = None,
+    workers: Annotated[int | None, option("workers")] = None,
+    chunk_rows: Annotated[int | None, option("chunk_rows")] = None,
+    updated_at_column: Annotated[str | None, option("updated_at_column")] = None,
+    updated_at: Annotated[list[str] | None, option("updated_at")] = None,
+    updated_at_lookback: Annotated[str | None, option("updated_at_lookback")] = None,
 ) -> None:
     """Backfill the lake's raw layer from the tables' current contents.
 
@@ -184,15 +114,7 @@ def snapshot(
     where logical replication is not available.
     """
 
-    settings = _settings(config, dsn=dsn, lake=lake, slot=slot, publication=publication,
-                         tables=tables, plugin=plugin, log_format=log_format,
-                         log_level=log_level, s3_endpoint=s3_endpoint,
-                         publish_via_partition_root=publish_via_partition_root,
-                         contracts=contracts, s3_max_attempts=s3_max_attempts,
-                         snapshot_mode=snapshot_mode, workers=workers, chunk_rows=chunk_rows,
-                         updated_at_column=updated_at_column, updated_at=updated_at,
-                         exclude_tables=exclude_tables, keyless_tables=keyless_tables,
-                         updated_at_lookback=updated_at_lookback)
+    settings = _settings(locals())
     target = _open_lake(settings)
     if settings.snapshot_mode == "consistent":
         from cdc.snapshot.consistent import ConsistentSnapshot
@@ -224,12 +146,8 @@ def check_cmd(
     dsn: Dsn = None, slot: SlotOpt = None, publication: PublicationOpt = None,
     tables: TablesOpt = None, exclude_tables: ExcludeOpt = None,
     keyless_tables: KeylessOpt = None, config: ConfigOpt = None,
-    check_json: Annotated[bool | None, typer.Option(
-        "--json/--no-json", help="Print JSON for machines (env: CDC_CHECK_JSON; default: "
-        "off)", show_default=False)] = None,
-    check_strict: Annotated[bool | None, typer.Option(
-        "--strict/--no-strict", help="Exit 1 on warnings too (env: CDC_CHECK_STRICT; "
-        "default: off)", show_default=False)] = None,
+    check_json: Annotated[bool | None, option("check_json")] = None,
+    check_strict: Annotated[bool | None, option("check_strict")] = None,
 ) -> None:
     """Preflight: what would break the source or be lost, one line per problem with its fix.
 
@@ -245,9 +163,7 @@ def check_cmd(
     from cdc.source import publication as pub
     from cdc.source.connection import connect
 
-    s = _settings(config, dsn=dsn, slot=slot, publication=publication, tables=tables,
-                  exclude_tables=exclude_tables, keyless_tables=keyless_tables,
-                  check_json=check_json, check_strict=check_strict)
+    s = _settings(locals())
     with connect(s.dsn) as conn:
         report = pub.check(conn, s)
     if s.check_json:
@@ -274,9 +190,7 @@ def slot_create(dsn: Dsn = None, slot: SlotOpt = None, publication: PublicationO
     from cdc.source.admin import Admin
     from cdc.source.connection import connect
 
-    s = _settings(config, dsn=dsn, slot=slot, publication=publication, tables=tables,
-                  plugin=plugin, publish_via_partition_root=publish_via_partition_root,
-                  exclude_tables=exclude_tables, keyless_tables=keyless_tables)
+    s = _settings(locals())
     with connect(s.dsn) as conn:
         names = pub.prepare(conn, s)
         info, created = Admin(conn, s.dsn).ensure_slot(s.slot, s.plugin)
@@ -288,18 +202,14 @@ def slot_create(dsn: Dsn = None, slot: SlotOpt = None, publication: PublicationO
 @slot_app.command("drop")
 def slot_drop(dsn: Dsn = None, slot: SlotOpt = None, publication: PublicationOpt = None,
               config: ConfigOpt = None,
-              keep_publication: Annotated[bool | None, typer.Option(
-                  "--keep-publication/--no-keep-publication", help="Leave the publication "
-                  "even when cdc created it (env: CDC_KEEP_PUBLICATION; default: off)",
-                  show_default=False)] = None) -> None:
+              keep_publication: Annotated[bool | None, option("keep_publication")] = None) -> None:
     """Drop the replication slot so the server stops retaining WAL for it, and the publication
     when cdc created it (its COMMENT says so); says what it left."""
     from cdc.source import publication as pub
     from cdc.source.admin import Admin
     from cdc.source.connection import connect
 
-    s = _settings(config, dsn=dsn, slot=slot, publication=publication,
-                  keep_publication=keep_publication)
+    s = _settings(locals())
     with connect(s.dsn) as conn:
         dropped = Admin(conn, s.dsn).drop_slot(s.slot)
         said = [] if s.keep_publication else pub.drop(conn, s.dsn, s.publication)
@@ -331,10 +241,7 @@ def resync(
     """
     from cdc.snapshot.resync import Resync
 
-    settings = _settings(config, dsn=dsn, lake=lake, slot=slot, tables=tables,
-                         log_format=log_format, log_level=log_level, s3_endpoint=s3_endpoint,
-                         s3_max_attempts=s3_max_attempts, resync_chunk_rows=resync_chunk_rows,
-                         resync_wait_seconds=resync_wait_seconds)
+    settings = _settings(locals())
     if not settings.tables:
         raise ConfigError("cdc resync needs the tables to re-read",
                           fix="name them: cdc resync --tables public.invoice")

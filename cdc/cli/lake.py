@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from cdc.cli.help import COMPACT_TABLES
 from cdc.cli.options import (
     ConfigOpt,
     Dsn,
@@ -22,6 +23,7 @@ from cdc.cli.options import (
     _open_lake,
     _settings,
     app,
+    option,
 )
 from cdc.errors import ConfigError
 from cdc.log import scrub
@@ -32,18 +34,10 @@ def status(
     dsn: Dsn = None, lake: LakeOpt = None, slot: SlotOpt = None, config: ConfigOpt = None,
     s3_endpoint: S3EndpointOpt = None, s3_max_attempts: S3MaxAttemptsOpt = None,
     publication: PublicationOpt = None,
-    status_json: Annotated[bool | None, typer.Option(
-        "--json/--no-json", help="Print JSON for machines (env: CDC_STATUS_JSON; default: "
-        "off)", show_default=False)] = None,
-    max_lag_bytes: Annotated[str | None, typer.Option(
-        help="Exit 1 when the slot's unacknowledged WAL exceeds this, e.g. 1GB (env: "
-        "CDC_MAX_LAG_BYTES; default: not checked)", show_default=False)] = None,
-    max_lag_seconds: Annotated[str | None, typer.Option(
-        help="Exit 1 when the stream is further behind the source than this, e.g. 5m (env: "
-        "CDC_MAX_LAG_SECONDS; default: not checked)", show_default=False)] = None,
-    max_compaction_lag_seconds: Annotated[str | None, typer.Option(
-        help="Exit 1 when a staged table is further behind raw than this, e.g. 15m (env: "
-        "CDC_MAX_COMPACTION_LAG_SECONDS; default: not checked)", show_default=False)] = None,
+    status_json: Annotated[bool | None, option("status_json")] = None,
+    max_lag_bytes: Annotated[str | None, option("max_lag_bytes")] = None,
+    max_lag_seconds: Annotated[str | None, option("max_lag_seconds")] = None,
+    max_compaction_lag_seconds: Annotated[str | None, option("max_compaction_lag_seconds")] = None,
 ) -> None:
     """Show how far behind the slot, the raw layer and the staged tables are.
 
@@ -58,11 +52,7 @@ def status(
     from cdc.ops.status import check, collect, render
     from cdc.staged.compactor import staged_watermark
 
-    s = _settings(config, dsn=dsn, lake=lake, slot=slot, s3_endpoint=s3_endpoint,
-                  s3_max_attempts=s3_max_attempts, status_json=status_json,
-                  max_lag_bytes=max_lag_bytes, max_lag_seconds=max_lag_seconds,
-                  max_compaction_lag_seconds=max_compaction_lag_seconds,
-                  publication=publication)
+    s = _settings(locals())
     report = collect(s.dsn, _open_lake(s), s.slot, staged=staged_watermark,
                      history=history_watermark, publication=s.publication)
     reasons = check(report, max_lag_bytes=s.max_lag_bytes, max_lag_seconds=s.max_lag_seconds,
@@ -83,16 +73,10 @@ def compact(
     lake: LakeOpt = None, slot: SlotOpt = None, config: ConfigOpt = None,
     log_format: LogFormatOpt = None, log_level: LogLevelOpt = None,
     s3_endpoint: S3EndpointOpt = None, s3_max_attempts: S3MaxAttemptsOpt = None,
-    tables: Annotated[str | None, typer.Option(
-        "--tables", help="Comma-separated schema.table list to compact (env: CDC_TABLES; "
-        "default: every table in raw)", show_default=False)] = None,
+    tables: Annotated[str | None, option("tables", text=COMPACT_TABLES)] = None,
     keys: KeyOpt = None, history: HistoryOpt = None,
-    optimize_every: Annotated[int | None, typer.Option(
-        help="OPTIMIZE (compact small files) and VACUUM a staged table every N commits; "
-        "0: never (env: CDC_OPTIMIZE_EVERY; default: 10)", show_default=False)] = None,
-    vacuum_retention_hours: Annotated[int | None, typer.Option(
-        help="VACUUM after OPTIMIZE deletes files removed longer ago than this (env: "
-        "CDC_VACUUM_RETENTION_HOURS; default: 168)", show_default=False)] = None,
+    optimize_every: Annotated[int | None, option("optimize_every")] = None,
+    vacuum_retention_hours: Annotated[int | None, option("vacuum_retention_hours")] = None,
     lease_seconds: LeaseOpt = None,
 ) -> None:
     """Merge raw changes into the staged Delta tables <lake>/staged/<schema>.<table>/ now,
@@ -106,12 +90,7 @@ def compact(
     from cdc.staged.compactor import CompactOptions
     from cdc.staged.runner import compact_lake, parse_keys
 
-    settings = _settings(config, need_dsn=False, lake=lake, slot=slot, tables=tables,
-                         keys=keys, log_format=log_format, log_level=log_level,
-                         s3_endpoint=s3_endpoint, s3_max_attempts=s3_max_attempts,
-                         optimize_every=optimize_every,
-                         vacuum_retention_hours=vacuum_retention_hours, history=history,
-                         lease_seconds=lease_seconds)
+    settings = _settings(locals(), need_dsn=False)
     options = CompactOptions(optimize_every=settings.optimize_every,
                              vacuum_retention_hours=settings.vacuum_retention_hours,
                              lease_seconds=settings.lease_seconds)
@@ -148,16 +127,11 @@ app.add_typer(maintain_app, name="maintain")
 
 @maintain_app.command("raw")
 def maintain_raw(
-    maintain_before: Annotated[str | None, typer.Option(
-        "--before", help="Consolidate raw files of days before this UTC date, YYYY-MM-DD, "
-        "at most yesterday (env: CDC_MAINTAIN_BEFORE; required)", show_default=False)] = None,
+    maintain_before: Annotated[str | None, option("maintain_before")] = None,
     lake: LakeOpt = None, config: ConfigOpt = None, s3_endpoint: S3EndpointOpt = None,
     s3_max_attempts: S3MaxAttemptsOpt = None,
     log_format: LogFormatOpt = None, log_level: LogLevelOpt = None,
-    retention_days: Annotated[int | None, typer.Option(
-        "--retention-days", help="Also delete raw files older than N days whose changes are "
-        "all staged (env: CDC_RETENTION_DAYS; default: keep raw forever)",
-        show_default=False)] = None,
+    retention_days: Annotated[int | None, option("retention_days")] = None,
 ) -> None:
     """Consolidate each table's small raw files of closed days into large ones.
 
@@ -175,10 +149,7 @@ def maintain_raw(
     from cdc.staged.compactor import staged_watermark
     from cdc.staged.files import raw_tables
 
-    settings = _settings(config, need_dsn=False, lake=lake, log_format=log_format,
-                         log_level=log_level, s3_endpoint=s3_endpoint,
-                         s3_max_attempts=s3_max_attempts, maintain_before=maintain_before,
-                         retention_days=retention_days)
+    settings = _settings(locals(), need_dsn=False)
     try:
         day = date.fromisoformat(settings.maintain_before)
     except ValueError as exc:
@@ -211,17 +182,9 @@ def query(
         show_default=False)],
     lake: LakeOpt = None, config: ConfigOpt = None, s3_endpoint: S3EndpointOpt = None,
     s3_max_attempts: S3MaxAttemptsOpt = None,
-    query_format: Annotated[str | None, typer.Option(
-        "--format", help="table (DuckDB's rendering), csv (with a header) or json (one "
-        "object per line) (env: CDC_QUERY_FORMAT; default: table)", show_default=False)] = None,
-    as_of: Annotated[str | None, typer.Option(
-        "--as-of", help="Run the query as of this time (ISO 8601, UTC unless a zone is given, "
-        "e.g. 2026-11-30T12:00:00Z): each <schema>.<table> is that table as it was then, "
-        "from its history (env: CDC_AS_OF)", show_default=False)] = None,
-    as_of_lsn: Annotated[str | None, typer.Option(
-        "--as-of-lsn", help="Like --as-of, right after the source commit at this LSN, "
-        "e.g. 0/1A2B3C (exact: commit times can tie, LSNs cannot) (env: CDC_AS_OF_LSN)",
-        show_default=False)] = None,
+    query_format: Annotated[str | None, option("query_format")] = None,
+    as_of: Annotated[str | None, option("as_of")] = None,
+    as_of_lsn: Annotated[str | None, option("as_of_lsn")] = None,
 ) -> None:
     """Run SQL over the lake with DuckDB, offline (no extension download, no source database).
 
@@ -231,9 +194,7 @@ def query(
     from cdc.history.as_of import parse_as_of
     from cdc.ops.query import query_main
 
-    settings = _settings(config, need_dsn=False, lake=lake, s3_endpoint=s3_endpoint,
-                         s3_max_attempts=s3_max_attempts, query_format=query_format,
-                         as_of=as_of, as_of_lsn=as_of_lsn)
+    settings = _settings(locals(), need_dsn=False)
     query_main(_open_lake(settings), sql, settings.query_format,
                parse_as_of(settings.as_of or None, settings.as_of_lsn or None))
 
@@ -247,13 +208,8 @@ app.add_typer(ddl_app, name="ddl")
 def ddl_athena(
     lake: LakeOpt = None, config: ConfigOpt = None, s3_endpoint: S3EndpointOpt = None,
     s3_max_attempts: S3MaxAttemptsOpt = None,
-    athena_database: Annotated[str | None, typer.Option(
-        "--database", help="Athena (Glue) database the tables go into (env: "
-        "CDC_ATHENA_DATABASE; default: cdc)", show_default=False)] = None,
-    athena_location: Annotated[str | None, typer.Option(
-        "--location", help="Where the lake is in S3, s3://bucket/prefix (env: "
-        "CDC_ATHENA_LOCATION; default: --lake when it is an s3:// lake)",
-        show_default=False)] = None,
+    athena_database: Annotated[str | None, option("athena_database")] = None,
+    athena_location: Annotated[str | None, option("athena_location")] = None,
 ) -> None:
     """Print CREATE EXTERNAL TABLE statements for Athena: every raw table (parquet,
     partition projection on load_date, no crawler needed) as raw_<schema>__<table>, every
@@ -262,9 +218,7 @@ def ddl_athena(
     """
     from cdc.ops.athena import athena_ddl
 
-    settings = _settings(config, need_dsn=False, lake=lake, s3_endpoint=s3_endpoint,
-                         s3_max_attempts=s3_max_attempts, athena_database=athena_database,
-                         athena_location=athena_location)
+    settings = _settings(locals(), need_dsn=False)
     typer.echo(athena_ddl(_open_lake(settings), settings.athena_database,
                           settings.athena_location or None), nl=False)
 
