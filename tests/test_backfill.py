@@ -7,13 +7,15 @@ import json
 import os
 import random
 import subprocess
-from contextlib import AbstractContextManager
+import threading
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from conftest import SourceDb, with_settings
+from conftest import WAL_SENDER_TIMEOUT, SourceDb, with_settings
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
@@ -23,7 +25,8 @@ from test_compact import staged_rows
 from test_resync import compact, repeating, writing
 from test_schema_changes import drained, rows_of
 
-from cdc.config import Settings
+from cdc import faults
+from cdc.config import Settings, parse_duration
 from cdc.lake.checkpoint import ResyncHold
 from cdc.lake.store import LocalLake
 from cdc.snapshot.backfill import Backfills
@@ -38,6 +41,21 @@ def published(source: SourceDb, settings: Settings) -> set[str]:
 def owed(settings: Settings) -> list[str]:
     return [b.name.display() for b in Backfills(LocalLake(settings.lake), settings.slot)
             .load_all()]
+
+
+@contextmanager
+def released(event: threading.Event) -> Iterator[None]:
+    """Set ``event`` when the block ends, however it ends (a held thread never outlives it)."""
+    try:
+        yield
+    finally:
+        event.set()
+
+
+def active_pid(source: SourceDb) -> int | None:
+    rows = source.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
+                          (source.slot,))
+    return rows[0][0] if rows else None
 
 
 def slot_active(source: SourceDb) -> bool:
@@ -112,6 +130,44 @@ def created_while_down(source: SourceDb, settings: Settings, *, rows: int) -> No
     stream_until_caught_up(settings)
     source.execute("CREATE TABLE later (id int PRIMARY KEY, v int)")
     source.execute("INSERT INTO later SELECT g, g FROM generate_series(1, %s) g", (rows,))
+
+
+class TestStreamBesideABackfill:
+    def test_the_stream_keeps_answering_the_server_while_a_backfill_is_stuck(
+            self, source: SourceDb, settings: Settings) -> None:
+        """A backfill stuck after its first chunk for longer than the server's
+        wal_sender_timeout: the same walsender keeps the slot (no reconnect), and the stream
+        goes on landing other tables' changes; released, the backfill finishes."""
+        stuck, release = threading.Event(), threading.Event()
+
+        def hold(point: str, context: dict[str, Any]) -> None:
+            stuck.set()
+            release.wait(120)
+
+        source.execute("CREATE TABLE first (id int PRIMARY KEY)")
+        live = with_settings(settings, table_sync_seconds=0.5, resync_chunk_rows=50)
+        prepare(live)
+        with (faults.armed("resync.after_chunk", hold), streaming_in_thread(live) as streamer,
+              released(release)):
+            wait_for(lambda: slot_active(source), what="the stream to hold the slot")
+            source.execute("CREATE TABLE late (id int PRIMARY KEY, v int)")
+            source.execute("INSERT INTO late SELECT g, g FROM generate_series(1, 120) g")
+            wait_for(stuck.is_set, what="the backfill to reach its first chunk")
+            walsender = active_pid(source)
+            began = source.execute("SELECT now()")[0][0]
+            timeout = parse_duration(WAL_SENDER_TIMEOUT)
+            wait_for(lambda: source.execute("SELECT extract(epoch FROM now() - %s)",
+                                            (began,))[0][0] > 1.5 * timeout,
+                     what="the server's wal_sender_timeout to pass one and a half times")
+            source.execute("INSERT INTO first VALUES (1)")
+            drained(source, settings)
+            assert (active_pid(source), streamer.stats.reconnects) == (walsender, 0)
+            release.set()
+            wait_for(lambda: not owed(settings), what="the backfill to finish")
+            drained(source, settings)
+        compact(settings)
+        assert staged_rows(settings, "public.late") == rows_of(source, "SELECT * FROM late")
+        assert staged_rows(settings, "public.first") == [{"id": 1}]
 
 
 class TestTablesAddedWhileDown:
