@@ -169,7 +169,12 @@ class Backfiller:
         while not self._stop.is_set():
             name = self._next()
             if name is not None:
-                self._backfill(name)
+                try:
+                    self._backfill(name)
+                except Exception as exc:  # its record unreadable, the lake failing: retried
+                    log.warning("backfill_failed", table=name.display(), error=_first_line(exc),
+                                retry_in_s=MAX_RETRY_SECONDS)
+                    self._finish(name, retry_in=MAX_RETRY_SECONDS)
                 continue
             self._wake.wait(timeout=1.0)
             self._wake.clear()
