@@ -202,6 +202,7 @@ class Resync:
                         f"with no transaction writing to it: none came within {LOCK_TIMEOUT}",
                         fix="let the long transaction writing to it end, then run cdc resync "
                         "again (cdc stream retries a backfill by itself)") from exc
+                locked = time.monotonic()
                 snapshot = locker.execute("SELECT pg_export_snapshot()").fetchone()
                 assert snapshot is not None
                 conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(
@@ -209,6 +210,8 @@ class Resync:
                 start = self._emit(locker, relation, "start") - 1
                 at = self._emit(locker, relation, "whole") - 1
             # the lock is released: writers go on, their commits order after ``at``
+            log.info("resync_snapshot_taken", table=relation.qualified_name, at=format_lsn(at),
+                     lock_held_ms=round((time.monotonic() - locked) * 1000, 1))
             self.sink.write(self._truncate(relation, types, start, cfacts))
             for bounds in plan_table(conn, relation, self.chunk_rows).chunks:
                 if self.stopping():
