@@ -102,8 +102,11 @@ def source(server_dsn: str) -> Iterator[SourceDb]:
         yield db
     finally:
         with psycopg.connect(server_dsn, autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
-                          "WHERE database = %s AND active_pid IS NOT NULL", (name,))
+            # with a timeout it waits for the walsender to end (and release its slot): a
+            # plain terminate only signals it, and the drop below could still find it active
+            admin.execute("SELECT pg_terminate_backend(active_pid, 30000) FROM "
+                          "pg_replication_slots WHERE database = %s AND active_pid IS NOT NULL",
+                          (name,))
             admin.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
                           "WHERE database = %s", (name,))
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
