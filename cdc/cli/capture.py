@@ -233,8 +233,8 @@ def resync(
     and replace their staged state at the next `cdc compact` (raw keeps its history).
 
     Chunks are read in key order between watermarks written into the WAL, with no lock held;
-    changes racing with a chunk win over its rows. A table without a key is read whole in one
-    snapshot taken under a SHARE lock held for a moment (at most 2 s). The way out after a
+    changes racing with a chunk win over its rows. A table without a key is read whole in the
+    snapshot of a temporary replication slot (no lock; it needs a free slot). The way out after a
     rewriting ALTER COLUMN ... TYPE, a DROP + re-CREATE of a table, a value the stream could
     not store, or a table added to the publication after it had rows (`cdc stream` backfills
     those itself). `cdc stream` must run on the same slot.

@@ -11,9 +11,9 @@ down, or a ``--tables`` list that grew) streams only the changes committed after
    next start.
 2. A thread beside the read loop (which goes on answering the server) runs ``cdc resync`` of
    each recorded table once it is in the publication: a keyed table in chunks between WAL
-   watermarks, a keyless (insert-only) one whole in one snapshot under a brief ``SHARE``
-   lock (``snapshot/resync.py``). Its record says when it started, its chunks, its last error;
-   ``cdc status`` shows it.
+   watermarks, a keyless (insert-only) one whole in a temporary slot's exported snapshot,
+   no lock taken (``snapshot/resync.py``). Its record says when it started, its chunks, its
+   last error; ``cdc status`` shows it.
 3. Once the resync is done the record is deleted. A resync that stopped (the stream stopped
    or was killed, the source failed) runs again from its start, at the next start or after a
    backoff: its truncate replaces staged from there, so a run cut short leaves nothing behind.

@@ -16,12 +16,13 @@ read in key order, one chunk at a time, each between two watermarks written into
 3. While it runs, ``_cdc/resync/<table>.json`` holds compaction of the table below the next
    position a chunk will land at; at the end it is released.
 
-A table without a key cannot be read in key order: it is read whole, in chunks, in one
-snapshot taken while a ``SHARE`` lock keeps its writers out for a moment (the lock waits for
-the transactions writing to it, at most ``LOCK_TIMEOUT``, and new writers wait behind it for
-as long). Every row that snapshot holds was committed before the truncate's position and every
-change it misses commits after the rows' position, so the re-read is exact for keyless
-(insert-only) tables too, duplicates and all.
+A table without a key cannot be read in key order: it is read whole, in chunks, in the
+snapshot a temporary replication slot exports at its consistent point ``P`` (no lock: the
+slot waits for the transactions running when it is created, the application does not wait
+for anything). Every transaction that snapshot holds committed before ``P``, and every one it
+misses commits at or after ``P``: a truncate at (``P``, lowest ``_seq``) and the rows at ``P``
+with negative ``_seq`` order between the two, as a consistent snapshot's rows do, so the
+re-read is exact for keyless (insert-only) tables too, duplicates and all.
 
 This is the way out where the WAL cannot help: a rewriting ``ALTER COLUMN ... TYPE``, a
 ``DROP`` + re-``CREATE`` of a table, rows dropped from the WAL history by a value the stream
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +56,14 @@ from cdc.lake.checkpoint import CheckpointStore, ResyncHold
 from cdc.lake.layout import RAW, raw_keys, table_segment
 from cdc.lake.raw import RawSink
 from cdc.lake.store import Lake
-from cdc.snapshot.consistent import chunk_filter, select_query, snapshot_batch
+from cdc.snapshot.consistent import (
+    CHUNK_SEQ_STRIDE,
+    SNAPSHOT_SEQ_BASE,
+    chunk_filter,
+    select_query,
+    snapshot_batch,
+)
+from cdc.snapshot.generation import MARKER_SEQ
 from cdc.snapshot.planning import plan_table
 from cdc.snapshot.readers import csv_columns
 from cdc.source.admin import Admin, parse_table_name
@@ -65,8 +74,6 @@ from cdc.stream.batcher import Batch, raw_table
 log = structlog.get_logger("cdc.snapshot.resync")
 
 PREFIX = "cdc.resync"
-#: how long a keyless table's re-read waits for the SHARE lock (its writers wait as long)
-LOCK_TIMEOUT = "2s"
 
 
 class ResyncStopped(Exception):
@@ -184,35 +191,23 @@ class Resync:
 
     def _whole(self, conn: psycopg.Connection[Any], relation: Relation,
                types: list[ColumnType], cfacts: dict[str, dict[str, str]]) -> ResyncResult:
-        """A table without a key, read whole in one snapshot taken under a brief SHARE lock."""
-        dsn = self.settings.dsn
-        table = sql.Identifier(relation.schema, relation.name)
+        """A table without a key, read whole in a temporary slot's snapshot at its point."""
+        s = self.settings
+        temporary = f"{s.slot[:40]}_resync_{uuid.uuid4().hex[:8]}"
         rows = chunks = 0
-        with translated(dsn), conn.transaction():
+        with translated(s.dsn), conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            with connect(dsn) as locker, locker.transaction():
-                locker.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                locker.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
-                    sql.Literal(LOCK_TIMEOUT)))
-                try:  # LOCK takes no snapshot: the exported one is taken after it is granted
-                    locker.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(table))
-                except psycopg.errors.LockNotAvailable as exc:
-                    raise SourceError(
-                        f"{relation.qualified_name} has no key, and its re-read needs a moment "
-                        f"with no transaction writing to it: none came within {LOCK_TIMEOUT}",
-                        fix="let the long transaction writing to it end, then run cdc resync "
-                        "again (cdc stream retries a backfill by itself)") from exc
-                locked = time.monotonic()
-                snapshot = locker.execute("SELECT pg_export_snapshot()").fetchone()
-                assert snapshot is not None
-                conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(
-                    sql.Literal(str(snapshot[0]))))
-                start = self._emit(locker, relation, "start") - 1
-                at = self._emit(locker, relation, "whole") - 1
-            # the lock is released: writers go on, their commits order after ``at``
-            log.info("resync_snapshot_taken", table=relation.qualified_name, at=format_lsn(at),
-                     lock_held_ms=round((time.monotonic() - locked) * 1000, 1))
-            self.sink.write(self._truncate(relation, types, start, cfacts))
+            with connect(s.dsn, replication=True) as repl:
+                # the slot waits for running transactions; the application waits for nothing
+                row = repl.execute(sql.SQL(
+                    "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL {} (SNAPSHOT 'export')").format(
+                    sql.Identifier(temporary), sql.Identifier(s.plugin))).fetchone()
+                assert row is not None
+                point, snapshot = parse_lsn(str(row[1])), str(row[2])
+                conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+            # imported: the snapshot is this transaction's now; the temporary slot is gone
+            log.info("resync_snapshot_taken", table=relation.qualified_name, at=format_lsn(point))
+            self.sink.write(self._truncate(relation, types, point, cfacts, seq=MARKER_SEQ))
             for bounds in plan_table(conn, relation, self.chunk_rows).chunks:
                 if self.stopping():
                     raise ResyncStopped(relation.qualified_name)
@@ -220,17 +215,18 @@ class Resync:
                                       len(relation.columns))
                 if len(columns[0]):
                     self.sink.write(snapshot_batch(
-                        relation, types, columns, lsn=at, first_seq=rows,
-                        ts_us=int(time.time() * 1e6), label=f"s{start:016X}-{chunks:06d}",
+                        relation, types, columns, lsn=point,
+                        first_seq=SNAPSHOT_SEQ_BASE + chunks * CHUNK_SEQ_STRIDE,
+                        ts_us=int(time.time() * 1e6), label=f"s{point:016X}-{chunks:06d}",
                         column_facts=cfacts))
                 rows += len(columns[0])
                 chunks += 1
                 log.info("resync_chunk", table=relation.qualified_name, chunk=chunks,
-                         rows=len(columns[0]), at=format_lsn(at))
+                         rows=len(columns[0]), at=format_lsn(point))
                 faults.hit("resync.after_chunk", table=relation.qualified_name, chunk=chunks)
                 if self.after_chunk is not None:
                     self.after_chunk(chunks)
-        return ResyncResult(relation.qualified_name, rows, 0, chunks, start)
+        return ResyncResult(relation.qualified_name, rows, 0, chunks, point)
 
     def _emit(self, conn: psycopg.Connection[Any], relation: Relation, phase: str,
               chunk: int = 0) -> Lsn:
@@ -243,15 +239,15 @@ class Resync:
         return parse_lsn(str(row[0]))
 
     def _truncate(self, relation: Relation, types: list[ColumnType], at: Lsn,
-                  cfacts: dict[str, dict[str, str]]) -> Batch:
+                  cfacts: dict[str, dict[str, str]], *, seq: int = 0) -> Batch:
         one = [pa.chunked_array([pa.nulls(1, pa.string())]) for _ in relation.columns]
         table = raw_table(relation, types, one, ops=pa.array(["t"]),
                           lsns=pa.array([at], pa.int64()),
                           commit_lsns=pa.array([at], pa.int64()),
-                          seqs=pa.array([0], pa.int64()), xids=pa.array([0], pa.int64()),
+                          seqs=pa.array([seq], pa.int64()), xids=pa.array([0], pa.int64()),
                           commit_ts=pa.array([int(time.time() * 1e6)], pa.int64()),
                           unchanged=pa.nulls(1, pa.list_(pa.string())), column_facts=cfacts)
-        return Batch(relation, table, at, at, 0, f"s{at:016X}-t")
+        return Batch(relation, table, at, at, seq, f"s{at:016X}-t")
 
     def _wait_for_stream(self, lsn: Lsn) -> None:
         deadline = time.monotonic() + self.wait_seconds
