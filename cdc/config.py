@@ -110,6 +110,8 @@ class Settings:
     exclude_tables: tuple[str, ...] = _setting((), parse_tables)
     keyless_tables: str = "refuse"
     plugin: str = "pgoutput"
+    #: pgoutput binary transfer: auto (when exact for every published column), on, off
+    binary: str = "auto"
     # cdc stream
     flush_rows: int = _setting(200_000, _parse_int)
     flush_bytes: int = _setting(128 * 2**20, parse_size)  # estimated memory of buffered changes
@@ -270,6 +272,7 @@ def load_settings(
 
 # Settings with a fixed set of values (what the error calls them, the values) ...
 _CHOICES = {"plugin": ("output plugin", PLUGINS),
+            "binary": ("binary transfer mode", ("auto", "on", "off")),
             "snapshot_mode": ("snapshot mode", SNAPSHOT_MODES),
             "log_format": ("log format", ("console", "json")),
             "log_level": ("log level", ("debug", "info", "warning", "error")),

@@ -49,6 +49,10 @@ class ConnectionLost(SourceError):
     transient = True
 
 
+class BinaryRefused(ConnectionLost):
+    """A binary session met a column cdc cannot decode in binary: reconnect in text."""
+
+
 class SlotError(SourceError):
     """The replication slot is missing, in use, of the wrong kind, or ahead of us."""
 

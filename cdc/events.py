@@ -45,7 +45,7 @@ class _Unchanged:
 
 UNCHANGED: Final = _Unchanged()
 
-Value = str | None | _Unchanged
+Value = str | None | _Unchanged | bytes  # bytes: a binary value (cdc.decoding.binary)
 Row = tuple[Value, ...]
 
 

@@ -107,6 +107,7 @@ LAYERS: dict[str, tuple[object, str, object, object, object, object]] = {
     "tables": (["public.f"], "public.e,public.e2", "public.g",
                ("public.f",), ("public.e", "public.e2"), ("public.g",)),
     "plugin": ("wal2json", "pgoutput", "wal2json", "wal2json", "pgoutput", "wal2json"),
+    "binary": ("on", "off", "auto", "on", "off", "auto"),
     "flush_rows": (10, "20", "30", 10, 20, 30),
     "flush_bytes": ("1KiB", "2KiB", "3KiB", 1024, 2048, 3072),
     "flush_seconds": ("1s", "2s", "3s", 1.0, 2.0, 3.0),

@@ -64,6 +64,7 @@ def stream(
     slot_busy_seconds: Annotated[str | None, option("slot_busy_seconds")] = None,
     lease_seconds: LeaseOpt = None,
     resync_chunk_rows: ResyncChunkRowsOpt = None, resync_wait_seconds: ResyncWaitOpt = None,
+    binary: Annotated[str | None, option("binary")] = None,
 ) -> None:
     """Stream changes from the slot into <lake>/raw/ until stopped (Ctrl-C / SIGTERM flush,
     acknowledge and exit 0).

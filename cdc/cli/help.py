@@ -34,6 +34,11 @@ HELP: dict[str, str] = {
         "truncates, for append-only tables (env: CDC_KEYLESS_TABLES; default: refuse)"),
     "plugin": (
         "Output plugin (env: CDC_PLUGIN; default: pgoutput)"),
+    "binary": (
+        "pgoutput's binary transfer (PostgreSQL 14+): auto uses it when cdc decodes every "
+        "published column's type in binary exactly (else text, saying which columns keep it "
+        "in text); on the same, but warns when it cannot; off: always text (env: CDC_BINARY; "
+        "default: off: measured no faster, see the README)"),
     "flush_rows": (
         "Flush when this many changes are buffered (env: CDC_FLUSH_ROWS; default: 200000)"),
     "flush_bytes": (

@@ -16,6 +16,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
+from cdc.decoding._binary cimport binary_render, binary_valid
 from cdc.decoding._buffers cimport Growable, grow, int64s, put, put_i64, take_buffer, utf8_valid
 from cdc.decoding._reader cimport (
     Reader, read_bytes, read_i16, read_i32, read_u8, read_u32, read_u64, reader_init,
@@ -24,7 +25,7 @@ from cdc.decoding._reader cimport (
 import pyarrow as pa
 
 from cdc.decoding.core import (
-    VALUE_OVERHEAD, check_begin, column_count, short_frame,
+    VALUE_OVERHEAD, check_begin, check_binary, column_count, short_frame,
     unchanged_outside_update, unknown_relation,
 )
 from cdc.decoding.pgoutput import decode
@@ -33,6 +34,7 @@ from cdc.events import UNCHANGED, Begin
 
 cdef enum:
     MAX_COLUMNS = 32767  # pgoutput's column count is an Int16
+    KIND_BINARY = 0x62  # 'b'
     KIND_NULL = 0x6E  # 'n'
     KIND_TEXT = 0x74  # 't'
     KIND_UNCHANGED = 0x75  # 'u'
@@ -58,11 +60,12 @@ cdef bint read_tuple(Reader* r, Span* spans, int* ncols) noexcept nogil:
     for i in range(n):
         kind = read_u8(r)
         spans[i].kind = kind
-        if kind == KIND_TEXT:
+        if kind == KIND_TEXT or kind == KIND_BINARY:
             length = read_i32(r)
             spans[i].length = length
             spans[i].data = read_bytes(r, length)
-            if spans[i].data == NULL or not utf8_valid(spans[i].data, length):
+            if spans[i].data == NULL or (kind == KIND_TEXT
+                                         and not utf8_valid(spans[i].data, length)):
                 r.bad = True
                 return False
         elif kind != KIND_NULL and kind != KIND_UNCHANGED:
@@ -75,7 +78,7 @@ cdef bint read_tuple(Reader* r, Span* spans, int* ncols) noexcept nogil:
 cdef inline bint same_value(Span* a, Span* b) noexcept nogil:
     if a.kind != b.kind:
         return False
-    if a.kind != KIND_TEXT:
+    if a.kind != KIND_TEXT and a.kind != KIND_BINARY:
         return True
     return a.length == b.length and memcmp(a.data, b.data, a.length) == 0
 
@@ -90,6 +93,7 @@ cdef class ColumnBuffer:
     cdef Growable* validity
     cdef Py_ssize_t* nulls
     cdef uint8_t* is_key
+    cdef uint8_t* codecs  # how each column's binary values are read (binary.Codec)
     cdef Growable ops, lsns, commit_lsns, seqs, xids, commit_ts
     # updates with unchanged TOAST values, as int32s: row, count, the columns' indexes ...
     cdef Growable unchanged
@@ -97,7 +101,7 @@ cdef class ColumnBuffer:
     cdef Py_ssize_t last_unchanged  # where the last row's entry starts (in int32s)
     cdef tuple names
 
-    def __cinit__(self, tuple names, tuple is_key):
+    def __cinit__(self, tuple names, tuple is_key, tuple codecs=()):
         cdef Py_ssize_t i
         self.ncols = len(names)
         self.names = names
@@ -107,13 +111,16 @@ cdef class ColumnBuffer:
         self.validity = <Growable*>PyMem_Malloc(n * sizeof(Growable))
         self.nulls = <Py_ssize_t*>PyMem_Malloc(n * sizeof(Py_ssize_t))
         self.is_key = <uint8_t*>PyMem_Malloc(n)
-        if not (self.offsets and self.data and self.validity and self.nulls and self.is_key):
+        self.codecs = <uint8_t*>PyMem_Malloc(n)
+        if not (self.offsets and self.data and self.validity and self.nulls and self.is_key
+                and self.codecs):
             raise MemoryError()
         memset(self.offsets, 0, n * sizeof(Growable))
         memset(self.data, 0, n * sizeof(Growable))
         memset(self.validity, 0, n * sizeof(Growable))
         for i in range(self.ncols):
             self.is_key[i] = 1 if is_key[i] else 0
+            self.codecs[i] = codecs[i] if i < len(codecs) else 0
         self._reset()
 
     def __dealloc__(self):
@@ -135,6 +142,7 @@ cdef class ColumnBuffer:
         PyMem_Free(self.validity)
         PyMem_Free(self.nulls)
         PyMem_Free(self.is_key)
+        PyMem_Free(self.codecs)
 
     cdef int _reset(self) except -1:
         cdef Py_ssize_t i
@@ -154,7 +162,7 @@ cdef class ColumnBuffer:
         return self.nrows
 
     cdef inline int _value(self, Py_ssize_t i, const unsigned char* src, Py_ssize_t n,
-                           bint valid) except -1:
+                           bint valid, bint binary=False) except -1:
         cdef Growable* v = &self.validity[i]
         cdef Growable* d = &self.data[i]
         cdef int32_t end
@@ -169,7 +177,13 @@ cdef class ColumnBuffer:
                 raise DecodeError(f"more than 2 GiB of text in column {self.names[i]!r} of "
                                   "one batch", fix="lower --flush-bytes (the default is 128MiB)")
             v.data[byte] |= <char>(1 << (self.nrows & 7))
-            if n:
+            if binary:
+                binary_render(self.codecs[i], src, n, d)
+                if d.length > OFFSET_LIMIT:
+                    raise DecodeError(f"more than 2 GiB of text in column {self.names[i]!r} "
+                                      "of one batch",
+                                      fix="lower --flush-bytes (the default is 128MiB)")
+            elif n:
                 put(d, src, n)
         else:
             self.nulls[i] += 1
@@ -206,6 +220,8 @@ cdef class ColumnBuffer:
         for i in range(self.ncols):
             if spans[i].kind == KIND_TEXT:
                 self._value(i, spans[i].data, spans[i].length, True)
+            elif spans[i].kind == KIND_BINARY:
+                self._value(i, spans[i].data, spans[i].length, True, True)
             else:
                 if spans[i].kind == KIND_UNCHANGED:
                     self._unchanged(<int32_t>i)
@@ -381,10 +397,24 @@ cdef class NativeDecoder:
             return None
         return self._message(payload, kind, lsn)
 
+    cdef bint _binary_ok(self, ColumnBuffer core, Span* spans, Py_ssize_t ncols) noexcept:
+        cdef Py_ssize_t i
+        for i in range(ncols):
+            if spans[i].kind == KIND_BINARY and not binary_valid(
+                    core.codecs[i], spans[i].data, spans[i].length):
+                return False
+        return True
+
     cdef object _message(self, bytes payload, uint8_t kind, uint64_t lsn):
         """A message the row path did not take: a control message, or a malformed one."""
         if kind == 0x49 or kind == 0x55 or kind == 0x44:  # 'I' 'U' 'D'
-            decode(payload)  # says what is malformed
+            event = decode(payload)  # says what is malformed
+            buffer = self.buffers.get(event.relation_oid)
+            relation = (buffer.relation if buffer is not None
+                        else self.relations.get(event.relation_oid))
+            if relation is not None:  # a binary value: binary.py says what is wrong with it
+                check_binary(relation, getattr(event, "old", None),
+                             getattr(event, "new", None))
             raise DecodeError(f"malformed pgoutput {chr(kind)!r} message",
                               fix="report this as a bug with the server version")
         event = decode(payload)
@@ -446,6 +476,11 @@ cdef class NativeDecoder:
         if buffer is None:
             buffer = self.batcher.buffer_for(relation)
         core = buffer.core
+        if not ((not has_old or self._binary_ok(core, self.old_spans, ncols))
+                and (not has_new or self._binary_ok(core, self.new_spans, ncols))):
+            if len(core) == 0:  # made for this row: leave no trace of it
+                del self.buffers[oid]
+            return False
 
         if kind == 0x55 and has_old and not old_is_key:
             # REPLICA IDENTITY FULL: unchanged TOAST values come from the old tuple, and

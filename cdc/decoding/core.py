@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
+from cdc.decoding.binary import text_row
 from cdc.decoding.pgoutput import decode, decode_tuple
 from cdc.errors import DecodeError
 from cdc.events import (
@@ -124,6 +125,16 @@ def check_begin(commit_lsn: Lsn, commit_ts: int) -> None:
                           fix="report this as a bug with the server version")
 
 
+def check_binary(relation: Relation, *tuples: Row | None) -> None:
+    """Every binary value of ``tuples`` (old first) is well formed, or DecodeError.
+
+    Both decoders check every tuple of a message before buffering any, and compare key
+    values (REPLICA IDENTITY FULL) as the server sent them, binary or text."""
+    for row in tuples:
+        if row is not None:
+            text_row(relation, row)
+
+
 def checked_rows(relation: Relation, rows: Iterable[tuple[str, Row]]) -> list[tuple[str, Row]]:
     """``rows`` after the checks both decoders make before buffering anything."""
     checked = list(rows)
@@ -175,6 +186,7 @@ class PureDecoder:
                 raise
             oid = int.from_bytes(payload[1:5])
             relation = self._relation(oid, row)
+            row = text_row(relation, row)
             self._add(relation, checked_rows(relation, [("c", row)]), lsn, len(payload))
             return None
         event = decode(payload)
@@ -182,14 +194,17 @@ class PureDecoder:
         if t is Update:
             upd: Update = event  # type: ignore[assignment]
             relation = self._relation(upd.relation_oid, upd.new, upd.old)
+            check_binary(relation, upd.old, upd.new)
             rows = checked_rows(relation, update_rows(relation, upd))
         elif t is Delete:
             dele: Delete = event  # type: ignore[assignment]
             relation = self._relation(dele.relation_oid, dele.old)
+            check_binary(relation, dele.old)
             rows = checked_rows(relation, [("d", dele.old)])
         elif t is Insert:  # an insert the fast path above did not take: not well formed
             ins: Insert = event  # type: ignore[assignment]
             relation = self._relation(ins.relation_oid, ins.new)
+            check_binary(relation, ins.new)
             rows = checked_rows(relation, [("c", ins.new)])
         else:
             if t is Begin:
@@ -202,7 +217,8 @@ class PureDecoder:
     def _add(self, relation: Relation, rows: Sequence[tuple[str, Row | None]], lsn: Lsn,
              nbytes: int) -> None:
         buffer = self.batcher.buffers.get(relation.oid) or self.batcher.buffer_for(relation)
-        for op, row in rows:
+        for op, values in rows:
+            row = None if values is None else text_row(relation, values)
             buffer.append(op, row, lsn, self.commit_lsn, self.seq, self.xid, self.commit_ts)
             self.seq += 1
         self.stats.changes += len(rows)

@@ -59,7 +59,9 @@ def _cstring(buf: bytes, pos: int) -> tuple[str, int]:
 
 
 def decode_tuple(buf: bytes, pos: int) -> tuple[Row, int]:
-    """Decode TupleData at ``pos``; return the row and the position after it."""
+    """Decode TupleData at ``pos``; return the row and the position after it.
+
+    A binary value is returned as its bytes (``cdc.decoding.binary`` reads it)."""
     (ncols,) = _unpack_int16(buf, pos)
     if ncols < 0:
         raise ValueError(f"negative column count {ncols}")
@@ -77,6 +79,13 @@ def decode_tuple(buf: bytes, pos: int) -> tuple[Row, int]:
                 raise ValueError(f"text value of {length} bytes overruns the message")
             append(buf[pos : pos + length].decode("utf-8"))
             pos += length
+        elif kind == 0x62:  # 'b' binary (binary 'true'): decoded against the column's type
+            (length,) = _unpack_int32(buf, pos)
+            pos += 4
+            if length < 0 or pos + length > end:
+                raise ValueError(f"binary value of {length} bytes overruns the message")
+            append(bytes(buf[pos : pos + length]))
+            pos += length
         elif kind == 0x6E:  # 'n' null
             append(None)
         elif kind == 0x75:  # 'u' unchanged TOASTed value
@@ -84,7 +93,7 @@ def decode_tuple(buf: bytes, pos: int) -> tuple[Row, int]:
         else:
             raise DecodeError(
                 f"pgoutput tuple column kind {chr(kind)!r} is not supported",
-                fix="cdc reads protocol version 1 in text format; do not set the binary option",
+                fix="report this as a bug with the server version",
             )
     return tuple(values), pos
 

@@ -25,7 +25,7 @@ import select
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import psycopg
 from psycopg import sql
@@ -62,8 +62,9 @@ def parse_pg_duration(text: str) -> float:
 class ReplicationStream:
     """One START_REPLICATION session: read CopyData frames, send standby status updates."""
 
-    def __init__(self, dsn: str, slot: str, publication: str, start_lsn: Lsn,
-                 plugin: str = "pgoutput", *, silence_seconds: float = 0.0) -> None:
+    def __init__(self, dsn: str, slot: str, publication: str, start_lsn: Lsn,  # noqa: PLR0913
+                 plugin: str = "pgoutput", *, silence_seconds: float = 0.0,
+                 binary: bool = False) -> None:
         self.dsn = dsn
         self.flushed: Lsn = start_lsn
         self.silent_for = 0.0  # seconds waited since the last message
@@ -73,7 +74,7 @@ class ReplicationStream:
         try:  # a failed start must not leave the slot held by a half-open session
             with translated(dsn):
                 self.silence = silence_seconds or self._server_silence()
-                self._start(slot, publication, start_lsn, plugin)
+                self._start(slot, publication, start_lsn, plugin, binary)
         except BaseException:
             self.close()
             raise
@@ -91,14 +92,15 @@ class ReplicationStream:
         timeout = parse_pg_duration(value.decode()) if value else 0.0
         return timeout or DEFAULT_SILENCE
 
-    def _start(self, slot: str, publication: str, start_lsn: Lsn, plugin: str) -> None:
+    def _start(self, slot: str, publication: str, start_lsn: Lsn, plugin: str,
+               binary: bool) -> None:
         if plugin == "wal2json":  # tables are filtered by the decoder (the publication's)
             from cdc.decoding.wal2json import OPTIONS
             options = sql.SQL(", ").join(sql.SQL("{} {}").format(
                 sql.Identifier(k), sql.Literal(v)) for k, v in OPTIONS)
         else:
-            options = sql.SQL("proto_version '1', publication_names {}").format(
-                sql.Literal(publication))
+            options = sql.SQL("proto_version '1', publication_names {}{}").format(
+                sql.Literal(publication), sql.SQL(", binary 'true'" if binary else ""))
         command = sql.SQL("START_REPLICATION SLOT {} LOGICAL {} ({})").format(
             sql.Identifier(slot), sql.SQL(format_lsn(start_lsn)), options)
         pgconn = self.conn.pgconn
@@ -223,6 +225,34 @@ class ReplicationStream:
     def close(self) -> None:
         with contextlib.suppress(psycopg.Error):  # the connection may already be broken
             self.conn.close()
+
+
+#: the published columns whose type cdc cannot read in binary (cdc.decoding.binary)
+_BINARY_REFUSALS = sql.SQL(
+    "SELECT DISTINCT p.schemaname, p.tablename, a.attname, format_type(a.atttypid, a.atttypmod) "
+    "FROM pg_publication_tables p "
+    "JOIN pg_namespace n ON n.nspname = p.schemaname "
+    "JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename "
+    "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped "
+    "AND a.attgenerated = '' "
+    "WHERE p.pubname = ANY(%s) AND NOT a.atttypid = ANY(%s) ORDER BY 1, 2, 3")
+#: pgoutput's binary option exists since PostgreSQL 14
+BINARY_SINCE = 140000
+
+
+def binary_refusals(conn: psycopg.Connection[tuple[object, ...]], publications: list[str],
+                    supported: Sequence[int]) -> list[str]:
+    """Why a session must not use binary transfer: each published column whose type has no
+    binary decoder (``schema.table.column (type)``), or the server being older than 14.
+
+    PostgreSQL 14/15 send *every* column in binary once asked (proto.c: no per-column text
+    fallback for types that have a send function), so one such column anywhere in the
+    publication means text for the whole session."""
+    if conn.info.server_version < BINARY_SINCE:
+        return [f"the server is PostgreSQL {conn.info.server_version // 10000} "
+                "(binary transfer needs 14 or later)"]
+    rows = conn.execute(_BINARY_REFUSALS, (publications, list(supported))).fetchall()
+    return [f"{schema}.{table}.{column} ({pg_type})" for schema, table, column, pg_type in rows]
 
 
 def _wait(ready: list[int]) -> None:

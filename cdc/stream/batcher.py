@@ -20,6 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from cdc.decoding.binary import CODECS, Codec
 from cdc.decoding.core import ChangeCounter, Decoder, PureDecoder, native_module
 from cdc.decoding.pgtypes import ColumnType, PgType, TypeFacts, column_type, convert_column
 from cdc.errors import ConversionError
@@ -167,7 +168,9 @@ class NativeTableBuffer(TableBuffer):
         native = importlib.import_module("cdc.decoding._native")
         # names as the lake holds them: for _unchanged (cdc.lake.columns)
         self.core: Any = native.ColumnBuffer(tuple(lake_column(c.name) for c in relation.columns),
-                                             tuple(c.is_key for c in relation.columns))
+                                             tuple(c.is_key for c in relation.columns),
+                                             tuple(int(CODECS.get(c.type_oid, Codec.NONE))
+                                                   for c in relation.columns))
         super().__init__(relation, type_names, type_facts, column_facts, quarantine)
 
     def _clear(self) -> None:

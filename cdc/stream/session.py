@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING
 import pyarrow.compute as pc
 import structlog
 
+from cdc.decoding.binary import CODECS
 from cdc.decoding.pgtypes import column_type, is_builtin
 from cdc.decoding.wal2json import Wal2JsonDecoder
+from cdc.errors import BinaryRefused
 from cdc.events import (
     Begin,
     Commit,
@@ -93,9 +95,11 @@ class Session:
                     insert_only=set(admin.insert_only_tables(self.settings.publication)),
                     generated=lambda schema, table: Admin(self.side.get(), self.settings.dsn)
                     .generated_columns(schema, table))
+            self.binary = streamer.binary = streamer.choose_binary(self.side.get())
             # last: nothing after it can fail and leave the slot held (ReplicationStream
             # closes its own connection when START_REPLICATION fails)
             self.source = streamer.open_source(start)
+            streamer.stats.binary_sessions += self.binary
         except BaseException:
             self.side.close()
             raise
@@ -187,6 +191,8 @@ class Session:
             metrics.TRANSACTIONS.inc()
         elif t is Relation:
             rel: Relation = event  # type: ignore[assignment]
+            if self.binary:
+                self._check_binary(rel)
             if rel.replica_identity == "f":
                 # under REPLICA IDENTITY FULL pgoutput flags every column as key
                 rel = with_key(rel, self.catalog.primary_key(rel.oid))
@@ -214,6 +220,24 @@ class Session:
             info: TypeInfo = event  # type: ignore[assignment]
             batcher.type_names[info.oid] = f"{info.schema}.{info.name}"
         # Origin and Message carry nothing for the raw layer
+
+    def _check_binary(self, rel: Relation) -> None:
+        """A table (or a new version of it) with a column cdc cannot decode in binary, in a
+        binary session: its rows would arrive in binary. Nothing of it is buffered yet and
+        nothing past the checkpoint is acknowledged, so end the session; the streamer
+        reconnects in text from the checkpoint (at-least-once: what the dropped buffers held
+        is read again, with the same ``_commit_lsn`` and ``_seq``)."""
+        names = self.batcher.type_names
+        text = [f"{rel.qualified_name}.{c.name} "
+                f"({column_type(c.type_oid, c.type_modifier, names.get(c.type_oid)).pg_type})"
+                for c in rel.columns if c.type_oid not in CODECS]
+        if text:
+            self.streamer.binary_refused = ", ".join(text)
+            raise BinaryRefused(
+                f"the stream (binary transfer) reached a version of {rel.qualified_name} with "
+                f"columns cdc decodes only in text: {', '.join(text)}",
+                fix="none needed: cdc reconnects in text from its checkpoint and stays in text "
+                "until restarted")
 
     def _add(self, oid: int, op: str, row: tuple[object, ...] | None, lsn: Lsn,
              nbytes: int) -> None:

@@ -12,10 +12,12 @@ import time
 from dataclasses import dataclass, field
 from types import FrameType
 
+import psycopg
 import structlog
 
 from cdc.config import Settings
-from cdc.errors import CdcError, SlotError
+from cdc.decoding.binary import SUPPORTED_TYPES
+from cdc.errors import BinaryRefused, CdcError, SlotError
 from cdc.events import Lsn, format_lsn
 from cdc.lake.checkpoint import CheckpointStore
 from cdc.lake.contracts import Contracts
@@ -29,7 +31,7 @@ from cdc.source import publication
 from cdc.source.admin import Admin
 from cdc.source.connection import connect, describe
 from cdc.source.protocol import Source, SourceFactory
-from cdc.source.replication import Reconnects, ReplicationStream
+from cdc.source.replication import Reconnects, ReplicationStream, binary_refusals
 from cdc.staged.runner import CompactionLoop, parse_keys
 from cdc.stream.batcher import FlushLimits
 from cdc.stream.session import Session
@@ -44,6 +46,7 @@ class StreamStats:
     files: int = 0
     rows_written: int = 0
     reconnects: int = 0
+    binary_sessions: int = 0  # sessions that streamed with pgoutput's binary transfer
     started: float = field(default_factory=time.monotonic)
 
 
@@ -83,11 +86,34 @@ class Streamer:
         self.compactor: CompactionLoop | None = None
         #: re-reads the tables that join the publication (the table keeper tells it)
         self.backfills = Backfiller(settings, lake)
+        #: the next session's transfer format (``choose_binary``), and why this process
+        #: streams in text after a binary session met a column it cannot decode in binary
+        self.binary = False
+        self.binary_refused: str | None = None
 
     def _replication(self, start_lsn: Lsn) -> Source:
         s = self.settings
         return ReplicationStream(s.dsn, s.slot, ",".join(self.publications), start_lsn,
-                                 s.plugin, silence_seconds=s.silence_seconds)
+                                 s.plugin, silence_seconds=s.silence_seconds,
+                                 binary=self.binary)
+
+    def choose_binary(self, conn: psycopg.Connection[tuple[object, ...]]) -> bool:
+        """Whether the next session asks pgoutput for binary values (``--binary``): only
+        when every published column has a binary decoder (``cdc.decoding.binary``)."""
+        s = self.settings
+        if s.binary == "off" or s.plugin != "pgoutput":
+            return False
+        reasons = ([self.binary_refused] if self.binary_refused is not None
+                   else binary_refusals(conn, self.publications, SUPPORTED_TYPES))
+        if reasons:
+            (log.warning if s.binary == "on" else log.info)(
+                "binary_transfer_off", text_columns=reasons,
+                why="cdc decodes these columns' types only in text, and PostgreSQL sends "
+                "every column of a binary session in binary: this session streams every "
+                "column in text")
+            return False
+        log.info("binary_transfer_on")
+        return True
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -170,6 +196,10 @@ class Streamer:
                     raise
                 if self.stopper.requested:
                     return self.stats
+                if isinstance(exc, BinaryRefused):  # at once, in text, from the checkpoint
+                    self.stats.reconnects += 1
+                    log.warning("reconnecting_in_text", error=str(exc))
+                    continue
                 delay = reconnects.next_delay(exc, time.monotonic() - started)
                 self.stats.reconnects += 1
                 log.warning("reconnecting", error=str(exc), retry_in_s=delay)
