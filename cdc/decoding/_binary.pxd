@@ -69,10 +69,10 @@ cdef inline uint64_t be(const unsigned char* p, int n) noexcept nogil:
 
 
 cdef inline int64_t floordiv(int64_t a, int64_t b) noexcept nogil:
-    cdef int64_t q = a // b
-    if (a % b != 0) and ((a < 0) != (b < 0)):
-        q -= 1
-    return q
+    """Floor of a / b for b > 0, whether or not the includer compiles with cdivision."""
+    if a >= 0:
+        return a // b
+    return -((-(a + 1)) // b) - 1
 
 
 cdef inline void civil(int64_t days, int64_t* year, int* month, int* day) noexcept nogil:
