@@ -9,7 +9,8 @@ measured in the same run on the same machine.
     python bench/stream.py --shape narrow     # 1M inserts, 250k updates, 67k deletes
     python bench/stream.py --shape wide       # 1M inserts, 250k updates, 5k small tx, 50k
     python bench/stream.py --rows 200000 --updates 50000 --small-tx 2000 --deletes 10000
-    python bench/stream.py --rounds 3        # three slot pairs, medians (less noise)
+    python bench/stream.py --rounds 3        # three slot sets, medians (less noise)
+    python bench/stream.py --binary off      # cdc in text only (default: text and binary)
     python bench/stream.py --dsn postgresql://postgres@127.0.0.1:5432/postgres
 
 Shapes (bench/workload.py): ``narrow`` is ``bench(id bigserial, customer_id int,
@@ -54,8 +55,11 @@ import pyarrow.parquet as pq
 from workload import SHAPES, Shape, rate, server, shape
 
 SLOT_CDC = "bench_cdc"
+SLOT_BINARY = "bench_bin"
 SLOT_RECV = "bench_recv"
-SLOT_PATTERN = "^bench_(cdc|recv)(_[0-9]+)?$"
+SLOT_PATTERN = "^bench_(cdc|bin|recv)(_[0-9]+)?$"
+#: --binary → the cdc runs of each round: text (--binary off) and/or binary (--binary on)
+MODES = {"off": ("text",), "on": ("binary",), "both": ("text", "binary")}
 PUBLICATION = "bench_pub"
 TABLE = "bench"
 TARGET_RATIO = 0.9
@@ -132,7 +136,7 @@ class Expected:
 @dataclass
 class Round:
     recv: Measured
-    cdc: Measured
+    cdc: dict[str, Measured]  # by mode: text, binary
     lake_rows: int
     lake_files: int
 
@@ -180,11 +184,15 @@ def run_measured(cmd: Sequence[str]) -> Measured:
                     text, busy)
 
 
-def slot_pairs(rounds: int) -> list[tuple[str, str]]:
-    """(pg_recvlogical slot, cdc slot) of each round."""
-    pairs = [(SLOT_RECV, SLOT_CDC)]
-    pairs += [(f"{SLOT_RECV}_{i}", f"{SLOT_CDC}_{i}") for i in range(2, rounds + 1)]
-    return pairs
+def slot_pairs(rounds: int, modes: Sequence[str]) -> list[tuple[str, dict[str, str]]]:
+    """(pg_recvlogical slot, cdc slot by mode) of each round."""
+    names = {"text": SLOT_CDC, "binary": SLOT_BINARY}
+
+    def suffix(i: int) -> str:
+        return "" if i == 1 else f"_{i}"
+
+    return [(SLOT_RECV + suffix(i), {m: names[m] + suffix(i) for m in modes})
+            for i in range(1, rounds + 1)]
 
 
 def drop_slots(conn: Conn) -> None:
@@ -192,15 +200,15 @@ def drop_slots(conn: Conn) -> None:
                  "WHERE slot_name ~ %s", (SLOT_PATTERN,))
 
 
-def prepare(conn: Conn, rounds: int, table: Shape) -> int:
+def prepare(conn: Conn, rounds: int, table: Shape, modes: Sequence[str]) -> int:
     """Table, publication and every round's slots; the LSN at which the slots start."""
     drop_slots(conn)
     conn.execute(f"DROP PUBLICATION IF EXISTS {PUBLICATION}")
     conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
     conn.execute(table.schema)
     conn.execute(f"CREATE PUBLICATION {PUBLICATION} FOR ALL TABLES")
-    for pair in slot_pairs(rounds):
-        for slot in pair:
+    for recv, cdc in slot_pairs(rounds, modes):
+        for slot in (recv, *cdc.values()):
             conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
     row = conn.execute("SELECT max(confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots "
                        "WHERE slot_name ~ %s", (SLOT_PATTERN,)).fetchone()
@@ -261,14 +269,14 @@ def recv_command(dsn: str, slot: str, end_lsn: str) -> list[str]:
             "--endpos", end_lsn, "-f", "/dev/null", "--no-loop"]
 
 
-def cdc_command(dsn: str, slot: str, lake: Path, args: argparse.Namespace) -> list[str]:
+def cdc_command(dsn: str, slot: str, lake: Path, args: argparse.Namespace,
+                mode: str) -> list[str]:
     cmd = [sys.executable, "-m", "cdc", "stream", "--dsn", dsn, "--lake", str(lake),
            "--slot", slot, "--publication", PUBLICATION, "--until-caught-up",
            "--log-level", "warning"]
     if args.flush_rows is not None:
         cmd += ["--flush-rows", str(args.flush_rows)]
-    if args.binary:
-        cmd += ["--binary"]
+    cmd += ["--binary", "on" if mode == "binary" else "off"]
     if args.cdc_wrapper:
         cmd = [*shlex.split(args.cdc_wrapper), *cmd]
     return cmd
@@ -282,36 +290,44 @@ def busy_note(m: Measured) -> str:
 def busy_runs(rounds: Sequence[Round]) -> list[str]:
     """Runs during which the machine's CPUs were (nearly) saturated."""
     return [f"round {i} {name} ({m.machine_busy:.0%})"
-            for i, r in enumerate(rounds, start=1) for name, m in (("pg_recvlogical", r.recv),
-                                                                  ("cdc", r.cdc))
+            for i, r in enumerate(rounds, start=1)
+            for name, m in (("pg_recvlogical", r.recv),
+                            *((f"cdc {k}", v) for k, v in r.cdc.items()))
             if m.machine_busy is not None and m.machine_busy >= SATURATED]
 
 
-def run_round(dsn: str, slots: tuple[str, str], end_lsn: str, lake: Path,  # noqa: PLR0913, PLR0917  one round's server, lake, workload and tallies
+def run_round(dsn: str, slots: tuple[str, dict[str, str]], end_lsn: str, lake: Path,  # noqa: PLR0913, PLR0917  one round's server, lake, workload and tallies
               args: argparse.Namespace, expected: Expected, failures: list[str]) -> Round:
-    """Drain one slot pair: pg_recvlogical first, then cdc into ``lake``; check the lake."""
-    recv_slot, cdc_slot = slots
+    """Drain one round's slots: pg_recvlogical first, then cdc in each mode (text and binary
+    alternate which goes first, round by round) into ``lake/<mode>``; check each lake."""
+    recv_slot, cdc_slots = slots
     recv = run_measured(recv_command(dsn, recv_slot, end_lsn))
     if recv.returncode != 0:
         failures.append(f"pg_recvlogical exited {recv.returncode}: {recv.stderr.strip()[-500:]}")
     print(f"  pg_recvlogical ({recv_slot}): {recv.seconds:.2f}s{busy_note(recv)}", flush=True)
-    cdc = run_measured(cdc_command(dsn, cdc_slot, lake, args))
-    if cdc.returncode != 0:
-        failures.append(f"cdc stream exited {cdc.returncode}: {cdc.stderr.strip()[-2000:]}")
-    print(f"  cdc stream ({cdc_slot}): {cdc.seconds:.2f}s{busy_note(cdc)}  "
-          f"[{cdc.stderr.strip()[-120:]}]", flush=True)
-    written, ops, nfiles = lake_rows(lake)
-    if written != expected.total or dict(ops) != expected.by_op:
-        failures.append(f"MISMATCH ({cdc_slot}): the lake holds {written} rows {dict(ops)}, "
-                        f"expected {expected.total} {expected.by_op}")
-    return Round(recv, cdc, written, nfiles)
+    cdc: dict[str, Measured] = {}
+    order = list(cdc_slots) if args.round % 2 else list(reversed(cdc_slots))
+    written, nfiles = 0, 0
+    for mode in order:
+        slot = cdc_slots[mode]
+        run = run_measured(cdc_command(dsn, slot, lake / mode, args, mode))
+        if run.returncode != 0:
+            failures.append(f"cdc stream exited {run.returncode}: {run.stderr.strip()[-2000:]}")
+        print(f"  cdc stream {mode} ({slot}): {run.seconds:.2f}s{busy_note(run)}  "
+              f"[{run.stderr.strip()[-120:]}]", flush=True)
+        written, ops, nfiles = lake_rows(lake / mode)
+        if written != expected.total or dict(ops) != expected.by_op:
+            failures.append(f"MISMATCH ({slot}): the lake holds {written} rows {dict(ops)}, "
+                            f"expected {expected.total} {expected.by_op}")
+        cdc[mode] = run
+    return Round(recv, {m: cdc[m] for m in cdc_slots}, written, nfiles)
 
 
 def stream_all(dsn: str, args: argparse.Namespace, lake_root: Path, table: Shape,
                failures: list[str]) -> tuple[Expected, float, list[Round]]:
     """Prepare, run the workload, then drain every slot pair."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        start_lsn = prepare(conn, args.rounds, table)
+        start_lsn = prepare(conn, args.rounds, table, MODES[args.binary])
         try:
             expected = workload(conn, args, table)
             end_lsn, end_lsn_text = current_lsn(conn)
@@ -320,8 +336,9 @@ def stream_all(dsn: str, args: argparse.Namespace, lake_root: Path, table: Shape
                   f"{expected.updates} updates, {expected.deletes} deletes); "
                   f"WAL {wal_mb:.0f} MB up to {end_lsn_text}", flush=True)
             rounds = []
-            for i, slots in enumerate(slot_pairs(args.rounds), start=1):
+            for i, slots in enumerate(slot_pairs(args.rounds, MODES[args.binary]), start=1):
                 print(f"round {i}/{args.rounds}", flush=True)
+                args.round = i
                 lake = lake_root / f"round{i}"
                 rounds.append(run_round(dsn, slots, end_lsn_text, lake, args, expected,
                                         failures))
@@ -339,35 +356,57 @@ def report(args: argparse.Namespace, expected: Expected, wal_mb: float, rounds: 
     """Print the human report; the machine-readable summary."""
     n = expected.total
     recv_s = statistics.median(r.recv.seconds for r in rounds)
-    cdc_s = statistics.median(r.cdc.seconds for r in rounds)
-    recv_rate, cdc_rate = rate(n, recv_s), rate(n, cdc_s)
-    ratio = cdc_rate / recv_rate if recv_rate else 0.0
-    rss_mb = max(r.cdc.rss_mb for r in rounds)
-    cdc_cpu = statistics.median(r.cdc.cpu_seconds for r in rounds)
+    recv_rate = rate(n, recv_s)
     recv_cpu = statistics.median(r.recv.cpu_seconds for r in rounds)
-    ok_ratio, ok_rss = ratio >= TARGET_RATIO, rss_mb <= TARGET_RSS_MB
     med = " (median)" if len(rounds) > 1 else ""
+    modes = list(rounds[0].cdc)
 
     print()
-    mode = " (cdc in pure Python)" if args.pure_python else ""
-    mode += " (cdc --binary)" if args.binary else ""
-    print(f"streaming benchmark, {table.name} rows{mode}: {len(rounds)} round(s), each "
-          "pg_recvlogical then cdc on its own slot of the same changes")
+    mode_note = " (cdc in pure Python)" if args.pure_python else ""
+    print(f"streaming benchmark, {table.name} rows{mode_note}: {len(rounds)} round(s), each "
+          f"pg_recvlogical (text) then cdc {' and '.join(modes)} on their own slots of the "
+          "same changes")
     print(f"  changes                {n:>12,}   (lake rows {rounds[-1].lake_rows:,} in "
           f"{rounds[-1].lake_files} files)")
     print(f"  WAL decoded            {wal_mb:>12.0f} MB")
     if len(rounds) > 1:
         for i, r in enumerate(rounds, start=1):
-            print(f"  round {i}: pg_recvlogical {r.recv.seconds:6.2f} s, cdc {r.cdc.seconds:6.2f} s"
-                  f" (CPU {r.cdc.cpu_seconds:5.2f} s), ratio {r.recv.seconds / r.cdc.seconds:.2f}")
+            runs = ", ".join(f"cdc {m} {r.cdc[m].seconds:6.2f} s (CPU {r.cdc[m].cpu_seconds:5.2f}"
+                             f" s, ratio {r.recv.seconds / r.cdc[m].seconds:.2f})" for m in modes)
+            print(f"  round {i}: pg_recvlogical {r.recv.seconds:6.2f} s, {runs}")
     print(f"  pg_recvlogical{med:9s} {recv_s:>12.2f} s   {recv_rate:>10,.0f} changes/s   "
           f"CPU {recv_cpu:.2f} s ({recv_cpu / n * 1e6:.1f} µs/change)")
-    print(f"  cdc stream{med:13s} {cdc_s:>12.2f} s   {cdc_rate:>10,.0f} changes/s   "
-          f"CPU {cdc_cpu:.2f} s ({cdc_cpu / n * 1e6:.1f} µs/change)")
-    print(f"  ratio (cdc / recv)     {ratio:>12.2f}     target ≥ {TARGET_RATIO}  "
-          f"{'OK' if ok_ratio else 'MISSED'}")
-    print(f"  cdc peak RSS           {rss_mb:>12.0f} MB    target ≤ {TARGET_RSS_MB:.0f} MB  "
-          f"{'OK' if ok_rss else 'MISSED'}")
+    summary: dict[str, object] = {
+        "bench": "stream", "shape": table.name, "pure_python": args.pure_python,
+        "modes": modes, "rows": args.rows, "updates": args.updates,
+        "small_tx": args.small_tx, "deletes": args.deletes, "flush_rows": args.flush_rows,
+        "rounds": len(rounds), "changes": n, "lake_rows": [r.lake_rows for r in rounds],
+        "lake_files": [r.lake_files for r in rounds], "wal_mb": round(wal_mb, 1),
+        "recv_seconds": round(recv_s, 3), "recv_changes_per_s": round(recv_rate),
+        "recv_cpu_seconds": round(recv_cpu, 2),
+        "recv_seconds_all": [round(r.recv.seconds, 3) for r in rounds],
+        "target_ratio": TARGET_RATIO, "target_rss_mb": TARGET_RSS_MB, "counts_ok": not failures,
+    }
+    for m in modes:
+        cdc_s = statistics.median(r.cdc[m].seconds for r in rounds)
+        cdc_rate = rate(n, cdc_s)
+        ratio = cdc_rate / recv_rate if recv_rate else 0.0
+        rss_mb = max(r.cdc[m].rss_mb for r in rounds)
+        cdc_cpu = statistics.median(r.cdc[m].cpu_seconds for r in rounds)
+        ok_ratio, ok_rss = ratio >= TARGET_RATIO, rss_mb <= TARGET_RSS_MB
+        label = f"cdc {m}{med}"
+        print(f"  {label:22s} {cdc_s:>12.2f} s   {cdc_rate:>10,.0f} changes/s   "
+              f"CPU {cdc_cpu:.2f} s ({cdc_cpu / n * 1e6:.1f} µs/change)")
+        print(f"    ratio (cdc {m} / recv) {ratio:>8.2f}     target ≥ {TARGET_RATIO}  "
+              f"{'OK' if ok_ratio else 'MISSED'}")
+        print(f"    peak RSS           {rss_mb:>12.0f} MB    target ≤ {TARGET_RSS_MB:.0f} MB  "
+              f"{'OK' if ok_rss else 'MISSED'}")
+        summary[m] = {
+            "cdc_seconds": round(cdc_s, 3), "cdc_changes_per_s": round(cdc_rate),
+            "cdc_cpu_seconds": round(cdc_cpu, 2), "cdc_rss_mb": round(rss_mb, 1),
+            "cdc_seconds_all": [round(r.cdc[m].seconds, 3) for r in rounds],
+            "cdc_cpu_seconds_all": [round(r.cdc[m].cpu_seconds, 2) for r in rounds],
+            "ratio": round(ratio, 3), "ratio_ok": ok_ratio, "rss_ok": ok_rss}
     busy = busy_runs(rounds)
     if busy:
         print(f"  WARNING: the machine's CPUs were saturated during {', '.join(busy)}: other "
@@ -375,25 +414,11 @@ def report(args: argparse.Namespace, expected: Expected, wal_mb: float, rounds: 
               "not comparable; run again on a quiet machine")
     for failure in failures:
         print(f"\n!!!!!!!! {failure}", file=sys.stderr)
-    return {
-        "bench": "stream", "shape": table.name, "pure_python": args.pure_python,
-        "binary": args.binary, "rows": args.rows, "updates": args.updates,
-        "small_tx": args.small_tx, "deletes": args.deletes, "flush_rows": args.flush_rows,
-        "rounds": len(rounds), "changes": n, "lake_rows": [r.lake_rows for r in rounds],
-        "lake_files": [r.lake_files for r in rounds], "wal_mb": round(wal_mb, 1),
-        "recv_seconds": round(recv_s, 3), "recv_changes_per_s": round(recv_rate),
-        "recv_cpu_seconds": round(recv_cpu, 2),
-        "cdc_seconds": round(cdc_s, 3), "cdc_changes_per_s": round(cdc_rate),
-        "cdc_cpu_seconds": round(cdc_cpu, 2), "cdc_rss_mb": round(rss_mb, 1),
-        "recv_seconds_all": [round(r.recv.seconds, 3) for r in rounds],
-        "cdc_seconds_all": [round(r.cdc.seconds, 3) for r in rounds],
-        "cdc_cpu_seconds_all": [round(r.cdc.cpu_seconds, 2) for r in rounds],
-        "machine_busy_all": [[round(m.machine_busy, 2) if m.machine_busy is not None else None
-                              for m in (r.recv, r.cdc)] for r in rounds],
-        "busy_machine": bool(busy),
-        "ratio": round(ratio, 3), "target_ratio": TARGET_RATIO, "target_rss_mb": TARGET_RSS_MB,
-        "ratio_ok": ok_ratio, "rss_ok": ok_rss, "counts_ok": not failures,
-    }
+    summary["machine_busy_all"] = [
+        [round(m.machine_busy, 2) if m.machine_busy is not None else None
+         for m in (r.recv, *r.cdc.values())] for r in rounds]
+    summary["busy_machine"] = bool(busy)
+    return summary
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -413,8 +438,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="the table's row shape (default both: narrow, then wide)")
     p.add_argument("--pure-python", action="store_true",
                    help="run cdc with CDC_PURE_PYTHON=1 (the pure-Python decoder)")
-    p.add_argument("--binary", action="store_true",
-                   help="run cdc stream --binary (pgoutput's binary transfer)")
+    p.add_argument("--binary", choices=sorted(MODES), default="both",
+                   help="cdc's transfer format: off (text), on (pgoutput's binary transfer) "
+                   "or both, each round draining one slot per format (default both); "
+                   "pg_recvlogical always reads text")
     p.add_argument("--dsn", default=None,
                    help="use this server instead of a throwaway local cluster; its table "
                    f"{TABLE!r}, publication {PUBLICATION!r} and slots {SLOT_RECV!r}, "
