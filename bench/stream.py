@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +104,9 @@ class Measured:
     returncode: int
     stderr: str
     machine_busy_seconds: float | None = None  # CPU seconds of every process meanwhile
+    #: CPU seconds of the server's processes that ended meanwhile: the walsender (and the
+    #: consumer's other connections), read from the postmaster's reaped children
+    server_cpu_seconds: float | None = None
 
     @property
     def rss_mb(self) -> float:
@@ -153,7 +156,41 @@ def machine_busy() -> float | None:
     return (user + nice + system + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def run_measured(cmd: Sequence[str]) -> Measured:
+def server_stat(dsn: str) -> Path | None:
+    """/proc/<postmaster>/stat of a server on this machine, or None."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SHOW data_directory").fetchone()
+    try:
+        pid = int(Path(str(row[0] if row else ""), "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    stat = Path(f"/proc/{pid}/stat")
+    return stat if stat.exists() else None
+
+
+def reaped_cpu(stat: Path | None) -> float | None:
+    """CPU seconds of the postmaster's ended (reaped) children so far: cutime + cstime."""
+    if stat is None:
+        return None
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+def settled_reaped_cpu(stat: Path | None) -> float | None:
+    """:func:`reaped_cpu` once the consumer's walsender has ended and been reaped (the
+    value holds still for 0.2 s; at most 5 s)."""
+    value = reaped_cpu(stat)
+    deadline = time.monotonic() + 5
+    while stat is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        again = reaped_cpu(stat)
+        if again == value:
+            break
+        value = again
+    return value
+
+
+def run_measured(cmd: Sequence[str], stat: Path | None = None) -> Measured:
     """Run ``cmd``; its wall time, CPU time and its own peak RSS.
 
     ``wait4``'s ``ru_maxrss`` of a child forked from this process never reads below
@@ -166,11 +203,13 @@ def run_measured(cmd: Sequence[str]) -> Measured:
         if GNU_TIME.exists():
             full = [str(GNU_TIME), "-f", "%M %U %S", "-o", report.name, *full]
         busy_before = machine_busy()
+        server_before = settled_reaped_cpu(stat)
         started = time.perf_counter()
         proc = subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - started
         busy_after = machine_busy()
+        server_after = settled_reaped_cpu(stat)
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
         err.seek(0)
         text = err.read().decode(errors="replace")
@@ -180,8 +219,10 @@ def run_measured(cmd: Sequence[str]) -> Measured:
             max_rss_kib = int(fields[0])
     # CPU: wait4 counts the child and its reaped descendants (GNU time's command)
     busy = None if busy_before is None or busy_after is None else busy_after - busy_before
+    server = (None if server_before is None or server_after is None
+              else server_after - server_before)
     return Measured(seconds, usage.ru_utime + usage.ru_stime, max_rss_kib, proc.returncode,
-                    text, busy)
+                    text, busy, server)
 
 
 def slot_pairs(rounds: int, modes: Sequence[str]) -> list[tuple[str, dict[str, str]]]:
@@ -301,7 +342,8 @@ def run_round(dsn: str, slots: tuple[str, dict[str, str]], end_lsn: str, lake: P
     """Drain one round's slots: pg_recvlogical first, then cdc in each mode (text and binary
     alternate which goes first, round by round) into ``lake/<mode>``; check each lake."""
     recv_slot, cdc_slots = slots
-    recv = run_measured(recv_command(dsn, recv_slot, end_lsn))
+    stat = server_stat(dsn)
+    recv = run_measured(recv_command(dsn, recv_slot, end_lsn), stat)
     if recv.returncode != 0:
         failures.append(f"pg_recvlogical exited {recv.returncode}: {recv.stderr.strip()[-500:]}")
     print(f"  pg_recvlogical ({recv_slot}): {recv.seconds:.2f}s{busy_note(recv)}", flush=True)
@@ -310,7 +352,7 @@ def run_round(dsn: str, slots: tuple[str, dict[str, str]], end_lsn: str, lake: P
     written, nfiles = 0, 0
     for mode in order:
         slot = cdc_slots[mode]
-        run = run_measured(cdc_command(dsn, slot, lake / mode, args, mode))
+        run = run_measured(cdc_command(dsn, slot, lake / mode, args, mode), stat)
         if run.returncode != 0:
             failures.append(f"cdc stream exited {run.returncode}: {run.stderr.strip()[-2000:]}")
         print(f"  cdc stream {mode} ({slot}): {run.seconds:.2f}s{busy_note(run)}  "
@@ -351,6 +393,15 @@ def stream_all(dsn: str, args: argparse.Namespace, lake_root: Path, table: Shape
     return expected, wal_mb, rounds
 
 
+def server_note(rounds: list[Round], pick: Callable[[Round], Measured], n: int) -> str:
+    """The server's CPU for this consumer (median of the rounds), when it was measured."""
+    values = [v for r in rounds if (v := pick(r).server_cpu_seconds) is not None]
+    if not values:
+        return ""
+    cpu = statistics.median(values)
+    return f"; server CPU {cpu:.2f} s ({cpu / n * 1e6:.1f} µs/change)"
+
+
 def report(args: argparse.Namespace, expected: Expected, wal_mb: float, rounds: list[Round],
            failures: list[str], *, table: Shape) -> dict[str, object]:
     """Print the human report; the machine-readable summary."""
@@ -375,7 +426,8 @@ def report(args: argparse.Namespace, expected: Expected, wal_mb: float, rounds: 
                              f" s, ratio {r.recv.seconds / r.cdc[m].seconds:.2f})" for m in modes)
             print(f"  round {i}: pg_recvlogical {r.recv.seconds:6.2f} s, {runs}")
     print(f"  pg_recvlogical{med:9s} {recv_s:>12.2f} s   {recv_rate:>10,.0f} changes/s   "
-          f"CPU {recv_cpu:.2f} s ({recv_cpu / n * 1e6:.1f} µs/change)")
+          f"CPU {recv_cpu:.2f} s ({recv_cpu / n * 1e6:.1f} µs/change)"
+          f"{server_note(rounds, lambda r: r.recv, n)}")
     summary: dict[str, object] = {
         "bench": "stream", "shape": table.name, "pure_python": args.pure_python,
         "modes": modes, "rows": args.rows, "updates": args.updates,
@@ -396,7 +448,8 @@ def report(args: argparse.Namespace, expected: Expected, wal_mb: float, rounds: 
         ok_ratio, ok_rss = ratio >= TARGET_RATIO, rss_mb <= TARGET_RSS_MB
         label = f"cdc {m}{med}"
         print(f"  {label:22s} {cdc_s:>12.2f} s   {cdc_rate:>10,.0f} changes/s   "
-              f"CPU {cdc_cpu:.2f} s ({cdc_cpu / n * 1e6:.1f} µs/change)")
+              f"CPU {cdc_cpu:.2f} s ({cdc_cpu / n * 1e6:.1f} µs/change)"
+              f"{server_note(rounds, lambda r, m=m: r.cdc[m], n)}")
         print(f"    ratio (cdc {m} / recv) {ratio:>8.2f}     target ≥ {TARGET_RATIO}  "
               f"{'OK' if ok_ratio else 'MISSED'}")
         print(f"    peak RSS           {rss_mb:>12.0f} MB    target ≤ {TARGET_RSS_MB:.0f} MB  "
@@ -406,6 +459,7 @@ def report(args: argparse.Namespace, expected: Expected, wal_mb: float, rounds: 
             "cdc_cpu_seconds": round(cdc_cpu, 2), "cdc_rss_mb": round(rss_mb, 1),
             "cdc_seconds_all": [round(r.cdc[m].seconds, 3) for r in rounds],
             "cdc_cpu_seconds_all": [round(r.cdc[m].cpu_seconds, 2) for r in rounds],
+            "server_cpu_seconds_all": [r.cdc[m].server_cpu_seconds for r in rounds],
             "ratio": round(ratio, 3), "ratio_ok": ok_ratio, "rss_ok": ok_rss}
     busy = busy_runs(rounds)
     if busy:

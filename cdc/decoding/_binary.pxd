@@ -151,6 +151,24 @@ cdef inline int put_str(Growable* out, const char* s) except -1:
     return put(out, s, n)
 
 
+cdef inline int put_int(Growable* out, int64_t v, int width) except -1:
+    """Decimal digits of ``v``, zero-padded to ``width`` (snprintf costs ~0.1 µs a call)."""
+    cdef char buf[24]
+    cdef int n = 0
+    cdef uint64_t u = <uint64_t>(-(v + 1)) + 1 if v < 0 else <uint64_t>v
+    while u or n == 0:
+        buf[23 - n] = <char>(48 + u % 10)
+        u //= 10
+        n += 1
+    while n < width:
+        buf[23 - n] = b'0'
+        n += 1
+    if v < 0:
+        buf[23 - n] = b'-'
+        n += 1
+    return put(out, buf + 24 - n, n)
+
+
 cdef inline int put_float(Growable* out, double d, int digits) except -1:
     cdef char buf[40]
     cdef int n
@@ -228,47 +246,63 @@ cdef inline int put_numeric(Growable* out, const unsigned char* p) except -1:
     return 0
 
 
-cdef inline int put_date(Growable* out, int64_t pg_days) except -1:
-    """YYYY-MM-DD of a date (years 1 BC and before as their BC number, without " BC")."""
+cdef inline int two(char* c, int v) noexcept nogil:
+    c[0] = <char>(48 + v // 10)
+    c[1] = <char>(48 + v % 10)
+    return 2
+
+
+cdef inline bint put_date(Growable* out, int64_t pg_days) except -1:
+    """YYYY-MM-DD of a date (years 1 BC and before as their BC number, without " BC");
+    True for those BC years."""
     cdef int64_t year
     cdef int month, day
-    cdef char buf[40]
-    cdef int n
+    cdef char tail[6]
     civil(pg_days + PG_EPOCH_DAYS, &year, &month, &day)
-    n = snprintf(buf, sizeof(buf), b"%04lld-%02d-%02d",
-                 <long long>(year if year > 0 else 1 - year), month, day)
-    return put(out, buf, n)
+    put_int(out, year if year > 0 else 1 - year, 4)
+    tail[0] = b'-'
+    two(tail + 1, month)
+    tail[3] = b'-'
+    two(tail + 4, day)
+    put(out, tail, 6)
+    return year <= 0
 
 
 cdef inline int put_time(Growable* out, int64_t us) except -1:
-    cdef char buf[32]
-    cdef int n
+    cdef char buf[16]
+    cdef int n = 8, k
     cdef int64_t seconds = us // 1000000
     cdef int64_t fraction = us % 1000000
-    n = snprintf(buf, sizeof(buf), b"%02lld:%02lld:%02lld", <long long>(seconds // 3600),
-                 <long long>(seconds // 60 % 60), <long long>(seconds % 60))
+    two(buf, <int>(seconds // 3600))
+    buf[2] = b':'
+    two(buf + 3, <int>(seconds // 60 % 60))
+    buf[5] = b':'
+    two(buf + 6, <int>(seconds % 60))
     if fraction:
-        n += snprintf(buf + n, sizeof(buf) - n, b".%06lld", <long long>fraction)
+        buf[8] = b'.'
+        for k in range(6):
+            buf[14 - k] = <char>(48 + fraction % 10)
+            fraction //= 10
+        n = 15
         while buf[n - 1] == b'0':
             n -= 1
     return put(out, buf, n)
 
 
 cdef inline int put_timestamp(Growable* out, int64_t us, bint tz) except -1:
-    cdef int64_t days, year
-    cdef int month, day
+    cdef int64_t days
+    cdef bint bc
     if us == INT64_MIN:
         return put(out, b"-infinity", 9)
     if us == INT64_MAX:
         return put(out, b"infinity", 8)
     days = floordiv(us, USECS_PER_DAY)
-    put_date(out, days)
+    bc = put_date(out, days)
     put(out, b" ", 1)
     put_time(out, us - days * USECS_PER_DAY)
     if tz:
         put(out, b"+00", 3)
-    civil(days + PG_EPOCH_DAYS, &year, &month, &day)
-    if year <= 0:
+    if bc:
         put(out, b" BC", 3)
     return 0
 
@@ -276,15 +310,12 @@ cdef inline int put_timestamp(Growable* out, int64_t us, bint tz) except -1:
 cdef inline int binary_render(uint8_t codec, const unsigned char* p, Py_ssize_t n,
                               Growable* out) except -1:
     """Append the text of a value ``binary_valid`` accepted."""
-    cdef char buf[32]
     cdef int k
     cdef Py_ssize_t i
     cdef uint32_t u32
     cdef uint64_t u64
     cdef float f
     cdef double dbl
-    cdef int64_t year
-    cdef int month, day
     if codec == CODEC_TEXT:
         return put(out, p, n)
     if codec == CODEC_JSONB:
@@ -292,17 +323,13 @@ cdef inline int binary_render(uint8_t codec, const unsigned char* p, Py_ssize_t 
     if codec == CODEC_BOOL:
         return put(out, b"t" if p[0] else b"f", 1)
     if codec == CODEC_INT2:
-        k = snprintf(buf, sizeof(buf), b"%d", <int>(<int16_t>be(p, 2)))
-        return put(out, buf, k)
+        return put_int(out, <int16_t>be(p, 2), 1)
     if codec == CODEC_INT4:
-        k = snprintf(buf, sizeof(buf), b"%d", <int>(<int32_t>be(p, 4)))
-        return put(out, buf, k)
+        return put_int(out, <int32_t>be(p, 4), 1)
     if codec == CODEC_OID:
-        k = snprintf(buf, sizeof(buf), b"%u", <unsigned int>be(p, 4))
-        return put(out, buf, k)
+        return put_int(out, <int64_t>be(p, 4), 1)
     if codec == CODEC_INT8:
-        k = snprintf(buf, sizeof(buf), b"%lld", <long long>(<int64_t>be(p, 8)))
-        return put(out, buf, k)
+        return put_int(out, <int64_t>be(p, 8), 1)
     if codec == CODEC_FLOAT4:
         u32 = <uint32_t>be(p, 4)
         memcpy(&f, &u32, 4)
@@ -340,9 +367,7 @@ cdef inline int binary_render(uint8_t codec, const unsigned char* p, Py_ssize_t 
             return put(out, b"-infinity", 9)
         if k == 2147483647:
             return put(out, b"infinity", 8)
-        put_date(out, k)
-        civil(k + PG_EPOCH_DAYS, &year, &month, &day)
-        if year <= 0:
+        if put_date(out, k):
             put(out, b" BC", 3)
         return 0
     if codec == CODEC_TIME:
