@@ -76,13 +76,14 @@ class ScriptedSource:
     played: int = 0
     closed: bool = False
 
-    def read(self, timeout: float) -> bytes | None:
+    def read_frames(self, timeout: float) -> list[bytes]:
+        """One frame at a time (the status updates record how many were played)."""
         if self.played == len(self.frames):
             self.stopper.requested = True
-            return None
+            return []
         frame = self.frames[self.played]
         self.played += 1
-        return frame
+        return [frame]
 
     def send_status(self, flush_lsn: Lsn, *, reply: bool = False) -> None:
         if self.on_status is not None:

@@ -7,6 +7,7 @@ that plays frames and records the status updates it is sent.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol
 
@@ -16,8 +17,9 @@ from cdc.events import Lsn
 class Source(Protocol):
     """A stream of CopyData payloads (XLogData ``w`` and keepalive ``k`` frames)."""
 
-    def read(self, timeout: float) -> memoryview | bytes | None:
-        """The next CopyData payload, or None when nothing arrives within ``timeout`` seconds."""
+    def read_frames(self, timeout: float) -> Sequence[memoryview | bytes]:
+        """The next CopyData payloads, in order: at least one, or none when nothing arrives
+        within ``timeout`` seconds."""
 
     def send_status(self, flush_lsn: Lsn, *, reply: bool = False) -> None:
         """Report ``flush_lsn`` as written, flushed and applied (the slot may advance to it)."""

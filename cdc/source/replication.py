@@ -46,6 +46,8 @@ from cdc.events import Lsn, format_lsn
 from cdc.source.connection import connect, translated
 
 _status_update = struct.Struct("!cQQQqB")
+#: most CopyData payloads one read_frames call returns (a bound on the list it keeps)
+FRAMES_PER_READ = 256
 #: silence timeout when the server's wal_sender_timeout is 0 (off)
 DEFAULT_SILENCE = 60.0
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
@@ -173,6 +175,26 @@ class ReplicationStream:
         error = pgconn.error_message.decode(errors="replace").strip()
         raise ConnectionLost(f"replication stream ended by the server: {error or 'no message'}",
                              fix="cdc reconnects by itself; check the server log if this repeats")
+
+    def read_frames(self, timeout: float) -> list[memoryview | bytes]:
+        """:meth:`read`, then every further payload libpq already holds (at most
+        :data:`FRAMES_PER_READ`), without waiting: one call per batch of messages."""
+        first = self.read(timeout)
+        if first is None:
+            return []
+        frames = [first]
+        get = self.pgconn.get_copy_data
+        try:
+            while len(frames) < FRAMES_PER_READ:
+                nbytes, data = get(1)
+                if nbytes <= 0:  # nothing complete yet, or the end (the next read says)
+                    break
+                frames.append(data)
+        except (psycopg.OperationalError, OSError, ValueError) as exc:
+            raise ConnectionLost(f"replication connection broke: {_first_line(exc)}",
+                                 fix="cdc reconnects by itself; check the network and the "
+                                 "server log if this repeats") from exc
+        return frames
 
     def _waited(self, seconds: float) -> None:
         self.silent_for += seconds

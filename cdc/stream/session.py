@@ -95,7 +95,7 @@ class Session:
                     insert_only=set(admin.insert_only_tables(self.settings.publication)),
                     generated=lambda schema, table: Admin(self.side.get(), self.settings.dsn)
                     .generated_columns(schema, table))
-            self.binary = streamer.binary = streamer.choose_binary(self.side.get())
+            self.binary = streamer.binary = streamer.choose_binary(self.side.get)
             # last: nothing after it can fail and leave the slot held (ReplicationStream
             # closes its own connection when START_REPLICATION fails)
             self.source = streamer.open_source(start)
@@ -124,8 +124,10 @@ class Session:
         wal2json = self.wal2json
         checked = 0
         while True:
-            data = source.read(READ_TIMEOUT)
-            if data is not None:
+            # the frames libpq holds, in one call: less Python work per message
+            frames = source.read_frames(READ_TIMEOUT)
+            housekeeping = not frames
+            for data in frames:
                 kind = data[0]
                 if kind == XLOGDATA:
                     if wal2json is None:
@@ -139,12 +141,14 @@ class Session:
                             handle(event, lsn, len(payload))
                     if batcher.rows >= limits.rows or batcher.bytes >= limits.bytes:
                         self.flush()
-                    checked += 1
-                    if checked < 1000:
-                        continue
-                elif kind == KEEPALIVE:
-                    wal_end, _, reply = _keepalive.unpack_from(data, 1)
-                    self.on_keepalive(wal_end, reply)
+                else:
+                    housekeeping = True
+                    if kind == KEEPALIVE:
+                        wal_end, _, reply = _keepalive.unpack_from(data, 1)
+                        self.on_keepalive(wal_end, reply)
+            checked += len(frames)
+            if not housekeeping and checked < 1000:
+                continue
             checked = 0
             self._collect_written()
             if self.done():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -97,14 +98,14 @@ class Streamer:
                                  s.plugin, silence_seconds=s.silence_seconds,
                                  binary=self.binary)
 
-    def choose_binary(self, conn: psycopg.Connection[tuple[object, ...]]) -> bool:
+    def choose_binary(self, conn: Callable[[], psycopg.Connection[tuple[object, ...]]]) -> bool:
         """Whether the next session asks pgoutput for binary values (``--binary``): only
         when every published column has a binary decoder (``cdc.decoding.binary``)."""
         s = self.settings
         if s.binary == "off" or s.plugin != "pgoutput":
             return False
         reasons = ([self.binary_refused] if self.binary_refused is not None
-                   else binary_refusals(conn, self.publications, SUPPORTED_TYPES))
+                   else binary_refusals(conn(), self.publications, SUPPORTED_TYPES))
         if reasons:
             (log.warning if s.binary == "on" else log.info)(
                 "binary_transfer_off", text_columns=reasons,
