@@ -166,6 +166,7 @@ cdef class ColumnBuffer:
         cdef Growable* v = &self.validity[i]
         cdef Growable* d = &self.data[i]
         cdef int32_t end
+        cdef Py_ssize_t before
         cdef Py_ssize_t byte = self.nrows >> 3
         if byte >= v.length:
             if v.length >= v.capacity:
@@ -178,8 +179,11 @@ cdef class ColumnBuffer:
                                   "one batch", fix="lower --flush-bytes (the default is 128MiB)")
             v.data[byte] |= <char>(1 << (self.nrows & 7))
             if binary:
+                before = d.length
                 binary_render(self.codecs[i], src, n, d)
-                if d.length > OFFSET_LIMIT:
+                if d.length > OFFSET_LIMIT:  # undone: the buffer stays as it was
+                    d.length = before
+                    v.data[byte] &= <char>~(1 << (self.nrows & 7))
                     raise DecodeError(f"more than 2 GiB of text in column {self.names[i]!r} "
                                       "of one batch",
                                       fix="lower --flush-bytes (the default is 128MiB)")
