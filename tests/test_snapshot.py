@@ -149,10 +149,11 @@ class TestConsistentSnapshot:
         assert len(ids) == 1_000_000
         assert len(set(ids)) == 1_000_000
 
-    def test_snapshot_stopped_half_way_resumes_copying_only_missing_chunks(
+    def test_snapshot_stopped_half_way_resumes_and_stream_still_adds_up(
         self, source: SourceDb, settings: Settings, lake_dir: Path
     ) -> None:
-        """A crash after some chunks: the rerun copies the rest, and stream still adds up."""
+        """A crash after some chunks: the rerun reads the unfinished table again (whole, in
+        its own snapshot: tests/test_snapshot_resume.py says why), and stream still adds up."""
         source.execute("CREATE TABLE t (id int PRIMARY KEY, v int)")
         source.execute("INSERT INTO t SELECT g, 0 FROM generate_series(1, 50000) g")
         source.execute("ANALYZE t")
@@ -175,8 +176,8 @@ class TestConsistentSnapshot:
         with faults.armed("snapshot.after_chunk", lambda point, at: copied.append(at["index"])):
             result = snapshot(settings, workers=2, chunk_rows=5000)
         assert result.resumed
-        assert not set(copied) & set(first_run)
-        assert sorted(copied + first_run) == list(range(10))
+        assert len(first_run) == 3
+        assert sorted(copied) == list(range(10))
         stream_until_caught_up(settings)
         assert replay(read_raw(lake_dir, "public.t")) == source_rows(source, "t")
 

@@ -9,11 +9,9 @@ csv)`` and parsed by Arrow's CSV reader, column-wise.
 
 Snapshot rows carry ``_commit_lsn`` = the consistent point and a negative
 ``_seq`` (unique per table), so they order before every streamed change.
-That makes a resumed snapshot safe too: once the exported snapshot is gone
-(the process that held it died), the remaining chunks are read in a newer
-snapshot; rows changed in between are read in their newer state *and* their
-changes are streamed from the consistent point, which comes later in the
-change order, so replaying raw still gives the source's state.
+A resumed snapshot (the process that held the exported snapshot died) keeps the tables it
+finished and re-reads every unfinished table whole in a new snapshot tied to a known LSN
+(see ``ConsistentSnapshot._resume`` for why only a whole table is exact).
 """
 
 from __future__ import annotations
@@ -275,17 +273,22 @@ class ConsistentSnapshot:
                 relations: dict[str, tuple[Relation, list[ColumnType]]]) -> SnapshotResult:
         """Finish a snapshot whose exported snapshot is gone, in a new one at a known LSN.
 
-        Keyed tables keep their finished chunks (replay dedupes what changed meanwhile).
-        A keyless table cannot be deduplicated: rows inserted after the consistent point
-        would land as snapshot rows *and* as streamed inserts. So an unfinished keyless
-        table is re-read whole in a snapshot exported by a temporary slot at LSN ``L``, its
-        rows labelled ``L``, after a truncate marker at ``L``: compaction drops its older
-        rows and the changes streamed before ``L``, and applies those after it.
+        Finished tables keep their rows. A table with an unfinished chunk is re-read whole in
+        a snapshot exported by a temporary slot at LSN ``L``, its rows labelled ``L``: reading
+        only its unfinished chunks in a later snapshot is not exact. Between the consistent
+        point and ``L`` a row can leave an unfinished chunk for a finished one (an update that
+        moves it to another page of a ctid-chunked table, a key changed into a finished key
+        range): neither read holds it, and its streamed update carries only the
+        unchanged-TOAST marker. Read at ``L``, every row alive at ``L`` has its full value there;
+        the changes streamed before ``L`` only touch rows that ``L`` replaces or that died
+        before ``L``, and those after it apply to exact rows. A keyless table cannot be
+        deduplicated (rows inserted before ``L`` would land as streamed inserts *and* as rows
+        read at ``L``), so it gets a truncate marker at ``L`` too: compaction drops its older
+        rows and the changes streamed before ``L``.
         """
         s = self.settings
         redo = [n for n, plan in progress.tables.items()
-                if len(plan.done) < len(plan.chunks) and n in relations
-                and not any(c.is_key for c in relations[n][0].columns)]
+                if len(plan.done) < len(plan.chunks) and n in relations]
         if not redo:
             return self._copy(progress, relations, snapshot_name=None, resumed=True)
         temporary = f"{s.slot[:40]}_resume_{uuid.uuid4().hex[:8]}"
@@ -300,10 +303,11 @@ class ConsistentSnapshot:
                 plan.done.clear()
                 plan.point = point
                 relation, types = relations[name]
-                RawSink(self.lake).write(truncate_marker(relation, types, lsn=point,
-                                                         ts_us=progress.snapshot_ts_us))
+                if not any(c.is_key for c in relation.columns):
+                    RawSink(self.lake).write(truncate_marker(relation, types, lsn=point,
+                                                             ts_us=progress.snapshot_ts_us))
             self.lake.write_bytes(progress_key(s.slot), progress.to_json())
-            log.info("snapshot_keyless_tables_reread", tables=redo, lsn=format_lsn(point))
+            log.info("snapshot_unfinished_tables_reread", tables=redo, lsn=format_lsn(point))
             return self._copy(progress, relations, snapshot_name=snapshot_name, resumed=True)
 
     def _relations(self, admin: Admin) -> dict[str, tuple[Relation, list[ColumnType]]]:
