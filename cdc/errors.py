@@ -57,6 +57,15 @@ class SlotError(SourceError):
     """The replication slot is missing, in use, of the wrong kind, or ahead of us."""
 
 
+def new_generation_fix(slot: str) -> str:
+    """The way back from a slot that lost changes the lake needs, as commands to run.
+
+    ``tests/test_gaps.py`` runs them word for word (plus the connection options).
+    """
+    return (f"cdc slot drop --slot {slot}, then cdc snapshot --slot {slot} (a new snapshot "
+            "generation: every staged table is rebuilt as of its start), then cdc stream")
+
+
 class SlotBusy(SlotError):
     """Another connection holds the slot; after a reconnect, often our own dropped one."""
 

@@ -165,8 +165,24 @@ class TestInvalidatedSlot:
         assert refused.returncode == 4, refused.stderr
         assert "invalidated" in refused.stderr or "wal_status lost" in refused.stderr
         assert f"cdc slot drop --slot {settings.slot}" in refused.stderr
-        cdc_ok("slot", "drop", "--dsn", settings.dsn, "--slot", settings.slot)
-        cdc_ok("snapshot", *common(settings))
+        follow_check_fix(settings)
         workload(source, 10)
         stream_and_compact(settings)
         assert_staged_equals_source(source, settings, "accounts", "events")
+
+
+def follow_check_fix(settings: Settings) -> None:
+    """Run the commands `cdc check` names for the lost slot, word for word, plus the
+    connection options every command takes."""
+    check = run_cdc(["check", "--json", "--dsn", settings.dsn, "--slot", settings.slot,
+                     "--publication", settings.publication])
+    assert check.returncode == 1, check.stderr
+    [finding] = [f for f in json.loads(check.stdout)["problems"] if f["check"] == "wal_status"]
+    commands = [part.split(" (")[0].split() for part in finding["fix"].split(", then ")]
+    assert [c[:2] for c in commands] == [["cdc", "slot"], ["cdc", "snapshot"], ["cdc", "stream"]]
+    drop, snapshot = commands[0][1:], commands[1][1:]
+    assert drop == ["slot", "drop", "--slot", settings.slot]
+    assert snapshot == ["snapshot", "--slot", settings.slot]
+    cdc_ok(*drop, "--dsn", settings.dsn)
+    cdc_ok(*snapshot, "--dsn", settings.dsn, "--lake", settings.lake,
+           "--publication", settings.publication)

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from cdc.errors import RawFileUnreadable
+from cdc.errors import RawFileUnreadable, new_generation_fix
 from cdc.events import Lsn, format_lsn
 from cdc.lake.checkpoint import CheckpointStore, ResyncHold
 from cdc.lake.layout import RAW, display_name, raw_keys
@@ -245,7 +245,7 @@ def warnings(status: Status) -> list[str]:
         return found
     if slot.wal_status in ("unreserved", "lost"):
         found.append(f"slot {slot.name!r} wal_status is {slot.wal_status!r}: "
-                     + ("it has been invalidated; drop it and take a new snapshot"
+                     + (f"it has been invalidated; {new_generation_fix(slot.name)}"
                         if slot.wal_status == "lost" else
                         "the server is about to remove WAL it needs; catch up now"))
     if slot.safe_wal_size is not None and slot.safe_wal_size < LOW_SAFE_WAL_BYTES:

@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 
+from cdc.errors import new_generation_fix
 from cdc.lake.columns import lake_column
 from cdc.names import TableName, parse_table_list
 from cdc.source.connection import translated
@@ -230,8 +231,7 @@ def server_findings(conn: psycopg.Connection[Any], dsn: str, slot: str) -> list[
                              "and needs a new snapshot) and SELECT pg_reload_conf()"))
     if wal_status == "lost":
         found.append(Finding("wal_status", "error", f"slot {slot}", "the server removed WAL the "
-                             "slot needs (wal_status lost)", f"cdc slot drop --slot {slot}, then "
-                             "take a new snapshot", blocks=True))
+                             "slot needs (wal_status lost)", new_generation_fix(slot), blocks=True))
     elif wal_status == "unreserved":
         found.append(Finding("wal_status", "warning", f"slot {slot}", "the slot is about to lose "
                              "WAL it needs (wal_status unreserved)", "let cdc stream catch up "

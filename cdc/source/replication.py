@@ -41,6 +41,7 @@ from cdc.errors import (
     SlotBusy,
     SlotError,
     SourceError,
+    new_generation_fix,
 )
 from cdc.events import Lsn, format_lsn
 from cdc.source.connection import connect, translated
@@ -118,8 +119,7 @@ class ReplicationStream:
         if "invalidated" in lowered or "can no longer get changes" in lowered:
             raise SlotError(f"slot {slot!r} has been invalidated: {message}",
                             fix="the server removed WAL it needed (max_slot_wal_keep_size); "
-                            f"run cdc slot drop --slot {slot}, then cdc snapshot --slot "
-                            f"{slot} (a new snapshot generation)")
+                            f"run {new_generation_fix(slot)}")
         if "is active for pid" in lowered:
             raise SlotBusy(f"slot {slot!r}: {message}",
                            fix="another consumer is reading this slot; stop it or use "

@@ -18,7 +18,7 @@ import structlog
 
 from cdc.config import Settings
 from cdc.decoding.binary import SUPPORTED_TYPES
-from cdc.errors import BinaryRefused, CdcError, SlotError
+from cdc.errors import BinaryRefused, CdcError, SlotError, new_generation_fix
 from cdc.events import Lsn, format_lsn
 from cdc.lake.checkpoint import CheckpointStore
 from cdc.lake.contracts import Contracts
@@ -145,8 +145,7 @@ class Streamer:
                 f"slot {s.slot!r} was consumed up to {format_lsn(slot.confirmed_flush)} but the "
                 f"lake's checkpoint is at {format_lsn(stored)}: changes in between are not in "
                 "the lake (another consumer read this slot, or the lake was replaced)",
-                fix=f"stop the other consumer; to start over: cdc slot drop --slot {s.slot}, "
-                f"then cdc snapshot --slot {s.slot} (a new snapshot generation)",
+                fix=f"stop the other consumer; to start over: {new_generation_fix(s.slot)}",
             )
         return stored
 
