@@ -40,10 +40,11 @@ def proxy(source: SourceDb) -> Iterator[TcpProxy]:
 
 @pytest.fixture
 def proxied(settings: Settings, proxy: TcpProxy) -> Settings:
-    """Settings whose every connection goes through the proxy; no heartbeat (a side
-    connection query on a stalled path would wait on TCP, which the proxy keeps alive)."""
+    """Settings whose every connection goes through the proxy, with a heartbeat every second:
+    its side-connection statement meets a stall too (TCP cannot tell: the proxy keeps the
+    TCP session alive), and must not hang the stream."""
     dsn = make_conninfo(settings.dsn, host="127.0.0.1", port=str(proxy.port))
-    return with_settings(settings, dsn=dsn, heartbeat_seconds=0.0)
+    return with_settings(settings, dsn=dsn, heartbeat_seconds=1.0)
 
 
 def insert(source: SourceDb, first: int, n: int) -> int:

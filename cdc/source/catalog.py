@@ -8,6 +8,9 @@ are looked up on a normal connection, opened lazily and reopened after a drop.
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, MutableSet
 from typing import Any
@@ -59,6 +62,8 @@ class SideConnection:
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
         self.conn: psycopg.Connection[tuple[object, ...]] | None = None
+        #: the last :meth:`bounded` block ran out of time
+        self.expired = False
 
     def get(self) -> psycopg.Connection[tuple[object, ...]]:
         if self.conn is None or self.conn.closed:
@@ -70,6 +75,44 @@ class SideConnection:
             with contextlib.suppress(psycopg.Error):
                 self.conn.close()
             self.conn = None
+
+    @contextlib.contextmanager
+    def bounded(self, seconds: float) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
+        """The connection, for statements that must end within ``seconds``.
+
+        Over a stalled network path a statement waits forever: nothing comes back, and TCP
+        keepalives cannot tell when a middlebox keeps the TCP session alive. So a timer shuts
+        the socket down (it does not close it: the statement's own thread still owns it) once
+        the block has run for ``seconds``; the blocked read then fails as a lost connection,
+        and the caller closes the connection as after any failure. :attr:`expired` says so.
+        """
+        conn = self.get()
+        fd = conn.fileno()
+        lock = threading.Lock()
+        running = [True]
+        self.expired = False
+
+        def expire() -> None:
+            with lock:
+                if running[0]:
+                    self.expired = True
+                    _shut_down(fd)
+
+        timer = threading.Timer(seconds, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield conn
+        finally:
+            with lock:
+                running[0] = False
+            timer.cancel()
+
+
+def _shut_down(fd: int) -> None:
+    """Shut the socket ``fd`` down both ways (a blocked read on it returns at once)."""
+    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 class Catalog:

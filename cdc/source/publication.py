@@ -144,6 +144,11 @@ def prepare(conn: psycopg.Connection[Any], s: Settings,
     return [s.publication] + ([inserts_name(s.publication)] if companion is not None else [])
 
 
+#: how long one table sync may take on the side connection before it is given up (a stalled
+#: network path answers nothing; the stream loop waits for the sync)
+SYNC_SECONDS = 30.0
+
+
 class TableKeeper:
     """Adds the tables created while the stream runs to the publication cdc manages.
 
@@ -170,25 +175,25 @@ class TableKeeper:
         self.next = time.monotonic() + self.interval
         s = self.settings
         try:
-            conn = self.side.get()
-            report = check(conn, s)
-            plan = report.plan
-            if plan.publication is None or not plan.publication.managed:
-                return [], []
-            for f in report.findings:
-                if (f.check, f.subject) not in self.reported:
-                    self.reported.add((f.check, f.subject))
-                    log.warning("preflight", check=f.check, subject=f.subject,
-                                problem=f.message, fix=f.fix)
-            companion = publication_facts(conn, s.dsn, inserts_name(s.publication))
-            with conn.transaction():
-                conn.execute("SET LOCAL lock_timeout = '5s'")
-                _apply(conn, s, _Target(s.publication, plan.publication),
-                       [t.name for t in plan.add], managed=True, joining=self.joining)
-                if companion is not None:
-                    _apply(conn, s, _Target(companion.name, companion, INSERTS),
-                           [t.name for t in plan.insert_only], managed=True,
-                           joining=self.joining)
+            with self.side.bounded(SYNC_SECONDS) as conn:
+                report = check(conn, s)
+                plan = report.plan
+                if plan.publication is None or not plan.publication.managed:
+                    return [], []
+                for f in report.findings:
+                    if (f.check, f.subject) not in self.reported:
+                        self.reported.add((f.check, f.subject))
+                        log.warning("preflight", check=f.check, subject=f.subject,
+                                    problem=f.message, fix=f.fix)
+                companion = publication_facts(conn, s.dsn, inserts_name(s.publication))
+                with conn.transaction():
+                    conn.execute("SET LOCAL lock_timeout = '5s'")
+                    _apply(conn, s, _Target(s.publication, plan.publication),
+                           [t.name for t in plan.add], managed=True, joining=self.joining)
+                    if companion is not None:
+                        _apply(conn, s, _Target(companion.name, companion, INSERTS),
+                               [t.name for t in plan.insert_only], managed=True,
+                               joining=self.joining)
         except (CdcError, psycopg.Error) as exc:
             log.warning("table_sync_failed", error=str(exc).splitlines()[0] if str(exc) else "",
                         fix="check the role's rights on the publication; cdc retries")
