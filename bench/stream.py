@@ -40,6 +40,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -190,13 +191,15 @@ def settled_reaped_cpu(stat: Path | None) -> float | None:
     return value
 
 
-def run_measured(cmd: Sequence[str], stat: Path | None = None) -> Measured:
+def run_measured(cmd: Sequence[str], stat: Path | None = None,
+                 stop_when: Callable[[], bool] | None = None) -> Measured:
     """Run ``cmd``; its wall time, CPU time and its own peak RSS.
 
     ``wait4``'s ``ru_maxrss`` of a child forked from this process never reads below
     this process' RSS (Linux keeps the pre-exec high-water mark: ``/bin/true`` reads
     ~65 MB here), so the peak comes from GNU time, a small process that forks the
-    command itself; ``wait4`` is the fallback where it is missing.
+    command itself; ``wait4`` is the fallback where it is missing. ``stop_when``: a
+    command that runs until stopped gets SIGTERM once it returns true (polled).
     """
     with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r") as report:
         full = list(cmd)
@@ -206,6 +209,8 @@ def run_measured(cmd: Sequence[str], stat: Path | None = None) -> Measured:
         server_before = settled_reaped_cpu(stat)
         started = time.perf_counter()
         proc = subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=err)
+        if stop_when is not None:
+            terminate_when(proc.pid, stop_when)
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - started
         busy_after = machine_busy()
@@ -223,6 +228,20 @@ def run_measured(cmd: Sequence[str], stat: Path | None = None) -> Measured:
               else server_after - server_before)
     return Measured(seconds, usage.ru_utime + usage.ru_stime, max_rss_kib, proc.returncode,
                     text, busy, server)
+
+
+def terminate_when(pid: int, done: Callable[[], bool], poll_seconds: float = 0.5) -> None:
+    """Poll ``done`` while process ``pid`` runs (not reaping it); once true, SIGTERM the
+    measured command: GNU time's child, or ``pid`` itself without GNU time."""
+    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        if done():
+            children = Path(f"/proc/{pid}/task/{pid}/children")
+            targets = children.read_text().split() if children.exists() else []
+            for target in targets or [str(pid)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(target), signal.SIGTERM)
+            return
+        time.sleep(poll_seconds)
 
 
 def slot_pairs(rounds: int, modes: Sequence[str]) -> list[tuple[str, dict[str, str]]]:

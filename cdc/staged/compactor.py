@@ -40,6 +40,7 @@ from cdc.events import Lsn, format_lsn
 from cdc.lake import lease
 from cdc.lake.layout import staged_key
 from cdc.lake.store import Lake
+from cdc.staged.appends import Appends
 from cdc.staged.bounds import resync_start
 from cdc.staged.delta_types import STATS_PROPERTY, limit_stats, stats_columns
 from cdc.staged.files import RawFile, list_raw, record_floor
@@ -168,6 +169,7 @@ class _TableCompactor:
         end: Pos = (bound, 0)
         cursor = resync_start(files, cursor, end)  # a cdc resync replaces the table
         consumed: set[str] = set()
+        self.appends = Appends()  # keyless tables: what staged holds above the watermark
         changes = commits = 0
         while cursor < end:
             todo = [f for f in files if f.key not in consumed and f.last_lsn >= cursor[0]
@@ -198,10 +200,10 @@ class _TableCompactor:
         Returns them (deduplicated), ``upper``, the files read completely, and whether the
         cut is clean: every change below (upper's LSN, 0) is then applied, so the watermark
         moves. All files after the next one start at or after its first change, so a chunk
-        may end before it. Keyed tables may end inside a transaction or a backfill (re-doing
-        part of it after a crash is harmless: the merge is guarded); before a labelled
-        backfill file the chunk takes the labelled files of that LSN read so far whole (not
-        clean). Appends are not idempotent: keyless tables end only at (LSN, 0) boundaries.
+        may end before it. A chunk may end inside a transaction or a backfill (re-doing part
+        of it after a crash is harmless: the merge is guarded, and an append skips what
+        staged holds above its watermark, ``staged/appends.py``); before a labelled backfill
+        file the chunk takes the labelled files of that LSN read so far whole (not clean).
         """
         read: list[tuple[RawFile, pa.Table]] = []
         rows = nbytes = 0
@@ -217,17 +219,16 @@ class _TableCompactor:
             full = rows >= self.options.chunk_rows or nbytes >= self.options.chunk_bytes
             if not full or i + 1 == len(todo):
                 continue
-            nxt, keyed = todo[i + 1], bool(self._key(part.schema))
+            nxt = todo[i + 1]
             if nxt.first_seq is None:
                 upper, clean, group = (nxt.first_lsn, _MIN), False, nxt.first_lsn
             else:
-                # a transaction's moves are resolved whole (staged/moves.py): keyed tables
-                # too end at a transaction's start unless it began before this chunk
-                upper = (nxt.first if keyed and (nxt.first_lsn, 0) <= cursor
-                         else (nxt.first_lsn, 0))
+                # a transaction's moves are resolved whole (staged/moves.py): a chunk ends
+                # at a transaction's start unless it began before this chunk
+                upper = nxt.first if (nxt.first_lsn, 0) <= cursor else (nxt.first_lsn, 0)
                 clean, group = upper[1] >= 0, None
             whole = any(g.first_seq is None and g.first_lsn == group for g, _ in read)
-            if (keyed or clean) and (upper > cursor or whole):
+            if upper > cursor or whole:
                 break
             upper, clean, group = end, True, None
         applied: list[pa.Table] = []
@@ -259,7 +260,7 @@ class _TableCompactor:
             rows = resolve_moves(None if truncated else dt, rows, key)
             state, keep = latest_per_key(rows, key, self.table)
         else:
-            state, keep = rows.filter(pc.is_in(rows["_op"], pa.array(["c", "r"]))), []
+            state, keep = self.appends.new_rows(rows, dt, expected, truncated=truncated), []
         if dt is not None and not truncated:
             current = dt
             dt = evolve(dt, rows.schema, self.uri, self.storage, self.options.file_bytes,
