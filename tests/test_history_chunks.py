@@ -80,6 +80,27 @@ class TestChunksAndCrashes:
                                      (4, 30, None), (5, 30, None), (6, 30, None),
                                      (7, 30, None)]
 
+    @pytest.mark.parametrize("crash", [None, 1, 2, 3])
+    def test_a_large_transaction_changing_each_key_once_is_cut_into_bounded_chunks(
+        self, tmp_path: Path, crash: int | None
+    ) -> None:
+        """Nine inserts in one transaction over three files, chunks of two rows: history
+        commits it in parts (its keys are independent) and, killed after any part and run
+        again, holds each version once; a key changed twice keeps its transaction whole."""
+        lake = LocalLake(tmp_path)
+        for first in (0, 3, 6):
+            write(lake, [change("c", k + 1, 10, k) for k in range(first, first + 3)], first)
+        write(lake, [change("u", 1, 20, 0, "y"), change("u", 2, 20, 1, "y")], 0)
+        write(lake, [change("u", 1, 20, 2, "z")], 2)  # key 1 twice: not cut
+        if crash is not None:
+            with faults.armed("history.after_commit", crash_at(crash)), pytest.raises(Crash):
+                run(lake, 21, chunk_rows=2)
+        run(lake, 21, chunk_rows=2)
+
+        assert DeltaTable(str(tmp_path / "history" / TABLE)).version() >= 3
+        assert history(tmp_path) == [(1, 10, 20), (1, 20, None), (2, 10, 20), (2, 20, None),
+                                     *((k, 10, None) for k in range(3, 10))]
+
     def test_a_backfill_at_the_checkpoint_is_in_history_and_a_rerun_adds_nothing(
         self, tmp_path: Path
     ) -> None:

@@ -121,6 +121,7 @@ class _HistoryWriter:
         self.lake, self.table, self.key_override, self.options = lake, table, key, options
         self.uri, self.storage = history_location(lake, table)
         self.fs = lake.arrow_filesystem()
+        self.independent: dict[Lsn, bool] = {}  # a transaction's keys are independent
 
     def run(self, files: list[RawFile], bound: Lsn) -> tuple[int, int, int, int] | None:
         if files and not self._keyed(files[-1]):
@@ -179,7 +180,9 @@ class _HistoryWriter:
         a chunk). A chunk that fills up inside a backfill past the cursor's LSN ends before
         the backfill (clean): the changes below it must not share an unclean chunk, as a
         rerun re-reads them and a key they leave deleted has no version to skip them by.
-        A streamed transaction is never cut.
+        A streamed transaction is cut only where it changes each key once, with no
+        truncate and no unchanged TOAST value (``_one_change_per_key``): then, like a
+        backfill, its keys are independent and a rerun skips those already in (not clean).
         """
         read: list[tuple[RawFile, pa.Table]] = []
         rows = nbytes = 0
@@ -201,6 +204,12 @@ class _HistoryWriter:
                 else:  # the backfill at the cursor, nothing else in hand
                     upper, clean, group = (nxt.first_lsn, _MIN), False, nxt.first_lsn
                 break
+            if nxt.first_seq is not None and self._one_change_per_key(todo, nxt.first_lsn):
+                if nxt.first_lsn > cursor[0]:  # changes below it are in hand: cut before it
+                    upper = (nxt.first_lsn, _MIN)
+                else:  # inside the transaction at the cursor: its keys are independent
+                    upper, clean = nxt.first, False
+                break
         parts, done = [], set()
         for f, part in read:
             whole = f.first_seq is None and f.first_lsn == group
@@ -209,6 +218,23 @@ class _HistoryWriter:
                 done.add(f.key)
             parts.append(below)
         return dedupe(unify(parts, self.table)), upper, done, clean
+
+    def _one_change_per_key(self, todo: list[RawFile], lsn: Lsn) -> bool:
+        """Whether the transaction at ``lsn`` changes each key once, truncates nothing and
+        borrows no unchanged TOAST value (read from its files' key and metadata columns)."""
+        if lsn not in self.independent:
+            files = [g for g in todo if g.first_lsn <= lsn <= g.last_lsn]
+            key = table_key(pq.read_schema(files[0].key, filesystem=self.fs), self.key_override)
+            columns = [*key, "_op", "_commit_lsn", "_seq", "_unchanged"]
+            parts = [pq.ParquetFile(g.key, filesystem=self.fs).read(columns=columns)
+                     for g in files]
+            rows = dedupe(pa.concat_tables([p.filter(pc.equal(p["_commit_lsn"], lsn))
+                                            for p in parts], promote_options="permissive"))
+            unchanged = pc.max(pc.list_value_length(rows["_unchanged"])).as_py()
+            self.independent[lsn] = bool(key) and not unchanged and not pc.any(
+                pc.equal(rows["_op"], "t")).as_py() and rows.group_by(
+                list(key)).aggregate([]).num_rows == rows.num_rows
+        return self.independent[lsn]
 
     def _read(self, f: RawFile) -> pa.Table:
         try:
