@@ -15,6 +15,7 @@ second to the first, and the target.
     python bench/stream_compact.py                 # 1M rows, a throwaway local cluster
     python bench/stream_compact.py --rows 200000 --compact-every 2s
     python bench/stream_compact.py --keyless       # the same table without a key
+    python bench/stream_compact.py --flush-rows 100000
 
 Target: peak RSS ≤ 512 MB with compaction on.
 """
@@ -76,10 +77,14 @@ def stream(dsn: str, slot: str, lake: Path, *extra: str) -> list[str]:
             "--slot", slot, "--publication", PUBLICATION, "--log-level", "warning", *extra]
 
 
+def flush(args: argparse.Namespace) -> list[str]:
+    return [] if args.flush_rows is None else ["--flush-rows", str(args.flush_rows)]
+
+
 def run(dsn: str, args: argparse.Namespace, root: Path) -> tuple[Measured, Measured, bool]:
     prepare(dsn, args.rows, args.keyless)
     plain = run_measured(stream(dsn, SLOTS[0], root / "plain", "--until-caught-up",
-                                "--compact-every", "0"))
+                                "--compact-every", "0", *flush(args)))
     print(f"  baseline cdc stream --until-caught-up: {plain.seconds:.1f}s, "
           f"{plain.rss_mb:.0f} MB{busy_note(plain)}", flush=True)
     lake = root / "compacting"
@@ -90,7 +95,7 @@ def run(dsn: str, args: argparse.Namespace, root: Path) -> tuple[Measured, Measu
         return all(delta_rows(folder) >= args.rows for folder in layers)
 
     compacting = run_measured(stream(dsn, SLOTS[1], lake, "--compact-every",
-                                     args.compact_every), stop_when=compacted)
+                                     args.compact_every, *flush(args)), stop_when=compacted)
     print(f"  cdc stream --compact-every {args.compact_every}: {compacting.seconds:.1f}s, "
           f"{compacting.rss_mb:.0f} MB{busy_note(compacting)}", flush=True)
     if compacting.returncode != 0:
@@ -104,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="rows of the one INSERT transaction (default 1000000)")
     p.add_argument("--compact-every", default="1s",
                    help="cdc stream --compact-every (default 1s)")
+    p.add_argument("--flush-rows", type=int, default=None,
+                   help="cdc stream --flush-rows (default: cdc's, 200000)")
     p.add_argument("--keyless", action="store_true",
                    help="the table without a primary key (REPLICA IDENTITY FULL)")
     p.add_argument("--dsn", default=None, help="use this server instead of a throwaway "

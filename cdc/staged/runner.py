@@ -119,6 +119,10 @@ def compact_table(  # noqa: PLR0913  the table, its bound and its settings
         got.release()
 
 
+#: chunk limits of the compaction inside ``cdc stream`` (``cdc compact``: CompactOptions')
+BACKGROUND_ROWS, BACKGROUND_BYTES = 200_000, 64 * 2**20
+
+
 class CompactionLoop:
     """Runs ``compact_lake`` every ``interval`` seconds on a background thread.
 
@@ -135,9 +139,11 @@ class CompactionLoop:
         self.slot = slot
         self.interval = interval
         self.keys = keys
-        # beside `cdc compact` (or a second stream): skip a table another one holds
+        # beside `cdc compact` (or a second stream): skip a table another one holds; in
+        # smaller chunks than `cdc compact`, as the stream's buffers share the process
         self.options = CompactOptions(wait=False, purpose="cdc stream --compact-every",
-                                      lease_seconds=lease_seconds)
+                                      lease_seconds=lease_seconds, chunk_rows=BACKGROUND_ROWS,
+                                      chunk_bytes=BACKGROUND_BYTES)
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="compaction", daemon=True)
 
