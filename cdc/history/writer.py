@@ -221,19 +221,26 @@ class _HistoryWriter:
 
     def _one_change_per_key(self, todo: list[RawFile], lsn: Lsn) -> bool:
         """Whether the transaction at ``lsn`` changes each key once, truncates nothing and
-        borrows no unchanged TOAST value (read from its files' key and metadata columns)."""
+        borrows no unchanged TOAST value (read from its files' key and metadata columns;
+        a replayed copy of a change has its ``_seq``, so it counts once)."""
         if lsn not in self.independent:
             files = [g for g in todo if g.first_lsn <= lsn <= g.last_lsn]
-            key = table_key(pq.read_schema(files[0].key, filesystem=self.fs), self.key_override)
-            columns = [*key, "_op", "_commit_lsn", "_seq", "_unchanged"]
-            parts = [pq.ParquetFile(g.key, filesystem=self.fs).read(columns=columns)
-                     for g in files]
-            rows = dedupe(pa.concat_tables([p.filter(pc.equal(p["_commit_lsn"], lsn))
-                                            for p in parts], promote_options="permissive"))
-            unchanged = pc.max(pc.list_value_length(rows["_unchanged"])).as_py()
-            self.independent[lsn] = bool(key) and not unchanged and not pc.any(
-                pc.equal(rows["_op"], "t")).as_py() and rows.group_by(
-                list(key)).aggregate([]).num_rows == rows.num_rows
+            key = list(table_key(pq.read_schema(files[0].key, filesystem=self.fs),
+                                 self.key_override))
+            self.independent[lsn], parts = bool(key), []
+            for g in files:
+                part = pq.ParquetFile(g.key, filesystem=self.fs).read(
+                    columns=[*key, "_op", "_commit_lsn", "_seq", "_unchanged"])
+                part = part.filter(pc.equal(part["_commit_lsn"], lsn))
+                if pc.any(pc.equal(part["_op"], "t")).as_py() or pc.max(
+                        pc.list_value_length(part["_unchanged"])).as_py():
+                    self.independent[lsn] = False
+                    break
+                parts.append(part.select([*key, "_seq"]))
+            if self.independent[lsn]:
+                rows = pa.concat_tables(parts, promote_options="permissive")
+                self.independent[lsn] = (rows.group_by(key).aggregate([]).num_rows
+                                         == pc.count_distinct(rows["_seq"]).as_py())
         return self.independent[lsn]
 
     def _read(self, f: RawFile) -> pa.Table:
