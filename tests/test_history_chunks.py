@@ -101,6 +101,28 @@ class TestChunksAndCrashes:
         assert history(tmp_path) == [(1, 10, 20), (1, 20, None), (2, 10, 20), (2, 20, None),
                                      *((k, 10, None) for k in range(3, 10))]
 
+    @pytest.mark.parametrize("crash", [None, 1, 2])
+    def test_a_replayed_copy_starting_inside_a_cut_transaction_is_read_once(
+        self, tmp_path: Path, crash: int | None
+    ) -> None:
+        """A replay of a cut transaction under another split starts where a chunk starts:
+        the cut moves on past it (it once stayed there for ever) and every version is in
+        once."""
+        lake = LocalLake(tmp_path)
+        inserts = [change("c", k + 1, 10, k) for k in range(6)]
+        update = [change("u", 1, 20, 0, "y")]
+        write(lake, inserts[:3], 0)
+        write(lake, inserts[3:], 3)
+        write(lake, update, 0)
+        write(lake, inserts + update, 0)  # the replay: first change (10, 0), last LSN 20
+        if crash is not None:
+            with faults.armed("history.after_commit", crash_at(crash)), pytest.raises(Crash):
+                run(lake, 21, chunk_rows=2)
+        run(lake, 21, chunk_rows=2)
+
+        assert history(tmp_path) == [(1, 10, 20), (1, 20, None),
+                                     *((k, 10, None) for k in range(2, 7))]
+
     def test_a_backfill_at_the_checkpoint_is_in_history_and_a_rerun_adds_nothing(
         self, tmp_path: Path
     ) -> None:

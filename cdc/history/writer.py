@@ -207,9 +207,11 @@ class _HistoryWriter:
             if nxt.first_seq is not None and self._one_change_per_key(todo, nxt.first_lsn):
                 if nxt.first_lsn > cursor[0]:  # changes below it are in hand: cut before it
                     upper = (nxt.first_lsn, _MIN)
-                else:  # inside the transaction at the cursor: its keys are independent
-                    upper, clean = nxt.first, False
-                break
+                    break
+                if nxt.first > cursor:  # inside the transaction at the cursor: its keys
+                    upper, clean = nxt.first, False  # are independent
+                    break
+                # a replayed copy starting at the cursor: read on, or the cut never moves
         parts, done = [], set()
         for f, part in read:
             whole = f.first_seq is None and f.first_lsn == group
