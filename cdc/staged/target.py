@@ -22,7 +22,7 @@ dropped (``merge.against_staged``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -33,7 +33,8 @@ from deltalake import CommitProperties, DeltaTable
 from cdc.errors import CompactionError
 from cdc.staged.merge import KEEP
 
-_INSERT = "__cdc_insert"
+#: the MERGE source's flag column: true for a row to insert, false for one to match
+INSERT = "__cdc_insert"
 
 
 @dataclass(frozen=True)
@@ -142,9 +143,42 @@ def staged_rows(dataset: ds.Dataset, state: pa.Table, key: tuple[str, ...], keep
     return dataset.to_table(columns=wanted, filter=where)
 
 
-def replace(dt: DeltaTable, removals: pa.Table, inserts: pa.Table, key: tuple[str, ...],
+def flagged(removals: pa.Table, inserts: pa.Table) -> pa.Table:
+    """One MERGE source: ``inserts`` flagged ``INSERT`` true, then ``removals`` false."""
+    new = inserts.append_column(INSERT, constant(True, inserts.num_rows))
+    gone = removals.append_column(INSERT, constant(False, removals.num_rows))
+    return pa.concat_tables([new, gone], promote_options="default")
+
+
+def split(dt: DeltaTable, source: pa.Table, column: str,
+          group_bytes: int) -> tuple[list[pa.Table], pa.Table]:
+    """A flagged MERGE source (``flagged``) split by the table's file groups: the source of
+    each touched group's MERGE, and the inserts outside every group (appended: no row of the
+    table can match them; removals there match nothing and are dropped)."""
+    merges, rest = [], [source.slice(0, 0)]
+    for group, part in by_group(source, column, file_groups(dt, column, group_bytes)):
+        if group is None:
+            rest.append(part.filter(part[INSERT]))
+        else:
+            merges.append(part)
+    return merges, pa.concat_tables(rest).drop_columns([INSERT])
+
+
+def merge_groups(merges: list[pa.Table], commit: CommitProperties | None, *, appends: bool,
+                 merge: Callable[[pa.Table, CommitProperties | None], None],
+                 before: Callable[[], None]) -> None:
+    """One MERGE per group, each its own commit, ``before`` right before each (fault point,
+    watermark check); the last carries ``commit`` (the watermark) unless ``appends`` are
+    still to be committed after them, which then carry it."""
+    for i, source in enumerate(merges):
+        before()
+        merge(source, commit if i + 1 == len(merges) and not appends else None)
+
+
+def replace(dt: DeltaTable, source: pa.Table, key: tuple[str, ...],
             commit: CommitProperties | None) -> None:
-    """Delete the staged rows of ``removals``' keys and insert ``inserts``, in one commit.
+    """Delete the staged rows of the removals' keys and insert the inserts of ``source``
+    (``flagged``), in one commit.
 
     A MERGE of this shape (matched: unconditional delete; not matched: insert) rather
     than matched-update: deltalake 1.6.0-1.6.1 reject a matched update or conditional
@@ -152,18 +186,20 @@ def replace(dt: DeltaTable, removals: pa.Table, inserts: pa.Table, key: tuple[st
     than one batch (delta-rs #4475, fixed in 1.6.2); unconditional deletes are exempt.
     Guard and TOAST values were resolved against the staged rows already.
     """
-    gone = removals.append_column(_INSERT, constant(False, removals.num_rows))
-    new = inserts.append_column(_INSERT, constant(True, inserts.num_rows))
-    source = pa.concat_tables([new, gone], promote_options="default")
-    match = " AND ".join(f"t.{quote(k)} = s.{quote(k)}" for k in key)
-    columns = {quote(c): f"s.{quote(c)}" for c in inserts.column_names}
+    names = [c for c in source.column_names if c != INSERT]
+    columns = {quote(c): f"s.{quote(c)}" for c in names}
     target = set(pa.schema(dt.schema().to_arrow()).names)
-    (dt.merge(source, f"{match} AND NOT s.{_INSERT}", source_alias="s", target_alias="t",
-              streamed_exec=False, merge_schema=bool(set(inserts.column_names) - target),
+    (dt.merge(source, f"{match(key)} AND NOT s.{INSERT}", source_alias="s", target_alias="t",
+              streamed_exec=False, merge_schema=bool(set(names) - target),
               commit_properties=commit)
      .when_matched_delete()
-     .when_not_matched_insert(columns, f"s.{_INSERT}")
+     .when_not_matched_insert(columns, f"s.{INSERT}")
      .execute())
+
+
+def match(key: tuple[str, ...]) -> str:
+    """The MERGE predicate's key equality (target ``t``, source ``s``)."""
+    return " AND ".join(f"t.{quote(k)} = s.{quote(k)}" for k in key)
 
 
 def quote(name: str) -> str:
