@@ -93,6 +93,18 @@ def table_key(schema: pa.Schema, override: Sequence[str] | None) -> tuple[str, .
     return tuple(override or ()) or tuple(k for k in recorded.split(",") if k)
 
 
+def keyed(lake: Lake, newest: RawFile | None, key: Sequence[str] | None = None) -> bool:
+    """Whether the table has a key (so a history), from its newest raw file's footer (no
+    data read; ``staged.files.newest_file`` finds it without listing all of raw)."""
+    if key or newest is None:  # no file: nothing to decide by, let the listing tell
+        return True
+    try:
+        schema = pq.read_schema(newest.key, filesystem=lake.arrow_filesystem())
+    except FileNotFoundError:  # gone meanwhile: let the chunk reader report it
+        return True
+    return bool(table_key(schema, None))
+
+
 def compact_history(  # noqa: PLR0913  the table, its raw files, bound and settings
     lake: Lake, table: str, files: list[RawFile], bound: Lsn, *,
     key: Sequence[str] | None = None, options: CompactOptions | None = None,
@@ -131,7 +143,7 @@ class _HistoryWriter:
         self.fs = lake.arrow_filesystem()
 
     def run(self, files: list[RawFile], bound: Lsn) -> tuple[int, int, int, int] | None:
-        if files and not self._keyed(files[-1]):
+        if files and not keyed(self.lake, files[-1], self.key_override):
             return None
         dt = open_staged(self.uri, self.storage)
         before = dt.version() if dt else 0
@@ -154,16 +166,6 @@ class _HistoryWriter:
         if dt is not None and commits:
             self._maintain(dt, before)
         return changes, opened, closed, commits
-
-    def _keyed(self, newest: RawFile) -> bool:
-        """Whether the table has a key, from the newest raw file's footer (no data read)."""
-        if self.key_override:
-            return True
-        try:
-            schema = pq.read_schema(newest.key, filesystem=self.fs)
-        except FileNotFoundError:  # gone meanwhile: let the chunk reader report it
-            return True
-        return bool(table_key(schema, None))
 
     def _read_chunk(self, todo: list[RawFile], cursor: Pos,
                     end: Pos) -> tuple[pa.Table, Pos, set[str], bool]:
