@@ -26,7 +26,8 @@ Neither lists all of ``raw/``: each lists the table folders and their partition 
 once done, stays done (the stream writes today's partition, a writer's clock at most a
 day behind), so each table records (``_cdc/compaction/maintain/<table>.json``) the day
 up to which every closed day is consolidated (``consolidated``: the oldest day that kept
-a stream file the watermark had not reached yet, else ``--before``) and expired
+a stream file the watermark had not reached yet, else ``--before``; with the file size,
+another size redoes them all) and expired
 (``expired``: likewise, the oldest day that kept a file); later runs list from there.
 """
 
@@ -83,7 +84,11 @@ def consolidate(lake: Lake, before: date, applied: Mapping[str, Lsn | None], *,
     for table in raw_tables(lake):
         watermark = applied.get(table)
         with _held(lake, table):
-            days = _days(lake, table, _recorded(lake, table).get("consolidated"), before)
+            # days done with another file size are done again (into files of this one)
+            record = _recorded(lake, table)
+            since = (record.get("consolidated")
+                     if record.get("file_rows") == str(file_rows) else None)
+            days = _days(lake, table, since, before)
             kept = before.isoformat()  # the oldest day left with a change to consolidate
             for day, keys in days.items():
                 done = [k for k in keys if k.first_seq is not None and watermark is not None
@@ -92,7 +97,7 @@ def consolidate(lake: Lake, before: date, applied: Mapping[str, Lsn | None], *,
                     results.append(_consolidate_day(lake, table, day, done, file_rows))
                 if len(done) < sum(k.first_seq is not None for k in keys):
                     kept = min(kept, day)
-            _record(lake, table, "consolidated", kept)
+            _record(lake, table, consolidated=kept, file_rows=str(file_rows))
     return results
 
 
@@ -120,7 +125,7 @@ def expire(lake: Lake, retention_days: int, applied: Mapping[str, Lsn | None], *
                 removed += len(old)
                 if len(old) < len(keys):
                     kept = min(kept, day)
-            _record(lake, table, "expired", kept)
+            _record(lake, table, expired=kept)
         log.info("raw_expired", table=table, before=str(cutoff), files=removed)
     return removed
 
@@ -158,18 +163,20 @@ def _recorded(lake: Lake, table: str) -> dict[str, str]:
     data = lake.read_bytes(compaction_floor_key(table, "maintain"))
     try:
         doc = json.loads(data) if data is not None else {}
-        return {k: date.fromisoformat(str(v)).isoformat() for k, v in doc.items()}
+        return {k: str(v) if k == "file_rows" else date.fromisoformat(str(v)).isoformat()
+                for k, v in doc.items()}
     except (ValueError, TypeError, AttributeError):
         log.warning("maintain_record_unreadable", table=table, action="listing all days")
         return {}
 
 
-def _record(lake: Lake, table: str, what: str, day: str) -> None:
-    """Record that every closed day before ``day`` is ``what`` (under the table's lease)."""
+def _record(lake: Lake, table: str, **done: str) -> None:
+    """Record up to which day every closed day is ``consolidated`` (into files of
+    ``file_rows``) or ``expired`` (under the table's lease)."""
     doc = _recorded(lake, table)
-    if doc.get(what) != day:
+    if {**doc, **done} != doc:
         lake.write_bytes(compaction_floor_key(table, "maintain"),
-                         json.dumps({**doc, what: day}).encode())
+                         json.dumps({**doc, **done}).encode())
 
 
 def _consolidate_day(lake: Lake, table: str, day: str, keys: Sequence[RawKey],
