@@ -45,14 +45,21 @@ class FileGroup:
     high: int
     files: int
     bytes: int
+    rows: int
 
 
 #: the part of a table without usable statistics: any staged file may hold any of its keys
-EVERYWHERE = FileGroup(-(2**63), 2**63 - 1, 0, 0)
+EVERYWHERE = FileGroup(-(2**63), 2**63 - 1, 0, 0, 0)
+
+
+#: at most this many target rows in one group's MERGE (unless one file holds more): delta-rs'
+#: MERGE memory follows the rows it reads (~150 MB for 500k staged rows), not the bytes
+GROUP_ROWS = 500_000
 
 
 def file_groups(dt: DeltaTable, column: str, group_bytes: int) -> list[FileGroup] | None:
-    """The table's files grouped by their range of ``column``; None when stats don't allow it."""
+    """The table's files grouped by their range of ``column``, adjacent ones packed up to
+    ``group_bytes`` and ``GROUP_ROWS``; None when the statistics don't allow it."""
     actions = pa.table(dt.get_add_actions(flatten=True))
     low, high = f"min.{column}", f"max.{column}"
     if actions.num_rows == 0 or low not in actions.column_names or high not in actions.column_names:
@@ -60,15 +67,17 @@ def file_groups(dt: DeltaTable, column: str, group_bytes: int) -> list[FileGroup
     if _ordinal(actions[low]) is None or actions[low].null_count or actions[high].null_count:
         return None  # a file without statistics could hold any key
     ranges = pa.table({"low": _ordinal(actions[low]), "high": _ordinal(actions[high]),
-                       "bytes": actions["size_bytes"]}).sort_by("low").to_pylist()
+                       "bytes": actions["size_bytes"], "rows": actions["num_records"]}
+                      ).sort_by("low").to_pylist()
     groups: list[FileGroup] = []
     for r in ranges:
         last = groups[-1] if groups else None
-        if last is not None and (r["low"] <= last.high or last.bytes + r["bytes"] <= group_bytes):
+        if last is not None and (r["low"] <= last.high or (
+                last.bytes + r["bytes"] <= group_bytes and last.rows + r["rows"] <= GROUP_ROWS)):
             groups[-1] = FileGroup(last.low, max(last.high, r["high"]), last.files + 1,
-                                   last.bytes + r["bytes"])  # overlapping ranges share a group
-        else:
-            groups.append(FileGroup(r["low"], r["high"], 1, r["bytes"]))
+                                   last.bytes + r["bytes"], last.rows + r["rows"])
+        else:  # overlapping ranges share a group: a key could be in either file
+            groups.append(FileGroup(r["low"], r["high"], 1, r["bytes"], r["rows"]))
     return groups
 
 
@@ -172,6 +181,9 @@ def merge_groups(merges: list[pa.Table], commit: CommitProperties | None, *, app
     still to be committed after them, which then carry it."""
     for i, source in enumerate(merges):
         before()
+        # what the chunk's reads left in Arrow's pool goes back first: the MERGE's memory
+        # comes on top of it (10M-row history: 619 → 563 MB peak)
+        pa.default_memory_pool().release_unused()
         merge(source, commit if i + 1 == len(merges) and not appends else None)
 
 
