@@ -114,6 +114,7 @@ def compact_history(  # noqa: PLR0913  the table, its raw files, bound and setti
     ``fence`` runs right before each commit (the table's lease must still be ours)."""
     writer = _HistoryWriter(lake, table, key, options or CompactOptions(), fence)
     started = time.monotonic()
+    pa.default_memory_pool().release_unused()  # what the staged pass before it left there
     with table_lock(writer.uri):
         try:
             counts = writer.run(files, bound)
