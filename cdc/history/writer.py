@@ -16,10 +16,12 @@ streamed transaction larger than the chunk limits is read whole. The last slice 
 the checkpoint like staged's, (checkpoint, 0): a backfill at the checkpoint LSN is in, and
 re-read (and skipped) by the next run until the stream moves past it.
 
-Each commit is incremental: one MERGE closes the current versions of the changed keys
-(matched on key and ``_is_current``: set ``_valid_to``, ``_valid_to_lsn``, ``_ended_by``)
-and inserts the new versions, sorted by key so a key's versions stay clustered. Without
-closes it is an append. Tables without a key have no history: raw is already theirs.
+Each chunk is incremental: one MERGE per touched file group (``staged/target.py``, as
+staged merges) closes the current versions of the changed keys (matched on key and
+``_is_current``: set ``_valid_to``, ``_valid_to_lsn``, ``_ended_by``) and inserts the new
+versions, sorted by key so a key's versions stay clustered; the versions of keys outside
+every file are appended last. The last commit records the watermark. Without closes it is
+an append. Tables without a key have no history: raw is already theirs.
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
-"""The staged side of a merge: which data files a chunk touches, and merging them in groups.
+"""The table side of a merge: which data files a chunk touches, and merging them in groups.
+
+Staged (``staged/compactor.py``) and history (``history/writer.py``) both merge this way:
+each builds a ``flagged`` MERGE source per group, ``merge_groups`` commits them.
 
 delta-rs' MERGE holds memory in proportion to the target rows it reads and rewrites, so one
 MERGE of changes spread over a large table grows with the table (870 MB at 10M rows). Here
 the staged table's data files are grouped by the key ranges in the Delta log's add actions
 (``min``/``max`` statistics of the first key column): files whose ranges overlap are in one
-group, and adjacent groups are packed up to ``group_bytes``. A chunk's changes are split by
+group, and adjacent groups are packed up to ``group_bytes`` and ``GROUP_ROWS``. A chunk's changes are split by
 group; each touched group is one MERGE whose source keys lie inside the group's range, so
 delta-rs prunes it to that group's files (``streamed_exec=False``: file pruning from the
 source's key range), and untouched groups are never read. Changes of keys outside every
@@ -17,7 +20,8 @@ a file without statistics, keeps the single MERGE over the whole table.
 
 A crash between two group commits leaves the watermark where it was: the re-run redoes the
 chunk, and changes already applied are not newer than their staged rows, so they are
-dropped (``merge.against_staged``).
+dropped (``merge.against_staged``); in history, a change at or before its key's current
+version is skipped (``history.versions.plan_versions``).
 """
 
 from __future__ import annotations
