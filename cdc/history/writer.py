@@ -37,7 +37,7 @@ import structlog
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
 from cdc import faults
-from cdc.errors import CdcError, CompactionError, HistoryTableUnreadable
+from cdc.errors import CompactionError, HistoryTableUnreadable
 from cdc.events import Lsn, format_lsn
 from cdc.history.versions import HISTORY_META, Plan, plan_versions
 from cdc.lake.layout import history_key
@@ -49,6 +49,7 @@ from cdc.staged.commits import (
     ensure_file_size,
     slices,
     table_lock,
+    translated,
 )
 from cdc.staged.compactor import CompactOptions, open_staged
 from cdc.staged.files import RawFile
@@ -117,16 +118,11 @@ def compact_history(  # noqa: PLR0913  the table, its raw files, bound and setti
     writer = _HistoryWriter(lake, table, key, options or CompactOptions(), fence)
     started = time.monotonic()
     pa.default_memory_pool().release_unused()  # what the staged pass before it left there
-    with table_lock(writer.uri):
-        try:
-            counts = writer.run(files, bound)
-        except CdcError:
-            raise
-        except Exception as exc:  # delta-rs raises DeltaError and plain Exception
-            raise CompactionError(f"writing the history of {table} into {writer.uri} failed: "
-                                  f"{str(exc).splitlines()[0]}",
-                                  fix="fix the cause and run cdc compact again; versions "
-                                  "written are never written twice") from exc
+    with table_lock(writer.uri), translated(
+            f"writing the history of {table} into {writer.uri}",
+            fix="fix the cause and run cdc compact again; versions written are never "
+            "written twice"):
+        counts = writer.run(files, bound)
     if counts is None:
         return None
     dt = open_staged(writer.uri, writer.storage)

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pyarrow as pa
 from deltalake import DeltaTable
 
-from cdc.errors import CompactionError
+from cdc.errors import CdcError, CompactionError
 from cdc.events import Lsn
 from cdc.lake.lease import RIVAL_FIX
 from cdc.staged.delta_types import STATS_PROPERTY, limit_stats, stats_columns
@@ -99,3 +100,15 @@ def table_lock(uri: str) -> threading.Lock:
     """One lock per table inside this process (the lease covers other processes)."""
     with _locks_guard:
         return _locks.setdefault(uri, threading.Lock())
+
+
+@contextmanager
+def translated(doing: str, fix: str) -> Iterator[None]:
+    """delta-rs' errors (DeltaError and plain Exception) while ``doing`` as a
+    ``CompactionError`` with ``fix``; cdc's own errors pass as they are."""
+    try:
+        yield
+    except CdcError:
+        raise
+    except Exception as exc:
+        raise CompactionError(f"{doing} failed: {str(exc).splitlines()[0]}", fix=fix) from exc

@@ -34,13 +34,20 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
 from cdc import faults
-from cdc.errors import CdcError, CompactionError, StagedTableUnreadable
+from cdc.errors import CompactionError, StagedTableUnreadable
 from cdc.events import Lsn, format_lsn
 from cdc.lake import lease
 from cdc.lake.layout import staged_key
 from cdc.lake.store import Lake
 from cdc.staged.bounds import resync_start
-from cdc.staged.commits import check_watermark, configuration, cut, ensure_file_size, slices
+from cdc.staged.commits import (
+    check_watermark,
+    configuration,
+    cut,
+    ensure_file_size,
+    slices,
+    translated,
+)
 from cdc.staged.files import RawFile, list_raw, record_floor
 from cdc.staged.merge import (
     DELETED,
@@ -145,15 +152,10 @@ class TableCompactor:
 
     def run(self, bound: Lsn) -> TableResult:
         started = time.monotonic()
-        try:
+        with translated(f"compacting {self.table} into {self.uri}",
+                        fix="fix the cause and run cdc compact again; applied changes are "
+                        "never applied twice"):
             dt, changes, commits = self._compact(bound)
-        except CdcError:
-            raise
-        except Exception as exc:  # delta-rs raises DeltaError and plain Exception
-            raise CompactionError(f"compacting {self.table} into {self.uri} failed: "
-                                  f"{str(exc).splitlines()[0]}",
-                                  fix="fix the cause and run cdc compact again; "
-                                  "applied changes are never applied twice") from exc
         result = TableResult(self.table, changes, commits,
                              dt.transaction_version(APP_ID) if dt else None,
                              dt.version() if dt else None, round(time.monotonic() - started, 3))

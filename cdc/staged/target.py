@@ -7,12 +7,13 @@ delta-rs' MERGE holds memory in proportion to the target rows it reads and rewri
 MERGE of changes spread over a large table grows with the table (870 MB at 10M rows). Here
 the staged table's data files are grouped by the key ranges in the Delta log's add actions
 (``min``/``max`` statistics of the first key column): files whose ranges overlap are in one
-group, and adjacent groups are packed up to ``group_bytes`` and ``GROUP_ROWS``. A chunk's changes are split by
-group; each touched group is one MERGE whose source keys lie inside the group's range, so
-delta-rs prunes it to that group's files (``streamed_exec=False``: file pruning from the
-source's key range), and untouched groups are never read. Changes of keys outside every
-file's range cannot match a staged row: they are inserts, appended in the chunk's last
-commit, which also records the watermark. Memory then follows the group, not the table.
+group, and adjacent groups are packed up to ``group_bytes`` and ``GROUP_ROWS``. A chunk's
+changes are split by group; each touched group is one MERGE whose source keys lie inside
+the group's range, so delta-rs prunes it to that group's files (``streamed_exec=False``:
+file pruning from the source's key range), and untouched groups are never read. Changes
+of keys outside every file's range cannot match a staged row: they are inserts, appended
+in the chunk's last commit, which also records the watermark. Memory then follows the
+group, not the table.
 
 Only exact statistics qualify: integer and date key columns (string statistics
 may be truncated, so a key could fall outside its file's recorded range); any other key, or
