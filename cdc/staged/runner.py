@@ -8,11 +8,9 @@ compaction (``staged/compactor.py``) and its history under the table's lease; an
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Mapping, Sequence
 
-import pyarrow as pa
 import structlog
 
 from cdc.errors import CdcError, ConfigError
@@ -57,7 +55,6 @@ def compact_lake(lake: Lake, slot: str, tables: Sequence[str] = (),
     others: its result carries the error, which is also recorded in the lake for ``cdc
     status`` (``cdc.staged.failures``) until it compacts.
     """
-    arrow_pool()
     bound = lake_bound(lake, slot)  # before listing: files below it exist
     if bound is None:
         log.info("nothing_to_compact", reason="no checkpoint yet", slot=slot, lake=lake.uri)
@@ -85,22 +82,6 @@ def compact_lake(lake: Lake, slot: str, tables: Sequence[str] = (),
             clear_failure(lake, table)
         results.append(result)
     return results
-
-
-def arrow_pool() -> None:
-    """Arrow allocations from jemalloc unless the user chose a pool (the variable
-    ``ARROW_DEFAULT_MEMORY_POOL``): it hands freed memory back where mimalloc, pyarrow's
-    default, keeps it, and a run's reads would otherwise stay under the MERGE that follows
-    (1M-row history merge 563 → 420 MB peak, docs/benchmarks.md). Buffers already made keep
-    their own pool, so switching beside a running stream is safe."""
-    if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
-        return
-    try:
-        pool = pa.jemalloc_memory_pool()
-    except NotImplementedError:  # a pyarrow built without it
-        return
-    if pa.default_memory_pool().backend_name != pool.backend_name:
-        pa.set_memory_pool(pool)
 
 
 def compact_table(  # noqa: PLR0913  the table, its bound and its settings
