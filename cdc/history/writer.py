@@ -326,6 +326,6 @@ class _HistoryWriter:
         every = self.options.optimize_every
         if every <= 0 or dt.version() // every == before // every:
             return
-        dt.optimize.compact()
+        dt.optimize.compact(target_size=self.file_bytes)  # files a group MERGE can take
         dt.vacuum(retention_hours=self.options.vacuum_retention_hours, dry_run=False,
                   enforce_retention_duration=False)
