@@ -150,6 +150,11 @@ class TestChunkingProperty:
                       [change("r", 10, 70, -990)], [change("r", 11, 70, -989)],
                       [change("c", 1, 80, 0), change("u", 1, 90, 0)]], 91),
              chunk_rows=4, crash=2, file_bytes=16 * 2**20, point="history.after_commit")
+    # a crash between a chunk's group MERGE and its append: the rerun re-read a backfill
+    # row older than its key's current version (written by that MERGE) and opened it again
+    @example(layout=([[change("r", k, 10, -1000 + k)] for k in (10, 11, 12, 13)]
+                     + [[change("r", 10, 20, -990)]], 21),
+             chunk_rows=3, crash=3, file_bytes=1, point="history.before_commit")
     def test_any_chunking_and_any_crash_then_a_rerun_equal_one_slice(
         self, layout: tuple[list[list[dict[str, Any]]], int], chunk_rows: int, crash: int,
         file_bytes: int, point: str
