@@ -28,7 +28,7 @@ floor recorded, as before the floor existed) and once from the recorded floor.
 
     python bench/compact.py                                   # 1M and 10M, both patterns
     python bench/compact.py --sizes 1000000 --pattern random --keep /tmp/lake
-    python bench/compact.py --raw-history 50000
+    python bench/compact.py --raw-history 50000 [--keyless]
 """
 
 from __future__ import annotations
@@ -54,9 +54,10 @@ from deltalake import DeltaTable
 from cdc.history.writer import compact_history
 from cdc.lake.checkpoint import CheckpointStore
 from cdc.lake.layout import compaction_floor_key
+from cdc.lake.maintain import consolidate
 from cdc.lake.raw import encode
 from cdc.lake.store import LocalLake
-from cdc.staged.compactor import CompactOptions
+from cdc.staged.compactor import CompactOptions, staged_watermark
 from cdc.staged.files import list_raw
 from cdc.staged.runner import compact_lake
 from cdc.stream.batcher import META_SCHEMA
@@ -157,16 +158,19 @@ class CountingLake(LocalLake):
         return super().arrow_filesystem()
 
 
-def raw_history(root: Path, old_files: int, seed: int) -> None:
-    """Compaction of one new raw file beside ``old_files`` compacted ones over a year."""
+def raw_history(root: Path, old_files: int, seed: int, *, keyless: bool = False) -> None:
+    """Compaction of one new raw file beside ``old_files`` compacted ones over a year, then
+    ``cdc maintain raw`` twice (the second run lists only the days closed since the first).
+    ``keyless``: the table has no key (staged is an append, no history table)."""
     lake = CountingLake(root)
+    metadata = {**(SCHEMA.metadata or {}), b"cdc_key": b"" if keyless else b"id"}
     rng = random.Random(seed)
     days = [date(2025, 1, 1) + timedelta(days=d) for d in range(365)]
     lsn = LOAD_LSN
     for i in range(old_files):  # written directly (no fsync per file): the build, not the test
         ids = pa.array([rng.randrange(1, 100_000), rng.randrange(1, 100_000)], pa.int64())
         table = raw_rows(ids, pa.array(["c", "c"]), pa.array([lsn, lsn], pa.int64()),
-                         pa.array([0, 1], pa.int64()))
+                         pa.array([0, 1], pa.int64())).replace_schema_metadata(metadata)
         path = lake.path(f"raw/{TABLE}/load_date={days[i * 365 // old_files]}/"
                          f"{lsn:016X}-{lsn:016X}-0.parquet")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,8 +187,9 @@ def raw_history(root: Path, old_files: int, seed: int) -> None:
             for consumer in ("staged", "history"):
                 lake.path(compaction_floor_key(TABLE, consumer)).unlink(missing_ok=True)
         ids = pa.array([1, 2], pa.int64())
-        table = raw_rows(ids, pa.array(["u", "u"]), pa.array([lsn, lsn], pa.int64()),
-                         pa.array([0, 1], pa.int64()))
+        table = raw_rows(ids, pa.array(["c" if keyless else "u"] * 2),
+                         pa.array([lsn, lsn], pa.int64()),
+                         pa.array([0, 1], pa.int64())).replace_schema_metadata(metadata)
         lake.write_bytes(f"raw/{TABLE}/load_date={today}/{lsn:016X}-{lsn:016X}-0.parquet",
                          encode(table))
         lsn += 0x100
@@ -197,6 +202,14 @@ def raw_history(root: Path, old_files: int, seed: int) -> None:
         print(f"one new file, listing {label}: {seconds:.3f} s, {result.changes} changes, "
               f"{lake.lists} file listings returning {lake.keys:,} keys, "
               f"{lake.folder_lists} folder listings", flush=True)
+    applied = {TABLE: staged_watermark(lake, TABLE)[0]}
+    for run in ("first", "second"):  # every day but the newest is closed
+        lake.lists = lake.keys = lake.folder_lists = 0
+        started = time.perf_counter()
+        days = consolidate(lake, today, applied, today=today + timedelta(days=1))
+        print(f"cdc maintain raw --before {today}, {run} run: "
+              f"{time.perf_counter() - started:.3f} s, {len(days)} days consolidated, "
+              f"{lake.lists} file listings returning {lake.keys:,} keys", flush=True)
 
 
 def peak_rss_mb() -> float:
@@ -292,6 +305,8 @@ def main() -> None:
                         help="measure the staged merge only, not history maintenance")
     parser.add_argument("--raw-history", type=int, metavar="N",
                         help="measure one new raw file beside N old ones instead")
+    parser.add_argument("--keyless", action="store_true",
+                        help="--raw-history: a table without a key (no history table)")
     parser.add_argument("--phase", choices=("load", "merge", "build-load", "build-merge"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--lake", help=argparse.SUPPRESS)
@@ -302,7 +317,7 @@ def main() -> None:
         return
     if args.raw_history:
         root = Path(args.keep or tempfile.mkdtemp(prefix="cdc-bench-history-"))
-        raw_history(root, args.raw_history, args.seed)
+        raw_history(root, args.raw_history, args.seed, keyless=args.keyless)
         if not args.keep:
             subprocess.run(["rm", "-rf", str(root)], check=False)
         return

@@ -213,6 +213,43 @@ class TestRawListing:
         assert staged(tmp_path, KEYED) == [(1, 1), (2, 2)]
 
 
+class ListingLake(LocalLake):
+    """A local lake that records the prefixes it lists files under."""
+
+    def __init__(self, root: str | Path) -> None:
+        super().__init__(root)
+        self.listed: list[str] = []
+
+    def list(self, prefix: str) -> list[str]:
+        self.listed.append(prefix)
+        return super().list(prefix)
+
+
+class TestKeylessListing:
+    def test_a_keyless_tables_runs_list_only_the_partitions_from_its_floor(
+        self, tmp_path: Path
+    ) -> None:
+        """A keyless table has no history: its history pass lists no raw (it listed all of
+        it on every run), staged lists from its floor, and the new rows are appended."""
+        lake = ListingLake(tmp_path)
+        lsn = 0x100
+        for day in range(30):
+            write_file(lake, KEYLESS, DAY0 + dt.timedelta(days=day), [("c", day, day, lsn, 0)])
+            lsn += 0x100
+        CheckpointStore(lake, SLOT).save(lsn)
+        last = DAY0 + dt.timedelta(days=29)
+        options = CompactOptions(optimize_every=0, today=lambda: last)
+        compact_lake(lake, SLOT, options=options)
+        write_file(lake, KEYLESS, last, [("c", 99, 99, lsn, 0)])
+        CheckpointStore(lake, SLOT).save(lsn + 1)
+        lake.listed.clear()
+        compact_lake(lake, SLOT, options=options)
+        assert staged(tmp_path, KEYLESS) == [*((d, d) for d in range(30)), (99, 99)]
+        raw = sorted({p for p in lake.listed if p.startswith("raw/")})
+        assert raw == [f"raw/{KEYLESS}/load_date={last - dt.timedelta(days=1)}/",
+                       f"raw/{KEYLESS}/load_date={last}/"]
+
+
 def files(table: DeltaTable) -> list[dict[str, Any]]:
     return list(pa.table(table.get_add_actions(flatten=True)).to_pylist())
 

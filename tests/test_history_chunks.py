@@ -52,10 +52,11 @@ def history(lake_dir: Path) -> list[tuple[int, int, int | None]]:
     return sorted((r["id"], r["_valid_from_lsn"], r["_valid_to_lsn"]) for r in rows)
 
 
-def run(lake: LocalLake, bound: int, chunk_rows: int) -> None:
+def run(lake: LocalLake, bound: int, chunk_rows: int, file_bytes: int = 16 * 2**20) -> None:
     CheckpointStore(lake, "s").save(bound)
     compact_history(lake, TABLE, list_raw(lake, TABLE, None).files, bound,
-                    options=CompactOptions(chunk_rows=chunk_rows, optimize_every=0))
+                    options=CompactOptions(chunk_rows=chunk_rows, optimize_every=0,
+                                           file_bytes=file_bytes))
 
 
 class TestChunksAndCrashes:
@@ -182,7 +183,8 @@ def raw_layouts(draw: Any) -> tuple[list[list[dict[str, Any]]], int]:
 class TestChunkingProperty:
     @settings(max_examples=100, deadline=None,
               suppress_health_check=[HealthCheck.too_slow])
-    @given(raw_layouts(), st.integers(1, 5), st.integers(1, 6))
+    @given(raw_layouts(), st.integers(1, 5), st.integers(1, 6), st.sampled_from([1, 16 * 2**20]),
+           st.sampled_from(["history.after_commit", "history.before_commit"]))
     # a chunk filled up inside a backfill past its LSN once ended unclean there, with the
     # streamed changes below it in hand: the rerun redid them (key 1 deleted, nothing to skip by)
     @example(layout=([[change("c", 1, 10, 0), change("u", 1, 20, 0), change("u", 1, 30, 0),
@@ -190,12 +192,19 @@ class TestChunkingProperty:
                       [change("u", 1, 50, 0), change("u", 1, 60, 0), change("d", 1, 60, 1)],
                       [change("r", 10, 70, -990)], [change("r", 11, 70, -989)],
                       [change("c", 1, 80, 0), change("u", 1, 90, 0)]], 91),
-             chunk_rows=4, crash=2)
+             chunk_rows=4, crash=2, file_bytes=16 * 2**20, point="history.after_commit")
+    # a crash between a chunk's group MERGE and its append: the rerun re-read a backfill
+    # row older than its key's current version (written by that MERGE) and opened it again
+    @example(layout=([[change("r", k, 10, -1000 + k)] for k in (10, 11, 12, 13)]
+                     + [[change("r", 10, 20, -990)]], 21),
+             chunk_rows=3, crash=3, file_bytes=1, point="history.before_commit")
     def test_any_chunking_and_any_crash_then_a_rerun_equal_one_slice(
-        self, layout: tuple[list[list[dict[str, Any]]], int], chunk_rows: int, crash: int
+        self, layout: tuple[list[list[dict[str, Any]]], int], chunk_rows: int, crash: int,
+        file_bytes: int, point: str
     ) -> None:
-        """Cut anywhere the writer may cut, killed after any commit and run again: the
-        history is the one a single slice of every change gives."""
+        """Cut anywhere the writer may cut, killed after any commit and run again, merged in
+        one MERGE or file group by file group (a group per data file; dying before any group's
+        commit too): the history is the one a single slice of every change gives."""
         files, bound = layout
         versions = []
         for rows, fault in ((10**6, None), (chunk_rows, crash)):
@@ -206,10 +215,10 @@ class TestChunkingProperty:
                     labelled = part[0]["_seq"] < 0
                     write(lake, part, f"r{part[0]['id']}" if labelled else part[0]["_seq"])
                 if fault is not None:
-                    with faults.armed("history.after_commit", crash_at(fault)),  \
+                    with faults.armed(point, crash_at(fault)),  \
                             contextlib.suppress(Crash):
-                        run(lake, bound, chunk_rows=rows)
-                run(lake, bound, chunk_rows=rows)
+                        run(lake, bound, chunk_rows=rows, file_bytes=file_bytes)
+                run(lake, bound, chunk_rows=rows, file_bytes=file_bytes)
                 versions.append(history(root))
             finally:
                 shutil.rmtree(root)

@@ -23,6 +23,7 @@ from test_compact_files import (
     KEYLESS,
     SLOT,
     Change,
+    ListingLake,
     Stream,
     replayed,
     source_log,
@@ -100,6 +101,30 @@ class TestConsolidation:
         assert (day.files_before, day.files_after, day.changes) == (10, 1, 10)
         [only] = raw_files(tmp_path, KEYED)
         assert only.name == f"{0x100:016X}-{0xA00:016X}-0.parquet"
+
+    def test_a_second_run_lists_and_consolidates_only_the_days_closed_since_the_first(
+        self, tmp_path: Path
+    ) -> None:
+        """Days consolidated once are not listed again (a year of them would be listed on
+        every run); the days closed since are consolidated; every change is kept."""
+        lake = ListingLake(tmp_path)
+        stream = Stream(lake, [("c", i, i, 0x100 * i, 0) for i in range(1, 21)])
+        for _ in range(10):
+            stream.write(1, True)
+            stream.write(1, True)
+            stream.day += dt.timedelta(days=1)
+        compact_lake(lake, SLOT, options=CompactOptions(optimize_every=0,
+                                                        today=lambda: stream.day))
+        before = {t: changes(tmp_path, t) for t in (KEYED, KEYLESS)}
+        today, day = stream.day, [str(DAY0 + dt.timedelta(days=d)) for d in range(10)]
+        first = consolidate(lake, DAY0 + dt.timedelta(days=5), watermarks(lake), today=today)
+        assert sorted({r.load_date for r in first}) == day[:5]
+        lake.listed.clear()
+        second = consolidate(lake, DAY0 + dt.timedelta(days=8), watermarks(lake), today=today)
+        assert sorted({r.load_date for r in second}) == day[5:8]
+        listed = {p.split("/")[2] for p in lake.listed if p.startswith("raw/")}
+        assert listed == {f"load_date={d}" for d in day[5:8]}
+        assert {t: changes(tmp_path, t) for t in (KEYED, KEYLESS)} == before
 
     def test_files_above_the_staged_watermark_are_left_for_the_compactor(
         self, tmp_path: Path

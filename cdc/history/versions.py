@@ -97,15 +97,22 @@ def _truncated_keys(changes: pa.Table, index: int, existing: pa.Table,
 
 def _not_applied(events: pa.Table, key: list[str]) -> pa.Table:
     """Drop changes at or before the commit of their key's current version: applied already
-    (a backfill redone after a crash between the commits of its parts)."""
+    (a backfill redone after a crash between the commits of its parts, or a chunk redone
+    after a crash between its file groups' commits: then the current version may be later
+    than changes of the chunk, which sort before it)."""
     existing = pc.equal(events["_op"], _EXISTING)
     if not pc.any(existing).as_py():
         return events
     lsn = events["_commit_lsn"]
     start = _starts(events, key)
-    since = pc.if_else(existing, lsn, pc.if_else(start, pa.scalar(_MIN, pa.int64()),
-                                                 pa.scalar(None, pa.int64())))
-    applied = pc.less_equal(lsn, pc.fill_null_forward(since))
+    low, none = pa.scalar(_MIN, pa.int64()), pa.scalar(None, pa.int64())
+    # the key's current version's LSN on each of its events (one per key at most), filled
+    # forward from it and backward to it, never across keys (MIN at a key's first and
+    # last event when they are not the current version)
+    ahead = pc.fill_null_forward(pc.if_else(existing, lsn, pc.if_else(start, low, none)))
+    behind = pc.fill_null_backward(pc.if_else(existing, lsn, pc.if_else(_ends(start), low,
+                                                                        none)))
+    applied = pc.less_equal(lsn, pc.max_element_wise(ahead, behind))
     return events.filter(pc.or_(existing, pc.invert(applied)))
 
 

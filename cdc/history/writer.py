@@ -16,16 +16,18 @@ streamed transaction larger than the chunk limits is read whole. The last slice 
 the checkpoint like staged's, (checkpoint, 0): a backfill at the checkpoint LSN is in, and
 re-read (and skipped) by the next run until the stream moves past it.
 
-Each commit is incremental: one MERGE closes the current versions of the changed keys
-(matched on key and ``_is_current``: set ``_valid_to``, ``_valid_to_lsn``, ``_ended_by``)
-and inserts the new versions, sorted by key so a key's versions stay clustered. Without
-closes it is an append. Tables without a key have no history: raw is already theirs.
+Each chunk is incremental: one MERGE per touched file group (``staged/target.py``, as
+staged merges) closes the current versions of the changed keys (matched on key and
+``_is_current``: set ``_valid_to``, ``_valid_to_lsn``, ``_ended_by``) and inserts the new
+versions, sorted by key so a key's versions stay clustered; the versions of keys outside
+every file are appended last. The last commit records the watermark. Without closes it is
+an append. Tables without a key have no history: raw is already theirs.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
@@ -35,24 +37,29 @@ import structlog
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
 from cdc import faults
-from cdc.errors import CdcError, CompactionError, HistoryTableUnreadable
+from cdc.errors import CompactionError, HistoryTableUnreadable
 from cdc.events import Lsn, format_lsn
 from cdc.history.versions import HISTORY_META, Plan, plan_versions
 from cdc.lake.layout import history_key
-from cdc.lake.lease import RIVAL_FIX
 from cdc.lake.store import Lake
-from cdc.staged.compactor import CompactOptions, _lock, open_staged
-from cdc.staged.delta_types import STATS_PROPERTY, limit_stats, stats_columns
+from cdc.staged.commits import (
+    check_watermark,
+    configuration,
+    cut,
+    ensure_file_size,
+    slices,
+    table_lock,
+    translated,
+)
+from cdc.staged.compactor import CompactOptions, open_staged
 from cdc.staged.files import RawFile
 from cdc.staged.merge import Pos, between, dedupe, staged_columns, unify
 from cdc.staged.moves import COLUMNS, fill_borrowed, plan_moves_around_truncates
-from cdc.staged.target import constant as _constant
-from cdc.staged.target import quote as _q
+from cdc.staged.target import INSERT, flagged, match, merge_groups, quote, split
 
 log = structlog.get_logger("cdc.history")
 
 APP_ID = "cdc-history"
-_INSERT = "__cdc_insert"
 _MIN = -(2**63)
 
 
@@ -89,22 +96,33 @@ def table_key(schema: pa.Schema, override: Sequence[str] | None) -> tuple[str, .
     return tuple(override or ()) or tuple(k for k in recorded.split(",") if k)
 
 
-def compact_history(lake: Lake, table: str, files: list[RawFile], bound: Lsn, *,
-                    key: Sequence[str] | None = None,
-                    options: CompactOptions | None = None) -> HistoryResult | None:
-    """Bring ``table``'s history up to the checkpoint ``bound``; None for a keyless table."""
-    writer = _HistoryWriter(lake, table, key, options or CompactOptions())
+def keyed(lake: Lake, newest: RawFile | None, key: Sequence[str] | None = None) -> bool:
+    """Whether the table has a key (so a history), from its newest raw file's footer (no
+    data read; ``staged.files.newest_file`` finds it without listing all of raw)."""
+    if key or newest is None:  # no file: nothing to decide by, let the listing tell
+        return True
+    try:
+        schema = pq.read_schema(newest.key, filesystem=lake.arrow_filesystem())
+    except FileNotFoundError:  # gone meanwhile: let the chunk reader report it
+        return True
+    return bool(table_key(schema, None))
+
+
+def compact_history(  # noqa: PLR0913  the table, its raw files, bound and settings
+    lake: Lake, table: str, files: list[RawFile], bound: Lsn, *,
+    key: Sequence[str] | None = None, options: CompactOptions | None = None,
+    fence: Callable[[], None] = lambda: None,
+) -> HistoryResult | None:
+    """Bring ``table``'s history up to the checkpoint ``bound``; None for a keyless table.
+    ``fence`` runs right before each commit (the table's lease must still be ours)."""
+    writer = _HistoryWriter(lake, table, key, options or CompactOptions(), fence)
     started = time.monotonic()
-    with _lock(writer.uri):
-        try:
-            counts = writer.run(files, bound)
-        except CdcError:
-            raise
-        except Exception as exc:  # delta-rs raises DeltaError and plain Exception
-            raise CompactionError(f"writing the history of {table} into {writer.uri} failed: "
-                                  f"{str(exc).splitlines()[0]}",
-                                  fix="fix the cause and run cdc compact again; versions "
-                                  "written are never written twice") from exc
+    pa.default_memory_pool().release_unused()  # what the staged pass before it left there
+    with table_lock(writer.uri), translated(
+            f"writing the history of {table} into {writer.uri}",
+            fix="fix the cause and run cdc compact again; versions written are never "
+            "written twice"):
+        counts = writer.run(files, bound)
     if counts is None:
         return None
     dt = open_staged(writer.uri, writer.storage)
@@ -117,29 +135,27 @@ def compact_history(lake: Lake, table: str, files: list[RawFile], bound: Lsn, *,
 
 class _HistoryWriter:
     def __init__(self, lake: Lake, table: str, key: Sequence[str] | None,
-                 options: CompactOptions) -> None:
+                 options: CompactOptions, fence: Callable[[], None]) -> None:
         self.lake, self.table, self.key_override, self.options = lake, table, key, options
+        self.fence = fence
+        # history's sorted versions compress better than staged rows (a 16 MiB file held
+        # 818k of them against ~500k): half the size keeps a group's MERGE (whose memory
+        # follows its rows, staged/target.py) as small as staged's
+        self.file_bytes = max(1, options.file_bytes // 2)
         self.uri, self.storage = history_location(lake, table)
         self.fs = lake.arrow_filesystem()
         self.independent: dict[Lsn, bool] = {}  # a transaction's keys are independent
 
     def run(self, files: list[RawFile], bound: Lsn) -> tuple[int, int, int, int] | None:
-        if files and not self._keyed(files[-1]):
+        if files and not keyed(self.lake, files[-1], self.key_override):
             return None
         dt = open_staged(self.uri, self.storage)
         before = dt.version() if dt else 0
         watermark = dt.transaction_version(APP_ID) if dt else None
         cursor: Pos = (-1 if watermark is None else watermark + 1, _MIN)
         end: Pos = (bound, 0)  # changes below it are complete (the stream's checkpoint)
-        consumed: set[str] = set()
         changes = opened = closed = commits = 0
-        while cursor < end:
-            todo = [f for f in files if f.key not in consumed and f.last_lsn >= cursor[0]
-                    and f.first < end]
-            if not todo:
-                break
-            rows, upper, done, clean = self._read_chunk(todo, cursor, end)
-            consumed |= done
+        for rows, upper, clean in slices(files, cursor, end, self._read_chunk):
             key = table_key(rows.schema, self.key_override)
             if not key:
                 return None
@@ -151,20 +167,9 @@ class _HistoryWriter:
                 watermark = moved if moved is not None else watermark
                 changes, commits = changes + rows.num_rows, commits + 1
                 opened, closed = opened + plan.opened.num_rows, closed + plan.closes.num_rows
-            cursor = upper
         if dt is not None and commits:
             self._maintain(dt, before)
         return changes, opened, closed, commits
-
-    def _keyed(self, newest: RawFile) -> bool:
-        """Whether the table has a key, from the newest raw file's footer (no data read)."""
-        if self.key_override:
-            return True
-        try:
-            schema = pq.read_schema(newest.key, filesystem=self.fs)
-        except FileNotFoundError:  # gone meanwhile: let the chunk reader report it
-            return True
-        return bool(table_key(schema, None))
 
     def _read_chunk(self, todo: list[RawFile], cursor: Pos,
                     end: Pos) -> tuple[pa.Table, Pos, set[str], bool]:
@@ -212,13 +217,7 @@ class _HistoryWriter:
                     upper, clean = nxt.first, False  # are independent
                     break
                 # a replayed copy starting at the cursor: read on, or the cut never moves
-        parts, done = [], set()
-        for f, part in read:
-            whole = f.first_seq is None and f.first_lsn == group
-            below = part if whole else between(part, cursor, upper)
-            if below.num_rows == part.num_rows:
-                done.add(f.key)
-            parts.append(below)
+        parts, done = cut(read, cursor, upper, group)
         return dedupe(unify(parts, self.table)), upper, done, clean
 
     def _one_change_per_key(self, todo: list[RawFile], lsn: Lsn) -> bool:
@@ -303,54 +302,54 @@ class _HistoryWriter:
 
     def _commit(self, dt: DeltaTable | None, plan: Plan, key: tuple[str, ...],
                 expected: Lsn | None, watermark: Lsn | None) -> DeltaTable:
-        """One Delta commit: close, insert, record ``watermark`` (None: leave it); the
-        stored watermark is checked first."""
+        """Close, insert, record ``watermark`` (None: leave it): one MERGE per touched file
+        group (``staged/target.py``), then an append of the versions outside every group,
+        the last commit carrying the watermark; the stored watermark is checked before each."""
         commit = CommitProperties(app_transactions=None if watermark is None
                                   else [Transaction(APP_ID, watermark)])
         opened = plan.opened.sort_by([(k, "ascending") for k in key])
+        if dt is not None and plan.closes.num_rows:
+            ensure_file_size(dt, self.options.checkpoint_interval, self.file_bytes)
+            merges, opened = split(dt, flagged(plan.closes, opened), key[0], self.file_bytes)
+            history = dt
+            merge_groups(merges, commit, appends=opened.num_rows > 0,
+                         merge=lambda source, done: self._merge(history, source, key, done),
+                         before=lambda: self._before_commit(history, expected))
+            if merges and not opened.num_rows:
+                faults.hit("history.after_commit", table=self.table)
+                return dt
+        self._before_commit(dt, expected)
+        write_deltalake(self.uri if dt is None else dt, opened, mode="append",
+                        schema_mode="merge", storage_options=self.storage,
+                        commit_properties=commit, target_file_size=self.file_bytes,
+                        description=self._description(key) if dt is None else None,
+                        configuration=None if dt is not None else configuration(
+                            opened.schema, self.options.checkpoint_interval, self.file_bytes))
+        faults.hit("history.after_commit", table=self.table)
+        return DeltaTable(self.uri, storage_options=self.storage)
+
+    def _before_commit(self, dt: DeltaTable | None, expected: Lsn | None) -> None:
         faults.hit("history.before_commit", table=self.table)
         if dt is not None:  # the watermark must not have moved since we read it
-            dt.update_incremental()
-            if dt.transaction_version(APP_ID) != expected:
-                raise CompactionError(
-                    f"history table {self.table} was written by someone else meanwhile "
-                    f"(watermark {expected} → {dt.transaction_version(APP_ID)})",
-                    fix=RIVAL_FIX)
-            limit_stats(dt)  # dates and timestamps of any year (staged.delta_types)
-        if dt is not None and plan.closes.num_rows:
-            self._merge(dt, plan.closes, opened, key, commit)
+            check_watermark(dt, APP_ID, expected, f"history table {self.table}", self.fence)
         else:
-            write_deltalake(self.uri, opened, mode="append", schema_mode="merge",
-                            storage_options=self.storage, commit_properties=commit,
-                            description=self._description(key) if dt is None else None,
-                            configuration=({"delta.checkpointInterval":
-                                            str(self.options.checkpoint_interval),
-                                            STATS_PROPERTY: stats_columns(opened.schema)}
-                                           if dt is None else None))
-            dt = DeltaTable(self.uri, storage_options=self.storage)
-        faults.hit("history.after_commit", table=self.table)
-        return dt
+            self.fence()
 
-    def _merge(self, dt: DeltaTable, closes: pa.Table, opened: pa.Table,
-               key: tuple[str, ...], commit: CommitProperties) -> None:
-        """Close the current versions of ``closes``' keys, insert ``opened``: one commit."""
-        close = closes.append_column(_INSERT, _constant(False, closes.num_rows))
-        new = opened.append_column(_INSERT, _constant(True, opened.num_rows))
-        source = pa.concat_tables([new, close], promote_options="default")
-        match = " AND ".join(f"t.{_q(k)} = s.{_q(k)}" for k in key)
+    def _merge(self, dt: DeltaTable, source: pa.Table, key: tuple[str, ...],
+               commit: CommitProperties | None) -> None:
+        """Close the current versions of the source's closes, insert its new versions (a
+        ``target.flagged`` source): one commit."""
+        names = [c for c in source.column_names if c != INSERT]
         target = set(pa.schema(dt.schema().to_arrow()).names)
         # the source-only term is ``NOT s.<flag>``: with a bare boolean column there,
         # delta-rs 1.6.2 derives no key range from the source and scans every file (10M
         # rows: 6.5 s instead of 0.7 s); the target term is a comparison likewise
-        (dt.merge(source, f"{match} AND t._is_current = true AND NOT s.{_INSERT}",
-                  source_alias="s",
-                  target_alias="t", streamed_exec=False,
-                  merge_schema=bool(set(opened.column_names) - target),
-                  commit_properties=commit)
+        (dt.merge(source, f"{match(key)} AND t._is_current = true AND NOT s.{INSERT}",
+                  source_alias="s", target_alias="t", streamed_exec=False,
+                  merge_schema=bool(set(names) - target), commit_properties=commit)
          .when_matched_update({"_valid_to": "s._valid_to", "_valid_to_lsn": "s._valid_to_lsn",
                                "_ended_by": "s._ended_by", "_is_current": "false"})
-         .when_not_matched_insert({_q(c): f"s.{_q(c)}" for c in opened.column_names},
-                                  f"s.{_INSERT}")
+         .when_not_matched_insert({quote(c): f"s.{quote(c)}" for c in names}, f"s.{INSERT}")
          .execute())
 
     def _description(self, key: tuple[str, ...]) -> str:
@@ -362,6 +361,6 @@ class _HistoryWriter:
         every = self.options.optimize_every
         if every <= 0 or dt.version() // every == before // every:
             return
-        dt.optimize.compact()
+        dt.optimize.compact(target_size=self.file_bytes)  # files a group MERGE can take
         dt.vacuum(retention_hours=self.options.vacuum_retention_hours, dry_run=False,
                   enforce_retention_duration=False)

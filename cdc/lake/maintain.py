@@ -20,10 +20,20 @@ rewrites a closed day's stream files of a table as a few large ones, in the same
 ``expire`` deletes raw files of partitions older than a retention, again only where every
 change is at or below the watermark, and never a table folder's newest file. Afterwards a
 staged table cannot be rebuilt from raw.
+
+Neither lists all of ``raw/``: each lists the table folders and their partition names
+(folder listings), then the files of the partitions it may still change. A closed day,
+once done, stays done (the stream writes today's partition, a writer's clock at most a
+day behind), so each table records (``_cdc/compaction/maintain/<table>.json``) the day
+up to which every closed day is consolidated (``consolidated``: the oldest day that kept
+a stream file the watermark had not reached yet, else ``--before``; with the file size,
+another size redoes them all) and expired
+(``expired``: likewise, the oldest day that kept a file); later runs list from there.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,9 +48,10 @@ from cdc import faults
 from cdc.errors import ConfigError, LakeError
 from cdc.events import Lsn
 from cdc.lake import lease
-from cdc.lake.layout import RAW, RawKey, parse_raw_key, raw_key, raw_keys, staged_key
+from cdc.lake.layout import RAW, RawKey, compaction_floor_key, parse_raw_key, raw_key, staged_key
 from cdc.lake.raw import encode
 from cdc.lake.store import Lake
+from cdc.staged.files import load_dates, newest_file, raw_tables
 
 log = structlog.get_logger("cdc.lake.maintain")
 
@@ -70,14 +81,23 @@ def consolidate(lake: Lake, before: date, applied: Mapping[str, Lsn | None], *,
     """Consolidate each table's stream files of days before ``before`` (see the module)."""
     closed_before(before, today)
     results = []
-    for table, days in _days(lake, before).items():
+    for table in raw_tables(lake):
         watermark = applied.get(table)
         with _held(lake, table):
-            for day, keys in sorted(days.items()):
+            # days done with another file size are done again (into files of this one)
+            record = _recorded(lake, table)
+            since = (record.get("consolidated")
+                     if record.get("file_rows") == str(file_rows) else None)
+            days = _days(lake, table, since, before)
+            kept = before.isoformat()  # the oldest day left with a change to consolidate
+            for day, keys in days.items():
                 done = [k for k in keys if k.first_seq is not None and watermark is not None
                         and k.last_commit_lsn <= watermark]
                 if len(done) > 1:
                     results.append(_consolidate_day(lake, table, day, done, file_rows))
+                if len(done) < sum(k.first_seq is not None for k in keys):
+                    kept = min(kept, day)
+            _record(lake, table, consolidated=kept, file_rows=str(file_rows))
     return results
 
 
@@ -89,18 +109,23 @@ def expire(lake: Lake, retention_days: int, applied: Mapping[str, Lsn | None], *
                           fix="keep at least yesterday's and today's raw files")
     cutoff = today - timedelta(days=retention_days)
     removed = 0
-    # each folder's newest file stays: its footer has the table's OID, which compaction
-    # follows through ALTER TABLE ... RENAME TO (staged/renames.py)
-    newest = {t: max(ks, key=lambda k: (k.last_commit_lsn, k.key)).key
-              for t, ks in raw_keys(lake.list(RAW)).items()}
-    for table, days in _days(lake, cutoff).items():
+    for table in raw_tables(lake):
         watermark = applied.get(table)
         with _held(lake, table):
-            for keys in days.values():
+            # each folder's newest file stays: its footer has the table's OID, which
+            # compaction follows through ALTER TABLE ... RENAME TO (staged/renames.py)
+            newest = newest_file(lake, table)
+            kept = cutoff.isoformat()  # the oldest day left with a file
+            days = _days(lake, table, _recorded(lake, table).get("expired"), cutoff)
+            for day, keys in days.items():
                 old = [k.key for k in keys if watermark is not None
-                       and k.last_commit_lsn <= watermark and k.key != newest.get(table)]
+                       and k.last_commit_lsn <= watermark
+                       and (newest is None or k.key != newest.key)]
                 _delete(lake, old)
                 removed += len(old)
+                if len(old) < len(keys):
+                    kept = min(kept, day)
+            _record(lake, table, expired=kept)
         log.info("raw_expired", table=table, before=str(cutoff), files=removed)
     return removed
 
@@ -119,13 +144,39 @@ def _held(lake: Lake, table: str) -> Iterator[None]:
         got.release()
 
 
-def _days(lake: Lake, before: date) -> dict[str, dict[str, list[RawKey]]]:
-    tables: dict[str, dict[str, list[RawKey]]] = {}
-    for key in lake.list(RAW):
-        parsed = parse_raw_key(key)
-        if parsed is not None and parsed.load_date < before.isoformat():
-            tables.setdefault(parsed.table, {}).setdefault(parsed.load_date, []).append(parsed)
-    return tables
+def _days(lake: Lake, table: str, since: str | None,
+          before: date) -> dict[str, list[RawKey]]:
+    """The table's raw files per day from ``since`` (None: the first) to before ``before``:
+    one folder listing, then a listing per partition in that range."""
+    days: dict[str, list[RawKey]] = {}
+    for day in load_dates(lake, table):
+        if (since is None or day >= since) and day < before.isoformat():
+            for key in lake.list(f"{RAW}{table}/load_date={day}/"):
+                parsed = parse_raw_key(key)
+                if parsed is not None and parsed.table == table:
+                    days.setdefault(day, []).append(parsed)
+    return days
+
+
+def _recorded(lake: Lake, table: str) -> dict[str, str]:
+    """The days up to which ``table``'s closed days are done (see the module); {}: none."""
+    data = lake.read_bytes(compaction_floor_key(table, "maintain"))
+    try:
+        doc = json.loads(data) if data is not None else {}
+        return {k: str(v) if k == "file_rows" else date.fromisoformat(str(v)).isoformat()
+                for k, v in doc.items()}
+    except (ValueError, TypeError, AttributeError):
+        log.warning("maintain_record_unreadable", table=table, action="listing all days")
+        return {}
+
+
+def _record(lake: Lake, table: str, **done: str) -> None:
+    """Record up to which day every closed day is ``consolidated`` (into files of
+    ``file_rows``) or ``expired`` (under the table's lease)."""
+    doc = _recorded(lake, table)
+    if {**doc, **done} != doc:
+        lake.write_bytes(compaction_floor_key(table, "maintain"),
+                         json.dumps({**doc, **done}).encode())
 
 
 def _consolidate_day(lake: Lake, table: str, day: str, keys: Sequence[RawKey],

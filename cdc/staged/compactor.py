@@ -20,7 +20,6 @@ their inserts.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -35,14 +34,21 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
 from cdc import faults
-from cdc.errors import CdcError, CompactionError, StagedTableUnreadable
+from cdc.errors import CompactionError, StagedTableUnreadable
 from cdc.events import Lsn, format_lsn
 from cdc.lake import lease
 from cdc.lake.layout import staged_key
 from cdc.lake.store import Lake
 from cdc.staged.appends import Appends
 from cdc.staged.bounds import resync_start
-from cdc.staged.delta_types import STATS_PROPERTY, limit_stats, stats_columns
+from cdc.staged.commits import (
+    check_watermark,
+    configuration,
+    cut,
+    ensure_file_size,
+    slices,
+    translated,
+)
 from cdc.staged.files import RawFile, list_raw, record_floor
 from cdc.staged.merge import (
     DELETED,
@@ -56,13 +62,18 @@ from cdc.staged.merge import (
     unify,
 )
 from cdc.staged.steps import evolve, resolve_moves
-from cdc.staged.target import by_group, file_groups, replace, staged_rows
+from cdc.staged.target import (
+    by_group,
+    file_groups,
+    flagged,
+    merge_groups,
+    replace,
+    staged_rows,
+)
 
 log = structlog.get_logger("cdc.staged.compactor")
 
 APP_ID = "cdc-compact"
-_locks: dict[str, threading.Lock] = {}
-_locks_guard = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -130,7 +141,9 @@ def staged_watermark(lake: Lake, table: str) -> tuple[Lsn | None, datetime | Non
     return dt.transaction_version(APP_ID), newest.as_py() if newest is not None else None
 
 
-class _TableCompactor:
+class TableCompactor:
+    """One table's compaction run (``run``), under the lease whose ``fence`` it is given."""
+
     def __init__(self, lake: Lake, table: str, key: tuple[str, ...] | None,
                  options: CompactOptions, fence: Callable[[], None], *,
                  earlier: list[str] | None = None) -> None:
@@ -140,15 +153,10 @@ class _TableCompactor:
 
     def run(self, bound: Lsn) -> TableResult:
         started = time.monotonic()
-        try:
+        with translated(f"compacting {self.table} into {self.uri}",
+                        fix="fix the cause and run cdc compact again; applied changes are "
+                        "never applied twice"):
             dt, changes, commits = self._compact(bound)
-        except CdcError:
-            raise
-        except Exception as exc:  # delta-rs raises DeltaError and plain Exception
-            raise CompactionError(f"compacting {self.table} into {self.uri} failed: "
-                                  f"{str(exc).splitlines()[0]}",
-                                  fix="fix the cause and run cdc compact again; "
-                                  "applied changes are never applied twice") from exc
         result = TableResult(self.table, changes, commits,
                              dt.transaction_version(APP_ID) if dt else None,
                              dt.version() if dt else None, round(time.monotonic() - started, 3))
@@ -168,16 +176,9 @@ class _TableCompactor:
         cursor: Pos = (-1, _MIN) if watermark is None else (watermark + 1, 0)
         end: Pos = (bound, 0)
         cursor = resync_start(files, cursor, end)  # a cdc resync replaces the table
-        consumed: set[str] = set()
         self.appends = Appends()  # keyless tables: what staged holds above the watermark
         changes = commits = 0
-        while cursor < end:
-            todo = [f for f in files if f.key not in consumed and f.last_lsn >= cursor[0]
-                    and f.first < end]
-            if not todo:
-                break
-            rows, upper, done, clean = self._read_chunk(todo, cursor, end)
-            consumed |= done
+        for rows, upper, clean in slices(files, cursor, end, self._read_chunk):
             if rows.num_rows:
                 advance = clean and upper[0] - 1 > (-1 if watermark is None else watermark)
                 dt = self._apply(dt, rows, watermark, upper[0] - 1 if advance else None)
@@ -185,7 +186,6 @@ class _TableCompactor:
                 changes += rows.num_rows
                 commits += 1
                 faults.hit("staged.after_commit", table=self.table)
-            cursor = upper
         if dt is not None and commits:
             self._maintain(dt, before)
             faults.hit("staged.after_maintenance", table=self.table)
@@ -231,14 +231,7 @@ class _TableCompactor:
             if upper > cursor or whole:
                 break
             upper, clean, group = end, True, None
-        applied: list[pa.Table] = []
-        done: set[str] = set()
-        for f, part in read:
-            whole = f.first_seq is None and f.first_lsn == group
-            below = part if whole else between(part, cursor, upper)
-            if below.num_rows == part.num_rows:
-                done.add(f.key)
-            applied.append(below)
+        applied, done = cut(read, cursor, upper, group)
         return dedupe(unify(from_last_truncate(applied), self.table)), upper, done, clean
 
     def _key(self, schema: pa.Schema) -> tuple[str, ...]:
@@ -270,7 +263,7 @@ class _TableCompactor:
         state = staged_columns(state, target, self.table)
         commit = CommitProperties(app_transactions=None if watermark is None
                                   else [Transaction(APP_ID, watermark)])
-        merges: list[tuple[pa.Table, pa.Table]] = []
+        merges: list[pa.Table] = []
         if dt is None or truncated:  # the table's whole content is in hand
             inserts = state
             if key:
@@ -281,17 +274,14 @@ class _TableCompactor:
             inserts = state
         if key:
             inserts = inserts.sort_by([(k, "ascending") for k in key])  # keeps keys clustered
-        if dt is not None and merges:
-            for i, (gone, new) in enumerate(merges):  # file group by file group
-                faults.hit("staged.before_commit", table=self.table)
-                self._guard(dt, expected)
-                last = i + 1 == len(merges) and not inserts.num_rows
-                replace(dt, gone, new.sort_by([(k, "ascending") for k in key]), key,
-                        commit if last else None)
+        if dt is not None and merges:  # file group by file group
+            staged = dt
+            merge_groups(merges, commit, appends=inserts.num_rows > 0,
+                         merge=lambda source, done: replace(staged, source, key, done),
+                         before=lambda: self._before_commit(staged, expected))
             if not inserts.num_rows:
                 return dt
-        faults.hit("staged.before_commit", table=self.table)
-        self._guard(dt, expected)
+        self._before_commit(dt, expected)
         mode: Literal["append", "overwrite"] = "overwrite" if dt is None or truncated else "append"
         write_deltalake(self.uri if dt is None else dt, inserts, mode=mode,
                         schema_mode="overwrite" if truncated else "merge",
@@ -302,32 +292,27 @@ class _TableCompactor:
                         else None)
         return DeltaTable(self.uri, storage_options=self.storage)
 
+    def _before_commit(self, dt: DeltaTable | None, expected: Lsn | None) -> None:
+        faults.hit("staged.before_commit", table=self.table)
+        self._guard(dt, expected)
+
     def _guard(self, dt: DeltaTable | None, expected: Lsn | None) -> None:
-        """Right before a commit, under the lease: fail unless it is still ours to make."""
-        # under the lease, on the table the commit goes to: the watermark must not have
-        # moved since we read it (nor the table appeared), and the lease must still be ours
-        found: object = None
+        """Right before a commit, under the lease: fail unless it is still ours to make
+        (``staged/commits.py``); without a table yet, unless one appeared meanwhile."""
         if dt is not None:
-            dt.update_incremental()
-            found = dt.transaction_version(APP_ID)
-        elif self._open() is not None:
-            found = "a table created meanwhile"
-        if found != expected:
+            check_watermark(dt, APP_ID, expected, f"staged table {self.table}", self.fence)
+            return
+        if self._open() is not None:
             raise CompactionError(
-                f"staged table {self.table} was compacted by someone else meanwhile "
-                f"(watermark {expected} → {found}); nothing was committed",
-                fix=lease.RIVAL_FIX)
+                f"staged table {self.table} was created by someone else meanwhile; nothing "
+                "was committed", fix=lease.RIVAL_FIX)
         self.fence()
-        if dt is not None:
-            limit_stats(dt)
 
     def _plan_groups(self, dt: DeltaTable, state: pa.Table, key: tuple[str, ...],
-                     keep: list[str]) -> tuple[list[tuple[pa.Table, pa.Table]], pa.Table]:
+                     keep: list[str]) -> tuple[list[pa.Table], pa.Table]:
         """(removals, inserts) per touched file group, and the inserts that remove nothing
         (``staged/target.py``): each group's staged rows are read and merged on their own."""
-        if dt.metadata().configuration.get("delta.targetFileSize") is None:
-            dt.alter.set_table_properties(  # tables made before it
-                self._configuration(pa.schema(dt.schema().to_arrow())))
+        ensure_file_size(dt, self.options.checkpoint_interval, self.options.file_bytes)
         groups = file_groups(dt, key[0], self.options.file_bytes)
         merges, rest = [], [state.drop_columns([DELETED, *keep]).slice(0, 0)]
         dataset = dt.to_pyarrow_dataset()  # one version for every group: no commit until all
@@ -335,7 +320,7 @@ class _TableCompactor:
             staged = staged_rows(dataset, part, key, keep, group)
             removals, inserts = against_staged(part, staged, key, keep)
             if removals.num_rows:
-                merges.append((removals, inserts))
+                merges.append(flagged(removals, inserts.sort_by([(k, "ascending") for k in key])))
             else:
                 rest.append(inserts)
         return merges, pa.concat_tables(rest, promote_options="default")
@@ -349,9 +334,7 @@ class _TableCompactor:
                 f"cdc compact --key {self.table}=col1,col2 to merge instead")
 
     def _configuration(self, schema: pa.Schema) -> dict[str, str]:
-        return {"delta.checkpointInterval": str(self.options.checkpoint_interval),
-                "delta.targetFileSize": str(self.options.file_bytes),
-                STATS_PROPERTY: stats_columns(schema)}
+        return configuration(schema, self.options.checkpoint_interval, self.options.file_bytes)
 
     def _maintain(self, dt: DeltaTable, before: int) -> None:
         """OPTIMIZE (bin-pack small files), then VACUUM past the retention, each time the
@@ -366,7 +349,3 @@ class _TableCompactor:
         log.info("optimized", table=self.table, files_removed=metrics.get("numFilesRemoved"),
                  files_added=metrics.get("numFilesAdded"), version=dt.version())
 
-
-def _lock(uri: str) -> threading.Lock:
-    with _locks_guard:
-        return _locks.setdefault(uri, threading.Lock())

@@ -96,14 +96,20 @@ def _list_folder(lake: Lake, table: str, since: str | None) -> tuple[list[RawFil
     if since is None:
         keys, partitions = lake.list(prefix), -1
     else:
-        dates = [d for d in (name.removeprefix("load_date=")
-                             for name in _folders(lake, prefix.rstrip("/"))) if d >= since]
+        dates = [d for d in load_dates(lake, table) if d >= since]
         keys = [k for d in dates for k in lake.list(f"{prefix}load_date={d}/")]
         partitions = len(dates)
     files = _parsed(keys, table)
     if partitions < 0:
         partitions = len({f.load_date for f in files})
     return files, partitions
+
+
+def load_dates(lake: Lake, table: str) -> list[str]:
+    """The dates of a table folder's ``load_date=`` partitions, oldest first (a folder
+    listing: names only, however many files they hold)."""
+    return [name.removeprefix("load_date=") for name in _folders(lake, f"{RAW}{table}")
+            if name.startswith("load_date=")]
 
 
 def _parsed(keys: Sequence[str], table: str) -> list[RawFile]:

@@ -21,9 +21,9 @@ from cdc.lake.layout import segment_of, staged_key
 from cdc.lake.store import Lake
 from cdc.names import parse_table_list, parse_table_name
 from cdc.staged.bounds import lake_bound, table_bound
-from cdc.staged.compactor import CompactOptions, TableResult, _TableCompactor
+from cdc.staged.compactor import CompactOptions, TableCompactor, TableResult
 from cdc.staged.failures import clear_failure, record_failure
-from cdc.staged.files import list_raw, raw_tables, record_floor
+from cdc.staged.files import list_raw, newest_file, raw_tables, record_floor
 from cdc.staged.renames import earlier_names, find_renames, move_renamed
 
 log = structlog.get_logger("cdc.staged.compactor")
@@ -102,16 +102,19 @@ def compact_table(  # noqa: PLR0913  the table, its bound and its settings
         log.info("compaction_skipped", table=table, held_by=got.describe())
         return TableResult(table, 0, 0, None, None, 0.0, held_by=got.describe())
     try:
-        result = _TableCompactor(lake, table, key, options, got.fence,
+        result = TableCompactor(lake, table, key, options, got.fence,
                                  earlier=earlier).run(bound)
         if history:  # cdc/history/writer.py
-            from cdc.history.writer import compact_history, history_watermark
+            from cdc.history.writer import compact_history, history_watermark, keyed
 
             got.fence()
             watermark = history_watermark(lake, table)
+            if watermark is None and not keyed(lake, newest_file(lake, table), key):
+                return result  # keyless: no history (and no listing of all its raw files)
             listing = list_raw(lake, table, watermark, consumer="history",
                                folders=earlier or ())
-            done = compact_history(lake, table, listing.files, bound, key=key, options=options)
+            done = compact_history(lake, table, listing.files, bound, key=key, options=options,
+                                  fence=got.fence)
             if done is not None and done.watermark is not None:
                 record_floor(lake, table, done.watermark, listing, options.today())
         return result
