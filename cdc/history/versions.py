@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cdc.staged.merge import _arange, _starts, check_key
+from cdc.staged.merge import check_key, row_numbers, run_starts
 
 #: columns a history table adds to the source columns
 HISTORY_META = ("_valid_from", "_valid_to", "_valid_from_lsn", "_valid_to_lsn", "_is_current",
@@ -69,7 +69,7 @@ def plan_versions(changes: pa.Table, key: Sequence[str], current: pa.Table,
     events = pa.concat_tables(parts, promote_options="default").sort_by(
         [*((k, "ascending") for k in key), ("_commit_lsn", "ascending"), ("_seq", "ascending")])
     events = _fill_unchanged(_alive_at_truncates(_not_applied(events, key), key), key)
-    at_commit = events.filter(_ends(_starts(events, [*key, "_commit_lsn"])))
+    at_commit = events.filter(_ends(run_starts(events, [*key, "_commit_lsn"])))
     return _versions(at_commit, key, source)
 
 
@@ -104,7 +104,7 @@ def _not_applied(events: pa.Table, key: list[str]) -> pa.Table:
     if not pc.any(existing).as_py():
         return events
     lsn = events["_commit_lsn"]
-    start = _starts(events, key)
+    start = run_starts(events, key)
     low, none = pa.scalar(_MIN, pa.int64()), pa.scalar(None, pa.int64())
     # the key's current version's LSN on each of its events (one per key at most), filled
     # forward from it and backward to it, never across keys (MIN at a key's first and
@@ -121,7 +121,7 @@ def _alive_at_truncates(events: pa.Table, key: list[str]) -> pa.Table:
     truncate = pc.equal(events["_op"], "t")
     if not pc.any(truncate).as_py():
         return events
-    start = _starts(events, key)
+    start = run_starts(events, key)
     previous = pa.concat_arrays([pa.array([None], pa.string()),
                                  events["_op"].combine_chunks().slice(0, events.num_rows - 1)])
     dead = pc.or_(start, pc.is_in(previous, value_set=_DEAD))
@@ -134,8 +134,8 @@ def _fill_unchanged(events: pa.Table, key: list[str]) -> pa.Table:
     The first event of a key has nothing before it: a value unchanged there stays NULL
     (an update that also changed the key, see the README's known gaps).
     """
-    order = _arange(events.num_rows)
-    start = _starts(events, key)
+    order = row_numbers(events.num_rows)
+    start = run_starts(events, key)
     unchanged = events["_unchanged"].combine_chunks()
     flat, parents = pc.list_flatten(unchanged), pc.list_parent_indices(unchanged)
     for name in pc.unique(flat).to_pylist():
@@ -158,8 +158,8 @@ def _versions(states: pa.Table, key: list[str], source: list[str]) -> Plan:
     """Each key's state at each commit → the versions it opens and the ones it closes."""
     n = states.num_rows
     op = states["_op"]
-    has_next = pc.invert(_ends(_starts(states, key)))
-    following = pc.if_else(has_next, pc.add(_arange(n), 1), pa.scalar(None, pa.int64()))
+    has_next = pc.invert(_ends(run_starts(states, key)))
+    following = pc.if_else(has_next, pc.add(row_numbers(n), 1), pa.scalar(None, pa.int64()))
     nxt = states.select(["_op", "_commit_lsn", "_commit_ts"]).take(following)
     alive = pc.invert(pc.is_in(op, value_set=_DEAD))
     ended_by = pc.if_else(pc.is_in(nxt["_op"], value_set=_DEAD), nxt["_op"],

@@ -94,7 +94,7 @@ def dedupe(table: pa.Table) -> pa.Table:
     table = table.sort_by([("_commit_lsn", "ascending"), ("_seq", "ascending")])
     if table.num_rows < 2:
         return table
-    first = _starts(table, ("_commit_lsn", "_seq"))
+    first = run_starts(table, ("_commit_lsn", "_seq"))
     return table if pc.all(first).as_py() else table.filter(first)
 
 
@@ -116,10 +116,10 @@ def latest_per_key(rows: pa.Table, key: Sequence[str],
     a value is still unchanged and the staged row's value must stay.
     """
     check_key(rows, key, table)
-    order = _arange(rows.num_rows)
+    order = row_numbers(rows.num_rows)
     rows = rows.append_column("__cdc_i", order)
     rows = rows.sort_by([*((k, "ascending") for k in key), ("__cdc_i", "ascending")])
-    start = _starts(rows, key)
+    start = run_starts(rows, key)
     end = pa.concat_arrays([start.slice(1), pa.array([True])]) if len(start) else start
     unchanged = rows["_unchanged"].combine_chunks()
     flat = pc.list_flatten(unchanged)
@@ -176,8 +176,8 @@ def _left_join(left: pa.Table, right: pa.Table, key: list[str]) -> pa.Table:
     """Left outer join on ``key`` carrying columns of any type (Acero's join cannot carry
     list columns: it joins row numbers here, and the columns are taken by them)."""
     li, ri = "__cdc_li", "__cdc_ri"
-    rows = left.select(key).append_column(li, _arange(left.num_rows)).join(
-        right.select(key).append_column(ri, _arange(right.num_rows)), keys=key,
+    rows = left.select(key).append_column(li, row_numbers(left.num_rows)).join(
+        right.select(key).append_column(ri, row_numbers(right.num_rows)), keys=key,
         join_type="left outer")
     joined = left.take(rows[li])
     for name in right.column_names:
@@ -186,11 +186,12 @@ def _left_join(left: pa.Table, right: pa.Table, key: list[str]) -> pa.Table:
     return joined
 
 
-def _arange(n: int) -> pa.Array:
+def row_numbers(n: int) -> pa.Array:
+    """0, 1, ..., n - 1 as an int64 array."""
     return pc.subtract(pc.cumulative_sum(pa.nulls(n, pa.int64()).fill_null(1)), 1)
 
 
-def _starts(table: pa.Table, columns: Sequence[str]) -> pa.Array:
+def run_starts(table: pa.Table, columns: Sequence[str]) -> pa.Array:
     """True where a row's ``columns`` differ from the previous row's (NULLs equal each other)."""
     n = table.num_rows
     if n == 0:
