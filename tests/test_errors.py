@@ -14,12 +14,13 @@ from conftest import SourceDb, with_settings
 from rawlake import prepare, run_cdc
 
 from cdc.config import Settings
-from cdc.errors import RawFileUnreadable, StagedTableUnreadable
+from cdc.errors import RawFileUnreadable, SourceError, StagedTableUnreadable
 from cdc.lake.layout import raw_key, staged_key
 from cdc.lake.store import LocalLake
 from cdc.ops.query import run_query
 from cdc.ops.status import last_commit_ts
 from cdc.sandbox import LocalCluster, free_port
+from cdc.source.connection import connect, translated
 from cdc.staged.compactor import staged_watermark
 
 
@@ -54,6 +55,25 @@ def replica_level_dsn() -> Iterator[str]:
 
 
 class TestMisconfiguration:
+    def test_no_free_replication_slot_says_how_to_free_one_and_that_works(self) -> None:
+        """A temporary slot (a resumed snapshot, a keyless re-read) on a server whose slots
+        are all taken names the way out; following it lets the slot be created."""
+        create = "CREATE_REPLICATION_SLOT cdc_t_tmp TEMPORARY LOGICAL pgoutput"
+        with LocalCluster(settings={"max_replication_slots": "1"}) as cluster:
+            dsn = cluster.dsn()
+            with connect(dsn) as conn:
+                conn.execute("SELECT pg_create_logical_replication_slot('cdc_t_idle', 'pgoutput')")
+                with pytest.raises(SourceError) as caught, connect(dsn, replication=True) as repl, \
+                        translated(dsn):
+                    repl.execute(create)
+                assert "replication slots are in use" in str(caught.value)
+                assert "pg_drop_replication_slot" in (caught.value.fix or "")
+                conn.execute("SELECT pg_drop_replication_slot('cdc_t_idle')")  # the advice
+            with connect(dsn, replication=True) as repl, translated(dsn):
+                row = repl.execute(create).fetchone()
+            assert row is not None
+            assert row[0] == "cdc_t_tmp"
+
     def test_wal_level_not_logical_says_how_to_set_it(
         self, replica_level_dsn: str, tmp_path: Path
     ) -> None:

@@ -64,6 +64,12 @@ def translate(exc: psycopg.Error, dsn: str) -> CdcError:  # noqa: PLR0911  the o
     if "wal_level" in text:
         return SourceError(f"{where}: {text}",
                            fix="set wal_level = logical in postgresql.conf and restart the server")
+    if "replication slots are in use" in text or "max_wal_senders" in text:
+        return SourceError(f"{where}: {text}",
+                           fix="drop a slot nothing uses (SELECT slot_name, active FROM "
+                           "pg_replication_slots; SELECT pg_drop_replication_slot('<name>')) "
+                           "or raise max_replication_slots / max_wal_senders and restart the "
+                           "server; cdc needs one more for a moment to re-read a table")
     if isinstance(exc, pgerrors.ObjectInUse):
         return SlotBusy(f"{where}: {text}",
                          fix="another consumer is reading this slot; stop it or use another --slot")
