@@ -34,7 +34,7 @@ from cdc import faults
 from cdc.config import Settings
 from cdc.decoding.pgtypes import ColumnType, column_type
 from cdc.errors import SlotError, SourceError
-from cdc.events import Lsn, Relation, format_lsn, parse_lsn
+from cdc.events import Lsn, Relation, format_lsn
 from cdc.lake.checkpoint import CheckpointStore
 from cdc.lake.contracts import Contracts
 from cdc.lake.raw import RawSink
@@ -45,7 +45,8 @@ from cdc.snapshot.readers import TextReader, open_reader
 from cdc.source import publication
 from cdc.source.admin import Admin, parse_table_name
 from cdc.source.catalog import ColumnFacts, column_facts
-from cdc.source.connection import connect, translated
+from cdc.source.connection import connect
+from cdc.source.replication import exported_snapshot
 from cdc.stream.batcher import Batch, raw_table
 
 log = structlog.get_logger("cdc.snapshot.consistent")
@@ -245,12 +246,7 @@ class ConsistentSnapshot:
         if previous is not None:  # a crash from here on must not find it "done" or resumable
             previous.status = SUPERSEDED
             self.lake.write_bytes(progress_key(s.slot), previous.to_json())
-        with connect(s.dsn, replication=True) as repl, translated(s.dsn):
-            row = repl.execute(sql.SQL(
-                "CREATE_REPLICATION_SLOT {} LOGICAL {} (SNAPSHOT 'export')").format(
-                sql.Identifier(s.slot), sql.Identifier(s.plugin))).fetchone()
-            assert row is not None
-            consistent_point, snapshot_name = parse_lsn(str(row[1])), str(row[2])
+        with exported_snapshot(s.dsn, s.slot, s.plugin) as (consistent_point, snapshot_name):
             log.info("snapshot_slot_created", slot=s.slot, lsn=format_lsn(consistent_point),
                      snapshot=snapshot_name)
             with connect(s.dsn) as conn:
@@ -292,12 +288,8 @@ class ConsistentSnapshot:
         if not redo:
             return self._copy(progress, relations, snapshot_name=None, resumed=True)
         temporary = f"{s.slot[:40]}_resume_{uuid.uuid4().hex[:8]}"
-        with connect(s.dsn, replication=True) as repl, translated(s.dsn):
-            row = repl.execute(sql.SQL(
-                "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL {} (SNAPSHOT 'export')").format(
-                sql.Identifier(temporary), sql.Identifier(s.plugin))).fetchone()
-            assert row is not None
-            point, snapshot_name = parse_lsn(str(row[1])), str(row[2])
+        with exported_snapshot(s.dsn, temporary, s.plugin, temporary=True) as (
+                point, snapshot_name):
             for name in redo:
                 plan = progress.tables[name]
                 plan.done.clear()

@@ -69,6 +69,7 @@ from cdc.snapshot.readers import csv_columns
 from cdc.source.admin import Admin, parse_table_name
 from cdc.source.catalog import column_facts
 from cdc.source.connection import connect, translated
+from cdc.source.replication import exported_snapshot
 from cdc.stream.batcher import Batch, raw_table
 
 log = structlog.get_logger("cdc.snapshot.resync")
@@ -197,13 +198,8 @@ class Resync:
         rows = chunks = 0
         with translated(s.dsn), conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            with connect(s.dsn, replication=True) as repl:
-                # the slot waits for running transactions; the application waits for nothing
-                row = repl.execute(sql.SQL(
-                    "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL {} (SNAPSHOT 'export')").format(
-                    sql.Identifier(temporary), sql.Identifier(s.plugin))).fetchone()
-                assert row is not None
-                point, snapshot = parse_lsn(str(row[1])), str(row[2])
+            with exported_snapshot(s.dsn, temporary, s.plugin, temporary=True) as (
+                    point, snapshot):
                 conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
             # imported: the snapshot is this transaction's now; the temporary slot is gone
             log.info("resync_snapshot_taken", table=relation.qualified_name, at=format_lsn(point))

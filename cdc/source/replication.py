@@ -43,7 +43,7 @@ from cdc.errors import (
     SourceError,
     new_generation_fix,
 )
-from cdc.events import Lsn, format_lsn
+from cdc.events import Lsn, format_lsn, parse_lsn
 from cdc.source.connection import connect, translated
 
 _status_update = struct.Struct("!cQQQqB")
@@ -52,6 +52,22 @@ FRAMES_PER_READ = 256
 #: silence timeout when the server's wal_sender_timeout is 0 (off)
 DEFAULT_SILENCE = 60.0
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+@contextlib.contextmanager
+def exported_snapshot(dsn: str, slot: str, plugin: str, *,
+                      temporary: bool = False) -> Iterator[tuple[Lsn, str]]:
+    """Create logical slot ``slot`` exporting a snapshot: (its consistent point, the
+    snapshot's name), importable while the block runs (the replication connection stays
+    open; a temporary slot goes with it). Creating it waits for the transactions running
+    at that moment; the application waits for nothing."""
+    with connect(dsn, replication=True) as repl, translated(dsn):
+        row = repl.execute(sql.SQL("CREATE_REPLICATION_SLOT {} {}LOGICAL {} (SNAPSHOT 'export')")
+                           .format(sql.Identifier(slot),
+                                   sql.SQL("TEMPORARY " if temporary else ""),
+                                   sql.Identifier(plugin))).fetchone()
+        assert row is not None
+        yield parse_lsn(str(row[1])), str(row[2])
 
 
 def parse_pg_duration(text: str) -> float:
