@@ -9,6 +9,13 @@ in one place each (``replication.translate``, the lake backends) with
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first line of text (its type's name when it has none): one line for
+    messages and logs."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class CdcError(Exception):
     """Base of every error cdc raises on purpose."""
 

@@ -53,6 +53,7 @@ from cdc.errors import (
     LakeError,
     RawFileUnreadable,
     StagedTableUnreadable,
+    first_line,
 )
 from cdc.history.as_of import AsOf
 from cdc.history.versions import HISTORY_META
@@ -113,7 +114,7 @@ def raw_schema(lake: Lake, keys: list[str], table: str) -> pa.Schema:
         unified = pa.unify_schemas(schemas, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise LakeError(f"the raw files of {table} have incompatible column types: "
-                        f"{str(exc).splitlines()[0]}",
+                        f"{first_line(exc)}",
                         fix=f"inspect raw/{table}; a column's type changed at the source") from exc
     latest = next((s.metadata for s in schemas if s.metadata), None)
     return unified.with_metadata(latest or {})
@@ -264,7 +265,7 @@ def run_query(lake: Lake, sql: str, out: IO[str], fmt: str = "table",
     except BrokenPipeError:
         raise
     except (pa.ArrowInvalid, OSError) as exc:
-        raise LakeError(f"reading the lake failed: {str(exc).splitlines()[0]}",
+        raise LakeError(f"reading the lake failed: {first_line(exc)}",
                         fix="check the lake's permissions and files") from exc
     finally:
         con.close()

@@ -33,7 +33,7 @@ import structlog
 from psycopg import sql
 
 from cdc.config import Settings
-from cdc.errors import CdcError, CheckpointError
+from cdc.errors import CdcError, CheckpointError, first_line
 from cdc.lake.layout import segment_of
 from cdc.lake.store import Lake
 from cdc.names import TableName
@@ -172,7 +172,7 @@ class Backfiller:
                 try:
                     self._backfill(name)
                 except Exception as exc:  # its record unreadable, the lake failing: retried
-                    log.warning("backfill_failed", table=name.display(), error=_first_line(exc),
+                    log.warning("backfill_failed", table=name.display(), error=first_line(exc),
                                 retry_in_s=MAX_RETRY_SECONDS)
                     self._finish(name, retry_in=MAX_RETRY_SECONDS)
                 continue
@@ -200,7 +200,7 @@ class Backfiller:
                 published = set(Admin(conn, self.settings.dsn).published_tables(
                     self.settings.publication))
         except Exception as exc:  # a thread that died would owe silently
-            log.warning("backfill_scan_failed", error=_first_line(exc), retry_in_s=RESCAN_SECONDS)
+            log.warning("backfill_scan_failed", error=first_line(exc), retry_in_s=RESCAN_SECONDS)
             return
         with self._lock:
             for b in owed:
@@ -241,8 +241,8 @@ class Backfiller:
         except Exception as exc:  # reported and retried: never lost
             delay = min(30.0 * 2 ** max(attempt.attempts - 1, 0), MAX_RETRY_SECONDS)
             with contextlib.suppress(Exception):  # the lake may be what fails
-                self.records.save(replace(attempt, error=_first_line(exc)))
-            log.warning("backfill_failed", table=name.display(), error=_first_line(exc),
+                self.records.save(replace(attempt, error=first_line(exc)))
+            log.warning("backfill_failed", table=name.display(), error=first_line(exc),
                         retry_in_s=delay, fix=exc.fix if isinstance(exc, CdcError) else
                         "cdc stream retries it; cdc status shows the error")
             self._finish(name, retry_in=delay)
@@ -267,7 +267,3 @@ class Backfiller:
                 sql.Identifier(name.schema, name.table).as_string(conn),)).fetchone()
         return bool(row and row[0])
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

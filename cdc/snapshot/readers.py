@@ -207,11 +207,10 @@ class AdbcReader:
 
 
 def translate_adbc(exc: Exception, dsn: str) -> Exception:
-    from cdc.errors import SourceError
+    from cdc.errors import SourceError, first_line
     from cdc.source.connection import describe
 
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return SourceError(f"{describe(dsn)}: {text}", fix="see the server's message")
+    return SourceError(f"{describe(dsn)}: {first_line(exc)}", fix="see the server's message")
 
 
 def adbc_available() -> bool:

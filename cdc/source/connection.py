@@ -20,6 +20,7 @@ from cdc.errors import (
     ConnectionLost,
     SlotBusy,
     SourceError,
+    first_line,
 )
 from cdc.log import redact_libpq, scrub
 
@@ -52,7 +53,7 @@ def without_password(text: str, dsn: str) -> str:
 
 def translate(exc: psycopg.Error, dsn: str) -> CdcError:  # noqa: PLR0911  the one translation table: a return per error
     """Map a psycopg error to a cdc error with a fix (never quoting the DSN's password)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = first_line(exc)
     text = without_password(text, dsn)
     if isinstance(exc, psycopg.ProgrammingError) and "connection" in text.lower():
         text = redact_libpq(text)  # a conninfo error quotes the bad token back

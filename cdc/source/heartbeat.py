@@ -7,7 +7,7 @@ import time
 import psycopg
 import structlog
 
-from cdc.errors import CdcError
+from cdc.errors import CdcError, first_line
 from cdc.source.catalog import SideConnection
 
 log = structlog.get_logger("cdc.stream.session")
@@ -42,7 +42,7 @@ class Heartbeat:
                 conn.execute("SELECT pg_logical_emit_message(false, 'cdc_heartbeat', "
                              "now()::text)")
         except (CdcError, psycopg.Error) as exc:
-            error = str(exc).splitlines()[0] if str(exc) else ""
+            error = first_line(exc)
             if self.side.expired:
                 log.warning("heartbeat_timed_out", seconds=self.timeout, error=error,
                             fix="check the network path to PostgreSQL; the stream reconnects "

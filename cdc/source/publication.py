@@ -30,7 +30,7 @@ import structlog
 from psycopg import sql
 
 from cdc.config import Settings
-from cdc.errors import CdcError, PublicationError, SourceError
+from cdc.errors import CdcError, PublicationError, SourceError, first_line
 from cdc.names import TableName
 from cdc.source.catalog import SideConnection
 from cdc.source.connection import translated
@@ -195,7 +195,7 @@ class TableKeeper:
                                [t.name for t in plan.insert_only], managed=True,
                                joining=self.joining)
         except (CdcError, psycopg.Error) as exc:
-            log.warning("table_sync_failed", error=str(exc).splitlines()[0] if str(exc) else "",
+            log.warning("table_sync_failed", error=first_line(exc),
                         fix="check the role's rights on the publication; cdc retries")
             self.side.close()
             return [], []
@@ -249,7 +249,7 @@ def _apply(conn: psycopg.Connection[Any], s: Settings, target: _Target, add: lis
     except psycopg.Error as exc:
         raise PublicationError(
             f"publication {name!r} {'does not exist and ' if existing is None else ''}{what}: "
-            f"{str(exc).strip().splitlines()[0]}",
+            f"{first_line(exc)}",
             fix=f"run as a superuser or the tables' owner: {statements[0].as_string(conn)}",
         ) from exc
     _added(target, add, joining)

@@ -41,6 +41,7 @@ from cdc.errors import (
     SlotBusy,
     SlotError,
     SourceError,
+    first_line,
     new_generation_fix,
 )
 from cdc.events import Lsn, format_lsn, parse_lsn
@@ -184,7 +185,7 @@ class ReplicationStream:
                 if nbytes == 0:  # part of a message, or only a TCP segment so far
                     return None
         except (psycopg.OperationalError, OSError, ValueError) as exc:
-            raise ConnectionLost(f"replication connection broke: {_first_line(exc)}",
+            raise ConnectionLost(f"replication connection broke: {first_line(exc)}",
                                  fix="cdc reconnects by itself; check the network and the "
                                  "server log if this repeats") from exc
         # -1: the server ended the COPY (get_copy_data raises for -2)
@@ -207,7 +208,7 @@ class ReplicationStream:
                     break
                 frames.append(data)
         except (psycopg.OperationalError, OSError, ValueError) as exc:
-            raise ConnectionLost(f"replication connection broke: {_first_line(exc)}",
+            raise ConnectionLost(f"replication connection broke: {first_line(exc)}",
                                  fix="cdc reconnects by itself; check the network and the "
                                  "server log if this repeats") from exc
         return frames
@@ -235,7 +236,7 @@ class ReplicationStream:
                 self.pgconn.put_copy_data(message)
                 self.pgconn.flush()
             except (psycopg.OperationalError, OSError) as exc:
-                raise ConnectionLost(f"cannot answer the server: {_first_line(exc)}",
+                raise ConnectionLost(f"cannot answer the server: {first_line(exc)}",
                                      fix="cdc reconnects by itself") from exc
             self.flushed = max(self.flushed, flush_lsn)
         faults.hit("status.after_send", lsn=flush_lsn)
@@ -300,10 +301,6 @@ def _wait(ready: list[int]) -> None:
                              fix="cdc reconnects by itself; check the network path to the "
                              "server if this repeats")
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class Reconnects:

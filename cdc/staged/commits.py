@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import pyarrow as pa
 from deltalake import DeltaTable
 
-from cdc.errors import CdcError, CompactionError
+from cdc.errors import CdcError, CompactionError, first_line
 from cdc.events import Lsn
 from cdc.lake.lease import RIVAL_FIX
 from cdc.staged.delta_types import STATS_PROPERTY, limit_stats, stats_columns
@@ -119,4 +119,4 @@ def translated(doing: str, fix: str) -> Iterator[None]:
     except CdcError:
         raise
     except Exception as exc:
-        raise CompactionError(f"{doing} failed: {str(exc).splitlines()[0]}", fix=fix) from exc
+        raise CompactionError(f"{doing} failed: {first_line(exc)}", fix=fix) from exc
