@@ -148,6 +148,29 @@ class TestVersionsAgainstOracle:
         opened = plan_versions(changes, ["id"], empty, "public.t").opened.to_pylist()
         assert sorted(opened, key=lambda v: (v["id"], v["_valid_from_lsn"])) == oracle(txns)
 
+    @settings(max_examples=200, deadline=None)
+    @given(transactions(), st.integers(0, 12))
+    def test_changes_planned_again_against_the_history_they_made_change_nothing(
+        self, txns: list[list[Change]], cut: int
+    ) -> None:
+        """A rerun redoing the transactions from any point, after every key's versions from
+        them are in (a crash between a chunk's file-group commits): nothing opens or closes,
+        also for keys those transactions deleted (only a closed version's end marks them)."""
+        history = oracle(txns)
+        redone = [r for r in raw_rows(txns) if r["_commit_lsn"] > 100 * min(cut, len(txns))]
+        if not redone:
+            return
+        changes = dedupe(pa.Table.from_pylist(redone, schema=SCHEMA))
+        current = pa.Table.from_pylist(
+            [v for v in history if v["_is_current"]],
+            schema=pa.schema([SCHEMA.field("id"), SCHEMA.field("a"), SCHEMA.field("b"),
+                              ("_valid_from_lsn", pa.int64())]))
+        ended = pa.Table.from_pylist(
+            [v for v in history if not v["_is_current"]],
+            schema=pa.schema([SCHEMA.field("id"), ("_valid_to_lsn", pa.int64())]))
+        plan = plan_versions(changes, ["id"], current, "public.t", ended)
+        assert (plan.opened.num_rows, plan.closes.num_rows) == (0, 0)
+
 
 class TestVersionShapes:
     def test_several_changes_to_one_key_in_one_transaction_are_one_version(self) -> None:

@@ -33,6 +33,7 @@ END = ("_valid_to", "_valid_to_lsn", "_ended_by")
 #: raw metadata columns (not source columns)
 RAW_META = ("_op", "_lsn", "_commit_lsn", "_seq", "_xid", "_commit_ts", "_unchanged")
 _EXISTING = "x"  # the op of a current version taken in as an event before the slice
+_ENDED = "e"  # the op of a closed version's end taken in as an event (dropped once used)
 _MIN = -(2**63)
 _DEAD = pa.array(["d", "t"])
 
@@ -46,7 +47,7 @@ class Plan:
 
 
 def plan_versions(changes: pa.Table, key: Sequence[str], current: pa.Table,
-                  table: str) -> Plan:
+                  table: str, ended: pa.Table | None = None) -> Plan:
     """The versions ``changes`` open and the current versions they close.
 
     ``changes``: whole transactions of raw rows, deduplicated and in (``_commit_lsn``,
@@ -54,7 +55,10 @@ def plan_versions(changes: pa.Table, key: Sequence[str], current: pa.Table,
     them. ``current``: the current versions of the keys the changes touch (of every key when
     they contain a truncate) with key columns, ``_valid_from_lsn`` and any source columns an
     unchanged TOAST value may need. A change at or before the commit of its key's current
-    version is skipped (applied already).
+    version, or at or before the end of one of its closed versions (``ended``: key columns
+    and ``_valid_to_lsn``, those ending at or after the slice's first commit LSN suffice),
+    is skipped: applied already. A key the slice deleted has no current version left, so
+    only its closed version's end tells that a redone change of it is in.
     """
     key = list(key)
     source = [c for c in changes.column_names if c not in RAW_META]
@@ -64,6 +68,8 @@ def plan_versions(changes: pa.Table, key: Sequence[str], current: pa.Table,
     existing = _existing(current, key, [c for c in source if c in current.column_names])
     parts = [existing, rows.select([*source, "_op", "_commit_lsn", "_seq", "_commit_ts",
                                     "_unchanged"])]
+    if ended is not None and ended.num_rows:
+        parts.append(_ends_of(ended, key))
     for index in pc.indices_nonzero(truncates).to_pylist():
         parts.append(_truncated_keys(changes, index, existing, key))
     events = pa.concat_tables(parts, promote_options="default").sort_by(
@@ -82,6 +88,14 @@ def _existing(current: pa.Table, key: list[str], columns: list[str]) -> pa.Table
             .append_column("_seq", pa.repeat(pa.scalar(_MIN, pa.int64()), n)))
 
 
+def _ends_of(ended: pa.Table, key: list[str]) -> pa.Table:
+    """Closed versions' ends as events at their ``_valid_to_lsn``, before that LSN's changes."""
+    n = ended.num_rows
+    return (ended.select(key).append_column("_op", pa.repeat(pa.scalar(_ENDED), n))
+            .append_column("_commit_lsn", ended["_valid_to_lsn"])
+            .append_column("_seq", pa.repeat(pa.scalar(_MIN, pa.int64()), n)))
+
+
 def _truncated_keys(changes: pa.Table, index: int, existing: pa.Table,
                     key: list[str]) -> pa.Table:
     """One ``t`` event, at the truncate's place, for every key that may be alive there."""
@@ -96,24 +110,28 @@ def _truncated_keys(changes: pa.Table, index: int, existing: pa.Table,
 
 
 def _not_applied(events: pa.Table, key: list[str]) -> pa.Table:
-    """Drop changes at or before the commit of their key's current version: applied already
-    (a backfill redone after a crash between the commits of its parts, or a chunk redone
-    after a crash between its file groups' commits: then the current version may be later
-    than changes of the chunk, which sort before it)."""
+    """Drop changes at or before the latest mark of their key (its current version's
+    commit or a closed version's end): applied already (a backfill redone after a crash
+    between the commits of its parts, or a chunk redone after a crash between its file
+    groups' commits: then a mark may be later than changes of the chunk, which sort before
+    it). The ends (``_ENDED``) go; the current versions stay.
+
+    Events are in LSN order within a key, so a change is applied exactly when a mark of its
+    key sorts after it or at its LSN: the nearest mark after it (filled backward) or the
+    nearest before it (filled forward, equal LSN) tells, never across keys (MIN at a key's
+    first and last event when they are not marks).
+    """
     existing = pc.equal(events["_op"], _EXISTING)
-    if not pc.any(existing).as_py():
+    mark = pc.is_in(events["_op"], value_set=pa.array([_EXISTING, _ENDED]))
+    if not pc.any(mark).as_py():
         return events
     lsn = events["_commit_lsn"]
     start = run_starts(events, key)
     low, none = pa.scalar(_MIN, pa.int64()), pa.scalar(None, pa.int64())
-    # the key's current version's LSN on each of its events (one per key at most), filled
-    # forward from it and backward to it, never across keys (MIN at a key's first and
-    # last event when they are not the current version)
-    ahead = pc.fill_null_forward(pc.if_else(existing, lsn, pc.if_else(start, low, none)))
-    behind = pc.fill_null_backward(pc.if_else(existing, lsn, pc.if_else(_ends(start), low,
-                                                                        none)))
+    ahead = pc.fill_null_forward(pc.if_else(mark, lsn, pc.if_else(start, low, none)))
+    behind = pc.fill_null_backward(pc.if_else(mark, lsn, pc.if_else(_ends(start), low, none)))
     applied = pc.less_equal(lsn, pc.max_element_wise(ahead, behind))
-    return events.filter(pc.or_(existing, pc.invert(applied)))
+    return events.filter(pc.or_(existing, pc.invert(pc.or_(mark, applied))))
 
 
 def _alive_at_truncates(events: pa.Table, key: list[str]) -> pa.Table:

@@ -7,7 +7,8 @@ meaning "every change of a commit LSN up to ``w`` is in history" (whole LSNs: a 
 at one LSN sorts before that LSN's streamed changes). It is re-read and checked before
 every commit, so a crash before a commit changes nothing, a crash after it leaves the new
 watermark, and a rerun continues exactly after it: no version is added or lost. A change
-at or before its key's current version is skipped, so re-reading one is harmless.
+at or before its key's current version, or the end of one of its closed versions, is
+skipped, so re-reading one is harmless (a deleted key has only the latter).
 
 Slices hold whole transactions (one version per key per transaction needs every change of
 the transaction at once): a chunk ends before a file that starts at a later commit LSN, or
@@ -263,12 +264,14 @@ class _HistoryWriter:
         converted = (converted.append_column("_op", rows["_op"])
                      .append_column("_unchanged", rows["_unchanged"]))
         toasted = pc.unique(pc.list_flatten(rows["_unchanged"])).to_pylist()
+        ended = None
         if dt is None:
             current = pa.table({**{k: pa.array([], converted.schema.field(k).type) for k in key},
                                 "_valid_from_lsn": pa.array([], pa.int64())})
         else:
             current = self._current(dt, converted, key, toasted)
-        return plan_versions(converted, key, current, self.table)
+            ended = self._ended(dt, converted, key)
+        return plan_versions(converted, key, current, self.table, ended)
 
     def _moved(self, dt: DeltaTable | None, rows: pa.Table, key: tuple[str, ...]) -> pa.Table:
         """Key changes inside a transaction resolved as staged resolves them (its net change
@@ -292,13 +295,18 @@ class _HistoryWriter:
                   *(c for c in toasted if c in dataset.schema.names and c not in key)]
         where = pc.field("_is_current")
         if not pc.any(pc.equal(changes["_op"], "t")).as_py():
-            keyed = changes.filter(pc.invert(pc.equal(changes["_op"], "t")))
-            for k in key:
-                values = pc.unique(keyed[k])
-                bounds = pc.min_max(values)
-                where = where & ((pc.field(k) >= bounds["min"]) & (pc.field(k) <= bounds["max"])
-                                 & pc.field(k).isin(values))
+            where = where & _of_keys(changes, key)
         return dataset.to_table(columns=wanted, filter=where)
+
+    def _ended(self, dt: DeltaTable, changes: pa.Table, key: tuple[str, ...]) -> pa.Table:
+        """Key and ``_valid_to_lsn`` of the changed keys' closed versions that end at or
+        after the changes' first commit LSN: none unless a rerun redoes a chunk whose file
+        groups were partly committed (``versions.plan_versions`` skips by them; files whose
+        statistics end earlier are not read)."""
+        first = pc.min(changes["_commit_lsn"])
+        where = (~pc.field("_is_current") & (pc.field("_valid_to_lsn") >= first)
+                 & _of_keys(changes, key))
+        return dt.to_pyarrow_dataset().to_table(columns=[*key, "_valid_to_lsn"], filter=where)
 
     def _commit(self, dt: DeltaTable | None, plan: Plan, key: tuple[str, ...],
                 expected: Lsn | None, watermark: Lsn | None) -> DeltaTable:
@@ -364,3 +372,16 @@ class _HistoryWriter:
         dt.optimize.compact(target_size=self.file_bytes)  # files a group MERGE can take
         dt.vacuum(retention_hours=self.options.vacuum_retention_hours, dry_run=False,
                   enforce_retention_duration=False)
+
+
+def _of_keys(changes: pa.Table, key: tuple[str, ...]) -> pc.Expression:
+    """A filter for the rows of the keys ``changes`` touch (truncates aside): each key
+    column's range (files outside it are skipped by their statistics) and values."""
+    keyed = changes.filter(pc.invert(pc.equal(changes["_op"], "t")))
+    where = pc.scalar(True)
+    for k in key:
+        values = pc.unique(keyed[k])
+        bounds = pc.min_max(values)
+        where = where & ((pc.field(k) >= bounds["min"]) & (pc.field(k) <= bounds["max"])
+                         & pc.field(k).isin(values))
+    return where
