@@ -9,6 +9,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 from conftest import SourceDb, with_settings
+from deltalake import DeltaTable
 from polling import wait_for
 from rawlake import prepare, raw_files, read_raw, stream_until_caught_up, streaming_in_thread
 from test_compact import compact, staged_rows
@@ -33,6 +34,11 @@ def drained(source: SourceDb, settings: Settings) -> None:
     target = source.current_lsn()
     wait_for(lambda: (CheckpointStore(LocalLake(settings.lake), settings.slot).load() or 0)
              >= target, what="the stream to checkpoint past the DDL")
+
+
+def history_rows(settings: Settings, table: str) -> list[dict[str, Any]]:
+    rows = DeltaTable(f"{settings.lake}/history/{table}").to_pyarrow_table().to_pylist()
+    return sorted(rows, key=lambda r: (r["id"], r["_valid_from_lsn"]))
 
 
 def assert_staged_equals(source: SourceDb, settings: Settings, table: str) -> None:
@@ -93,8 +99,9 @@ class TestColumnDdlWhileStreaming:
 
     def test_rename_table_moves_its_staged_history_to_the_new_name(
             self, source: SourceDb, settings: Settings, plugin: str) -> None:
-        """ALTER TABLE t RENAME TO u: staged u holds every row (untouched ones too), staged
-        t is emptied; the table's OID, not its name, is its identity."""
+        """ALTER TABLE t RENAME TO u: staged u holds every row (untouched ones too), and
+        history u every version, also of rows whose raw files retention removed; staged and
+        history t are emptied; the table's OID, not its name, is its identity."""
         settings = with_settings(settings, plugin=plugin)
         source.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
         prepare(settings)
@@ -102,6 +109,13 @@ class TestColumnDdlWhileStreaming:
             source.execute("INSERT INTO t SELECT g, 'v' FROM generate_series(1, 5) g")
             drained(source, settings)
             compact(settings)
+            source.execute("INSERT INTO t VALUES (7, 'v')")
+            drained(source, settings)
+            compact(settings)
+            # raw retention removed t's older file (it keeps a folder's newest): only the
+            # moved history still knows the versions of rows 1-5
+            [first, _] = raw_files(Path(settings.lake), "public.t")
+            first.unlink()
             source.execute("ALTER TABLE t RENAME TO u")
             source.execute("UPDATE u SET v = 'renamed' WHERE id = 1")
             source.execute("INSERT INTO u VALUES (6, 'new')")
@@ -111,6 +125,12 @@ class TestColumnDdlWhileStreaming:
         assert staged_rows(settings, "public.t") == []
         compact(settings)  # again: nothing moves twice
         assert_staged_equals(source, settings, "u")
+        # the history moved with it: every version from before and after the rename
+        versions = history_rows(settings, "public.u")
+        assert [(v["id"], v["v"], v["_is_current"]) for v in versions] == [
+            (1, "v", False), (1, "renamed", True), *((k, "v", True) for k in range(2, 6)),
+            (6, "new", True), (7, "v", True)]
+        assert history_rows(settings, "public.t") == []  # nothing there looks current
 
     def test_a_table_created_while_streaming_loses_no_row(
             self, source: SourceDb, settings: Settings, plugin: str) -> None:

@@ -4,9 +4,10 @@ After a rename the stream writes the table's new files under the new name's raw 
 old folder keeps the files from before (raw is append-only). Each raw column records the
 table's OID (``pg_relid``, ``source/catalog.py``), so compaction sees two raw folders of one
 table: the one whose newest change is newer is the table's name now. Its staged table takes
-both folders' files, and the staged table of the old name moves to the new name (copied,
-Delta log last, with its watermark; the old one is then emptied by a Delta delete, so its
-history stays readable and nothing is left that looks current).
+both folders' files, and the staged and history tables of the old name move to the new
+name (copied, Delta log last, with their watermarks; the old ones are then emptied by a
+Delta delete, so their earlier versions stay readable and nothing is left that looks
+current; history keeps versions whose raw files retention removed).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import structlog
 from deltalake import DeltaTable
 
 from cdc.lake import lease
-from cdc.lake.layout import compaction_floor_key, staged_key
+from cdc.lake.layout import compaction_floor_key, history_key, staged_key
 from cdc.lake.store import Lake
 from cdc.staged.files import RawFile, newest_file
 
@@ -81,22 +82,41 @@ def move_renamed(lake: Lake, renamed: dict[str, str], purpose: str) -> None:
                 got.release()
 
 
+#: the Delta tables a rename moves, by the compaction consumer that writes each
+_LAYERS = {"staged": staged_key, "history": history_key}
+
+
 def move_staged(lake: Lake, old: str, new: str) -> bool:
-    """Copy staged/<old> to staged/<new> when only the old one exists, then empty the old
-    one. True when it moved."""
-    old_prefix, new_prefix = staged_key(old) + "/", staged_key(new) + "/"
-    keys = lake.list(old_prefix)
-    if not keys or lake.list(new_prefix + "_delta_log/"):
-        return False
-    for consumer in ("staged", "history"):  # a floor of the new name's folder alone
-        lake.delete(compaction_floor_key(new, consumer))
-    # data files first, then the log in version order: a crash leaves an older version
+    """Copy staged/<old> and history/<old> each to the new name when only the old one
+    exists, then empty the old one. True when the staged table moved."""
+    moving = {name: keys for name, layer in _LAYERS.items()
+              if (keys := _movable(lake, layer(old), layer(new)))}
+    if moving:  # a floor of the new name's folder alone; a listing aid only, so deleted
+        for consumer in _LAYERS:  # first: a crash cannot leave it behind
+            lake.delete(compaction_floor_key(new, consumer))
+    for name, keys in moving.items():
+        _move_table(lake, keys, _LAYERS[name](old), _LAYERS[name](new))
+        log.warning(f"{name}_table_moved", old=old, new=new, note="the table was renamed "
+                    f"at the source; the old {name} table is emptied")
+    return "staged" in moving
+
+
+def _movable(lake: Lake, old_key: str, new_key: str) -> list[str]:
+    """The old table's keys when it has a Delta log and the new one has none, else []."""
+    keys = lake.list(old_key + "/")
+    if not any("/_delta_log/" in k for k in keys) or lake.list(new_key + "/_delta_log/"):
+        return []
+    return keys
+
+
+def _move_table(lake: Lake, keys: list[str], old_key: str, new_key: str) -> None:
+    """Copy one Delta table, data files first and the log last in version order (a crash
+    leaves no log or an older version there), then empty the old table with a Delta delete
+    (its versions stay readable by time travel)."""
+    old_prefix, new_prefix = old_key + "/", new_key + "/"
     for key in sorted(keys, key=lambda k: ("/_delta_log/" in k, k)):
         data = lake.read_bytes(key)
         if data is not None:
             lake.write_bytes(new_prefix + key[len(old_prefix):], data)
-    uri, storage = lake.delta_location(staged_key(old))
+    uri, storage = lake.delta_location(old_key)
     DeltaTable(uri, storage_options=storage).delete()
-    log.warning("staged_table_moved", old=old, new=new,
-                note="the table was renamed at the source; the old staged table is emptied")
-    return True
