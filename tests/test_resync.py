@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pyarrow as pa
 import pytest
 from conftest import SourceDb, with_settings
+from deltalake import DeltaTable
 from rawlake import prepare, run_cdc, streaming_in_thread
 from test_compact import staged_rows
-from test_schema_changes import drained, rows_of
+from test_schema_changes import drained, history_rows, rows_of
 
 from cdc.config import Settings
 from cdc.lake.checkpoint import ResyncHold
@@ -29,10 +31,10 @@ PLUGINS = pytest.mark.parametrize("plugin", ["pgoutput", "wal2json"])
 
 
 def compact(settings: Settings, **options: Any) -> list[TableResult]:
-    """Staged only: history tables keep each version in the column type it had, so they do
-    not follow a rewriting type change (their compaction stops with the type-change error)."""
-    return compact_lake(LocalLake(settings.lake), settings.slot,
-                        options=CompactOptions(**options), history=False)
+    """Staged and history; the tables that failed (reported, not raised)."""
+    results = compact_lake(LocalLake(settings.lake), settings.slot,
+                           options=CompactOptions(**options))
+    return [r for r in results if r.error]
 
 
 @contextmanager
@@ -107,8 +109,18 @@ class TestResyncWhileStreaming:
             with writing(source, "t", "'w' || %s", keys=320, seed=7):
                 assert resync(settings, "public.t") > 0
             drained(source, settings)
-        compact(settings, chunk_rows=5)  # small chunks: none may stop before the resync
+        assert compact(settings, chunk_rows=5) == []  # small chunks: none may stop before
         assert staged_rows(settings, "public.t") == rows_of(source, "SELECT * FROM t")
+        # history followed the type: every version in text, the int ones as PostgreSQL
+        # prints them, the resync's truncate closing them
+        versions = history_rows(settings, "public.t")
+        schema = pa.schema(DeltaTable(f"{settings.lake}/history/public.t").schema().to_arrow())
+        assert pa.types.is_string(schema.field("v").type)
+        assert [v["v"] for v in versions if v["id"] == 2][:1] == ["2"]
+        assert [v["v"] for v in versions if v["id"] == 1][:2] == ["1", "new"]
+        current = sorted(({"id": v["id"], "v": v["v"]} for v in versions if v["_is_current"]),
+                         key=repr)
+        assert current == rows_of(source, "SELECT * FROM t")
 
     def test_a_dropped_and_recreated_table_is_replaced_without_phantom_rows(
             self, source: SourceDb, settings: Settings, plugin: str) -> None:
@@ -128,9 +140,14 @@ class TestResyncWhileStreaming:
             with writing(source, "d", "'w' || %s", keys=160, seed=3):
                 resync(settings, "public.d")
             drained(source, settings)
-        compact(settings)
+        assert compact(settings) == []
         staged = staged_rows(settings, "public.d")
         assert staged == rows_of(source, "SELECT * FROM d")
+        # history too: int → bigint and int → text convert exactly; the old rows are closed
+        versions = history_rows(settings, "public.d")
+        assert sorted(({"id": v["id"], "v": v["v"]} for v in versions if v["_is_current"]),
+                      key=repr) == rows_of(source, "SELECT id, v FROM d")
+        assert next(v["v"] for v in versions if v["id"] == 5) == "5"  # its first version
         assert all("old" not in r for r in staged)  # the old table's columns are gone too
 
 

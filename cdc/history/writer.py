@@ -40,6 +40,7 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from cdc import faults
 from cdc.errors import CompactionError, HistoryTableUnreadable
 from cdc.events import Lsn, format_lsn
+from cdc.history.retype import converted, retyped, widened_parts
 from cdc.history.versions import HISTORY_META, Plan, plan_versions
 from cdc.lake.layout import history_key
 from cdc.lake.store import Lake
@@ -161,6 +162,8 @@ class _HistoryWriter:
             if not key:
                 return None
             moved = upper[0] - 1 if clean and upper[0] - 1 != watermark else None
+            if dt is not None and rows.num_rows:
+                dt = self._follow_types(dt, rows)
             plan = self._plan(dt, rows, key) if rows.num_rows else None
             if plan is not None and (moved is not None or plan.opened.num_rows
                                      or plan.closes.num_rows):
@@ -219,7 +222,7 @@ class _HistoryWriter:
                     break
                 # a replayed copy starting at the cursor: read on, or the cut never moves
         parts, done = cut(read, cursor, upper, group)
-        return dedupe(unify(parts, self.table)), upper, done, clean
+        return dedupe(unify(widened_parts(parts), self.table)), upper, done, clean
 
     def _one_change_per_key(self, todo: list[RawFile], lsn: Lsn) -> bool:
         """Whether the transaction at ``lsn`` changes each key once, truncates nothing and
@@ -272,6 +275,33 @@ class _HistoryWriter:
             current = self._current(dt, converted, key, toasted)
             ended = self._ended(dt, converted, key)
         return plan_versions(converted, key, current, self.table, ended)
+
+    def _follow_types(self, dt: DeltaTable, rows: pa.Table) -> DeltaTable:
+        """The history table, rewritten with the changes' column types where a column's
+        type changed exactly (``retype.py``): one overwrite commit of every version,
+        streamed, keeping the watermark; a crash before it changes nothing and a rerun
+        does it again."""
+        types = retyped(pa.schema(dt.schema().to_arrow()),
+                        staged_columns(rows.slice(0, 0), None, self.table).schema)
+        if not types:
+            return dt
+        watermark = dt.transaction_version(APP_ID)
+        log.warning("history_column_retyped", table=self.table,
+                    columns={n: str(t) for n, t in types.items()},
+                    note="the column's type changed at the source; every version converted")
+        dataset = dt.to_pyarrow_dataset()
+        batches = (converted(b, types) for b in dataset.to_batches())
+        schema = pa.schema([f.with_type(types[f.name]) if f.name in types else f
+                            for f in dataset.schema], metadata=dataset.schema.metadata)
+        self._before_commit(dt, watermark)
+        write_deltalake(dt, pa.RecordBatchReader.from_batches(schema, batches),
+                        mode="overwrite", schema_mode="overwrite",
+                        storage_options=self.storage, target_file_size=self.file_bytes,
+                        commit_properties=CommitProperties(app_transactions=None
+                                                           if watermark is None else
+                                                           [Transaction(APP_ID, watermark)]))
+        faults.hit("history.after_commit", table=self.table)
+        return DeltaTable(self.uri, storage_options=self.storage)
 
     def _moved(self, dt: DeltaTable | None, rows: pa.Table, key: tuple[str, ...]) -> pa.Table:
         """Key changes inside a transaction resolved as staged resolves them (its net change
