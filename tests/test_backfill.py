@@ -29,6 +29,7 @@ from cdc import faults
 from cdc.config import Settings, parse_duration
 from cdc.lake.checkpoint import ResyncHold
 from cdc.lake.store import LocalLake
+from cdc.names import TableName
 from cdc.snapshot.backfill import Backfills
 
 
@@ -274,3 +275,19 @@ class TestBackfillConverges:
                     assert staged_rows(settings, f"public.{table}") == expected
 
             converges()
+
+
+class TestANewSnapshot:
+    def test_a_new_snapshot_of_the_slot_drops_the_backfills_it_made_needless(
+            self, source: SourceDb, settings: Settings) -> None:
+        """Backfills owed by the slot's earlier generation: those of the tables the new
+        `cdc snapshot` copied are gone (no second re-read), the others stay owed."""
+        source.execute("CREATE TABLE copied (id int PRIMARY KEY)")
+        source.execute("INSERT INTO copied VALUES (1), (2)")
+        backfills = Backfills(LocalLake(settings.lake), settings.slot)
+        for table in ("copied", "elsewhere"):
+            backfills.record(TableName("public", table), insert_only=False)
+        snapshot = run_cdc(["snapshot", "--dsn", settings.dsn, "--lake", settings.lake,
+                            "--slot", settings.slot, "--publication", settings.publication])
+        assert snapshot.returncode == 0, snapshot.stderr
+        assert owed(settings) == ["public.elsewhere"]

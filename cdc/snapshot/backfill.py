@@ -99,6 +99,18 @@ class Backfills:
     def done(self, name: TableName) -> None:
         self.lake.delete(self._key(name))
 
+    def superseded(self, copied: Sequence[str], started_us: int) -> list[str]:
+        """Delete the backfills a finished ``cdc snapshot`` of the slot made needless: those
+        of the tables it copied (``Relation.qualified_name``), recorded before it began (a
+        stream of the slot's earlier generation owed them). Returns their names."""
+        gone = []
+        for backfill in self.load_all():
+            recorded = datetime.fromisoformat(backfill.recorded_at).timestamp() * 1e6
+            if backfill.name.display() in copied and recorded < started_us:
+                self.done(backfill.name)
+                gone.append(backfill.name.display())
+        return gone
+
     def _parse(self, key: str, data: bytes | None) -> Backfill | None:
         if data is None:
             return None

@@ -363,6 +363,13 @@ class ConsistentSnapshot:
         CheckpointStore(self.lake, self.settings.slot).save(progress.consistent_point)
         progress.status = "done"
         self.lake.write_bytes(progress_key(self.settings.slot), progress.to_json())
+        from cdc.snapshot.backfill import Backfills  # it runs resyncs, which use this module
+
+        superseded = Backfills(self.lake, self.settings.slot).superseded(
+            list(progress.tables), progress.snapshot_ts_us)
+        if superseded:
+            log.info("snapshot_superseded_backfills", tables=superseded,
+                     note="copied by this snapshot: no re-read needed")
         rows = {name: sum(plan.done.values()) for name, plan in progress.tables.items()}
         log.info("snapshot_done", rows=sum(rows.values()), tables=len(rows))
         return SnapshotResult(progress.consistent_point, rows, resumed)
