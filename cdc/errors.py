@@ -147,3 +147,8 @@ class ContractError(CdcError):
 
 class LeaseLost(LakeError):
     """A writer's lease expired or was taken over before it committed; it committed nothing."""
+
+
+class ResyncBusy(LakeError):
+    """Another resync (or a stream's backfill) of the same table runs: one at a time, since
+    the first to finish would release the compaction hold the other still needs."""

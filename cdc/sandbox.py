@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cdc.errors import SetupError
+from cdc.owner import gone as owner_gone
+from cdc.owner import this_process
 
 DEFAULT_SETTINGS: Mapping[str, str] = {
     "wal_level": "logical",
@@ -66,49 +68,6 @@ def free_port() -> int:
 OWNER = ".owner"  # suffix of the record beside a cluster's directory
 
 
-def _process_start(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot: tells a reused pid apart), ""
-    where /proc does not tell, None when there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]  # field 22, starttime
-    except FileNotFoundError:
-        return None if Path("/proc/self/stat").exists() else _signalable(pid)
-    except (OSError, IndexError):
-        return _signalable(pid)
-
-
-def _signalable(pid: int) -> str | None:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return ""
-    return ""
-
-
-def _namespace() -> str:
-    try:
-        return os.readlink("/proc/self/ns/pid")  # pids mean something only inside it
-    except OSError:
-        return ""
-
-
-def _owner_record() -> dict[str, object]:
-    return {"pid": os.getpid(), "start": _process_start(os.getpid()) or "",
-            "host": socket.gethostname(), "namespace": _namespace()}
-
-
-def _orphaned(owner: dict[str, object]) -> bool:
-    """The process that started the cluster is gone (never guessed across hosts or pid
-    namespaces, where the pid cannot be checked)."""
-    if owner.get("host") != socket.gethostname() or owner.get("namespace") != _namespace():
-        return False
-    start = _process_start(int(str(owner["pid"])))
-    return start is None or (start != "" and start != owner.get("start"))
-
-
 def reap_orphans(base_dir: Path | None = None) -> list[Path]:
     """Stop and remove the clusters in ``base_dir`` (default: the temp folder) whose owner
     process is gone; the directories reaped."""
@@ -118,7 +77,7 @@ def reap_orphans(base_dir: Path | None = None) -> list[Path]:
         cluster = record.with_name(record.name[:-len(OWNER)])
         try:
             owner = json.loads(record.read_text())
-            if not _orphaned(owner):
+            if not owner_gone(owner):
                 continue
             if os.geteuid() != 0 and cluster.exists() and cluster.stat().st_uid != os.geteuid():
                 continue  # not ours to stop
@@ -179,7 +138,7 @@ class LocalCluster:
             reap_orphans(self.base_dir)
         self._dir = Path(tempfile.mkdtemp(prefix="cdc-pg-", dir=self.base_dir))
         written = self._dir.with_name(self._dir.name + OWNER + ".tmp")
-        written.write_text(json.dumps(_owner_record()))
+        written.write_text(json.dumps(this_process()))
         written.replace(self._owner_path)  # before the server exists: never an unowned one
         if os.geteuid() == 0:
             self._user = "postgres"

@@ -70,6 +70,36 @@ class TestLease:
         assert [k.rsplit("/", 1)[1] for k in any_lake.list("_cdc/leases/staged/public.t/")] == [
             f"{nxt.token:012d}.json"]  # older tokens are cleaned up
 
+    def test_a_holder_killed_on_this_machine_is_taken_over_at_once_a_live_one_never(
+        self, tmp_path: Path
+    ) -> None:
+        """kill -9 leaves the lease unreleased for its whole term; its record names the
+        holder process, so a taker on the same machine sees it gone and takes over at once;
+        a live holder in another process, or one on another host, keeps it."""
+        lake = LocalLake(tmp_path / "lake")
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import sys, time\nfrom cdc.lake import lease\n"
+             "from cdc.lake.store import LocalLake\n"
+             f"got = lease.try_acquire(LocalLake({str(tmp_path / 'lake')!r}), 'staged/t', "
+             "'holder', ttl=600)\nprint(type(got).__name__, flush=True)\ntime.sleep(600)"],
+            stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline().strip() == "Lease"
+            rival = lease.try_acquire(lake, "staged/t", "rival")
+            assert isinstance(rival, lease.LeaseRecord)
+            assert rival.purpose == "holder"
+        finally:
+            holder.kill()
+            holder.wait()
+        taken = lease.try_acquire(lake, "staged/t", "rival")
+        assert isinstance(taken, lease.Lease)
+        assert taken.token == rival.token + 1
+        taken.release()
+        record = lease.LeaseRecord(9, "h", "elsewhere", 10**12, {
+            **(taken.record.owner or {}), "host": "another-host"})
+        assert record.live(0)  # a pid of another host is never guessed at
+
     def test_a_paused_holder_is_fenced_off_once_its_lease_expired_and_was_taken(
         self, any_lake: Lake
     ) -> None:

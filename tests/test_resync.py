@@ -175,6 +175,46 @@ class TestResyncCommand:
         compact(settings)
         assert staged_rows(settings, "public.late") == rows_of(source, "SELECT * FROM late")
 
+    def test_a_second_resync_of_a_table_waits_for_the_first_and_nothing_is_lost(
+            self, source: SourceDb, settings: Settings) -> None:
+        """`cdc resync` of a table another resync (or a stream's backfill) is re-reading
+        refuses with a fix (one finishing first would release the hold the other needs);
+        the first goes on to staged equal to the source, and the advice works after."""
+        source.execute("CREATE TABLE busy (id int PRIMARY KEY, v int)")
+        prepare(settings)
+        inside, release = threading.Event(), threading.Event()
+
+        def held(chunk: int) -> None:
+            inside.set()
+            release.wait(60)
+
+        with streaming_in_thread(settings):
+            source.execute("INSERT INTO busy SELECT g, g FROM generate_series(1, 100) g")
+            drained(source, settings)
+            first = Resync(settings, LocalLake(settings.lake), "public.busy", chunk_rows=30,
+                           wait_seconds=60, after_chunk=held)
+            done: list[int] = []
+            thread = threading.Thread(target=lambda: done.append(first.run().rows))
+            thread.start()
+            try:
+                assert inside.wait(60)
+                second = run_cdc(["resync", "--dsn", settings.dsn, "--lake", settings.lake,
+                                  "--slot", settings.slot, "--tables", "public.busy"])
+                assert second.returncode != 0
+                assert "a resync of public.busy runs already" in second.stderr
+                assert "wait for it to finish" in second.stderr
+            finally:
+                release.set()
+                thread.join(120)
+            assert done == [100]
+            again = run_cdc(["resync", "--dsn", settings.dsn, "--lake", settings.lake,
+                             "--slot", settings.slot, "--tables", "public.busy"])
+            assert again.returncode == 0, again.stderr
+            drained(source, settings)
+        assert ResyncHold(LocalLake(settings.lake), "public.busy").load() is None
+        assert compact(settings) == []
+        assert staged_rows(settings, "public.busy") == rows_of(source, "SELECT * FROM busy")
+
 
 class TestUnconvertibleValues:
     def test_a_nan_in_a_decimal_column_has_a_way_out_that_works(

@@ -94,10 +94,10 @@ class TestReapingOrphans:
 
     def test_a_reused_pid_does_not_keep_an_orphan_alive(self, base: Path) -> None:
         """The record's start time tells the owner from a later process with its pid."""
-        from cdc.sandbox import _owner_record
+        from cdc.owner import this_process
 
         (base / "cdc-pg-reused").mkdir()
-        record = {**_owner_record(), "start": "1"}  # our pid, but not our start time
+        record = {**this_process(), "start": "1"}  # our pid, but not our start time
         (base / "cdc-pg-reused.owner").write_text(json.dumps(record))
         assert reap_orphans(base) == [base / "cdc-pg-reused"]
         assert list(base.iterdir()) == []

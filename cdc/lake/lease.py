@@ -5,8 +5,11 @@ is whoever wrote the highest token. Taking a lease writes token ``n + 1`` with p
 (local: a hard link, which fails when the file exists; S3: a conditional PUT
 ``If-None-Match: *``), so of two takers exactly one wins. That is allowed only while record
 ``n`` is released or expired (``expires_at``, wall-clock seconds; hosts' clocks must agree
-to well within the lease's ``ttl``). The holder renews its record every ``ttl / 3`` from a
-background thread and releases it when done.
+to well within the lease's ``ttl``), or its holder provably died: the record names the
+holder process (``cdc.owner``), and a taker on the same machine (same boot and pid
+namespace) whose holder's pid is gone or reused takes it at once (kill -9), not a term
+later. The holder renews its record every ``ttl / 3`` from a background thread and
+releases it when done.
 
 Fencing: a writer calls :meth:`Lease.fence` right before its commit. It fails (``LeaseLost``)
 when the last successful renewal is older than ``ttl - margin`` (the process may have been
@@ -30,6 +33,7 @@ import structlog
 
 from cdc.errors import LakeError, LeaseLost
 from cdc.lake.store import Lake
+from cdc.owner import gone, this_process
 
 log = structlog.get_logger("cdc.lake.lease")
 
@@ -48,13 +52,15 @@ class LeaseRecord:
     holder: str
     purpose: str
     expires_at: float  # unix seconds; 0 once released
+    owner: dict[str, str] | None = None  # the holder process (``cdc.owner``)
 
     @property
     def released(self) -> bool:
         return self.expires_at == 0
 
     def live(self, now: float) -> bool:
-        return self.expires_at > now
+        """Unexpired, and its holder not provably gone (killed on this machine)."""
+        return self.expires_at > now and not gone(self.owner)
 
     def describe(self) -> str:
         left = max(self.expires_at - time.time(), 0)
@@ -62,13 +68,15 @@ class LeaseRecord:
 
     def to_json(self) -> bytes:
         return json.dumps({"token": self.token, "holder": self.holder, "purpose": self.purpose,
-                           "expires_at": self.expires_at}).encode()
+                           "expires_at": self.expires_at, "owner": self.owner}).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> LeaseRecord:
         doc = json.loads(data)
+        owner = doc.get("owner")
         return cls(int(doc["token"]), str(doc["holder"]), str(doc.get("purpose", "")),
-                   float(doc["expires_at"]))
+                   float(doc["expires_at"]),
+                   {str(k): str(v) for k, v in owner.items()} if isinstance(owner, dict) else None)
 
 
 def lease_key(name: str, token: int) -> str:
@@ -102,7 +110,7 @@ class Lease:
         if self._newer() is not None:
             return  # lost: fence() says so; never re-create a record others replaced
         self.record = LeaseRecord(self.token, self.record.holder, self.record.purpose,
-                                  time.time() + self.ttl)
+                                  time.time() + self.ttl, self.record.owner)
         self.lake.write_bytes(lease_key(self.name, self.token), self.record.to_json())
         self.renewed = started
 
@@ -126,7 +134,8 @@ class Lease:
         self._stop.set()
         self._thread.join()
         if self._newer() is None:
-            released = LeaseRecord(self.token, self.record.holder, self.record.purpose, 0)
+            released = LeaseRecord(self.token, self.record.holder, self.record.purpose, 0,
+                                   self.record.owner)
             self.lake.write_bytes(lease_key(self.name, self.token), released.to_json())
 
     def _newer(self) -> LeaseRecord | None:
@@ -174,7 +183,7 @@ def try_acquire(lake: Lake, name: str, purpose: str, *,
     if top is not None and top.live(time.time()):
         return top
     token = (top.token if top is not None else 0) + 1
-    record = LeaseRecord(token, holder_id(), purpose, time.time() + ttl)
+    record = LeaseRecord(token, holder_id(), purpose, time.time() + ttl, this_process())
     if not lake.write_if_absent(lease_key(name, token), record.to_json()):
         rival = _top(lake, name)
         return rival if rival is not None else record  # deleted already: treat as held

@@ -50,8 +50,9 @@ from psycopg import sql
 from cdc import faults
 from cdc.config import Settings
 from cdc.decoding.pgtypes import ColumnType, column_type
-from cdc.errors import ConfigError, SourceError
+from cdc.errors import ConfigError, ResyncBusy, SourceError
 from cdc.events import Lsn, Relation, format_lsn, parse_lsn
+from cdc.lake import lease
 from cdc.lake.checkpoint import CheckpointStore, ResyncHold
 from cdc.lake.layout import RAW, raw_keys, table_segment
 from cdc.lake.raw import RawSink
@@ -118,20 +119,40 @@ class Resync:
             types = [column_type(c.type_oid, c.type_modifier, type_names.get(c.type_oid),
                                  facts) for c in relation.columns]
             cfacts = column_facts(conn, self.settings.dsn, self.schema, self.name)
-            hold = ResyncHold(self.lake, table_segment(relation.schema, relation.name))
-            # a hold from before (a quarantined batch, a resync that stopped) stays until
-            # this one is done; otherwise hold below the next position a row lands at
-            prior = hold.load()
-            hold.hold(admin.current_wal_lsn() if prior is None else prior)
-            if relation.key_columns:
-                result = self._by_key(conn, admin, relation, types=types, cfacts=cfacts,
-                                      hold=hold, prior=prior)
-            else:
-                result = self._whole(conn, relation, types, cfacts)
-            hold.release()
+            segment = table_segment(relation.schema, relation.name)
+            held = self._only_one(relation, segment)
+            try:
+                hold = ResyncHold(self.lake, segment)
+                # a hold from before (a quarantined batch, a resync that stopped) stays
+                # until this one is done; otherwise hold below the next position a row lands at
+                prior = hold.load()
+                hold.hold(admin.current_wal_lsn() if prior is None else prior)
+                if relation.key_columns:
+                    result = self._by_key(conn, admin, relation, types=types, cfacts=cfacts,
+                                          hold=hold, prior=prior)
+                else:
+                    result = self._whole(conn, relation, types, cfacts)
+                held.fence()  # still ours: no other resync released the hold meanwhile
+                hold.release()
+            finally:
+                held.release()
         log.info("resync_done", table=relation.qualified_name, rows=result.rows,
                  chunks=result.chunks)
         return result
+
+    def _only_one(self, relation: Relation, segment: str) -> lease.Lease:
+        """The table's resync lease (``_cdc/leases/resync/<table>/``): a second resync of
+        the table (a manual one beside a stream's backfill, say) would release the hold the
+        first still needs when it finishes, and the first's later chunks would land below
+        staged's watermark."""
+        got = lease.try_acquire(self.lake, f"resync/{segment}", "cdc resync")
+        if not isinstance(got, lease.Lease):
+            raise ResyncBusy(f"a resync of {relation.qualified_name} runs already "
+                             f"({got.describe()})",
+                             fix="wait for it to finish (cdc status shows a stream's "
+                             "backfills; a stopped one's lease expires within a minute), "
+                             "then run cdc resync again if you still need to")
+        return got
 
     def _by_key(self, conn: psycopg.Connection[Any], admin: Admin,  # noqa: PLR0913  the table's facts, read once in run()
                 relation: Relation, *, types: list[ColumnType],
