@@ -31,7 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import psycopg
-from stream import PUBLICATION, TABLE, TARGET_RSS_MB, Measured, busy_note, run_measured
+from measure import Measured, busy_note, run_measured
+from stream import PUBLICATION, TABLE, TARGET_RSS_MB
 from workload import server, shape
 
 SLOTS = ("bench_plain", "bench_compacting")
