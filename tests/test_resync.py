@@ -122,6 +122,42 @@ class TestResyncWhileStreaming:
                          key=repr)
         assert current == rows_of(source, "SELECT * FROM t")
 
+    def test_history_behind_a_type_change_follows_it_across_a_crash_and_other_chunks(
+            self, source: SourceDb, settings: Settings, plugin: str) -> None:
+        """History not yet past the int rows when v becomes text: the first run reads both
+        (old ones in text), rewrites history in text and dies before its chunk's commit; a
+        rerun with small chunks reads int rows alone and puts them in text too."""
+        from test_history import Crash, crash_at
+
+        from cdc import faults
+
+        settings = with_settings(settings, plugin=plugin)
+        source.execute("CREATE TABLE h (id int PRIMARY KEY, v int)")
+        prepare(settings)
+        lake = LocalLake(settings.lake)
+        with streaming_in_thread(settings):
+            source.execute("INSERT INTO h SELECT g, g FROM generate_series(1, 40) g")
+            drained(source, settings)
+            assert compact(settings) == []  # history holds v as int
+            source.execute("UPDATE h SET v = v + 100 WHERE id <= 10")
+            drained(source, settings)
+            compact_lake(lake, settings.slot, history=False)  # staged only: history behind
+            source.execute("ALTER TABLE h ALTER v TYPE text USING 'was ' || v")
+            source.execute("UPDATE h SET v = 'new' WHERE id = 1")
+            drained(source, settings)
+            assert resync(settings, "public.h") > 0
+            drained(source, settings)
+        with faults.armed("history.after_commit", crash_at(1)), pytest.raises(Crash):
+            compact_lake(lake, settings.slot)  # the retype's commit, then death
+        schema = pa.schema(DeltaTable(f"{settings.lake}/history/public.h").schema().to_arrow())
+        assert pa.types.is_string(schema.field("v").type)
+        assert compact(settings, chunk_rows=5) == []
+        versions = history_rows(settings, "public.h")
+        assert [v["v"] for v in versions if v["id"] == 1] == ["1", "101", "new", "new"]
+        assert [v["v"] for v in versions if v["id"] == 20] == ["20", "was 20"]
+        assert sorted(({"id": v["id"], "v": v["v"]} for v in versions if v["_is_current"]),
+                      key=repr) == rows_of(source, "SELECT * FROM h")
+
     def test_a_dropped_and_recreated_table_is_replaced_without_phantom_rows(
             self, source: SourceDb, settings: Settings, plugin: str) -> None:
         """DROP + re-CREATE with other columns: the old table's rows leave staged."""

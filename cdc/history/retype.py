@@ -58,6 +58,18 @@ def widened_parts(parts: list[pa.Table]) -> list[pa.Table]:
     return out
 
 
+def conformed(rows: pa.Table, history: pa.Schema) -> pa.Table:
+    """Changes with each column in the history table's type where it converts exactly: a
+    chunk of changes from before a type change the history table already follows (a rerun
+    after a crash, or other chunk limits, read it on its own)."""
+    for i, field in enumerate(rows.schema):
+        if field.name in history.names:
+            want = history.field(field.name).type
+            if field.type != want and converts_exactly(field.type, want):
+                rows = rows.set_column(i, field.with_type(want), rows[field.name].cast(want))
+    return rows
+
+
 def retyped(history: pa.Schema, rows: pa.Schema) -> dict[str, pa.DataType]:
     """History columns whose type the changes' type replaces exactly: name → new type."""
     return {f.name: rows.field(f.name).type for f in history

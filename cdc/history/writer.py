@@ -40,7 +40,7 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from cdc import faults
 from cdc.errors import CompactionError, HistoryTableUnreadable
 from cdc.events import Lsn, format_lsn
-from cdc.history.retype import converted, retyped, widened_parts
+from cdc.history.retype import conformed, converted, retyped, widened_parts
 from cdc.history.versions import HISTORY_META, Plan, plan_versions
 from cdc.lake.layout import history_key
 from cdc.lake.store import Lake
@@ -263,6 +263,7 @@ class _HistoryWriter:
         if dt is not None:
             schema = pa.schema(dt.schema().to_arrow())
             target = pa.schema([f for f in schema if f.name not in HISTORY_META])
+            rows = conformed(rows, target)  # changes from before a type change it follows
         converted = staged_columns(rows, target, self.table)
         converted = (converted.append_column("_op", rows["_op"])
                      .append_column("_unchanged", rows["_unchanged"]))
