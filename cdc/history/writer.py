@@ -40,6 +40,7 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from cdc import faults
 from cdc.errors import CompactionError, HistoryTableUnreadable
 from cdc.events import Lsn, format_lsn
+from cdc.history.lookup import current_versions, ended_versions
 from cdc.history.retype import conformed, converted, retyped, widened_parts
 from cdc.history.versions import HISTORY_META, Plan, plan_versions
 from cdc.lake.layout import history_key
@@ -273,8 +274,8 @@ class _HistoryWriter:
             current = pa.table({**{k: pa.array([], converted.schema.field(k).type) for k in key},
                                 "_valid_from_lsn": pa.array([], pa.int64())})
         else:
-            current = self._current(dt, converted, key, toasted)
-            ended = self._ended(dt, converted, key)
+            current = current_versions(dt, converted, key, toasted)
+            ended = ended_versions(dt, converted, key)
         return plan_versions(converted, key, current, self.table, ended)
 
     def _follow_types(self, dt: DeltaTable, rows: pa.Table) -> DeltaTable:
@@ -314,30 +315,8 @@ class _HistoryWriter:
             names = sorted({n for ns in moves.borrow[COLUMNS].to_pylist() for n in ns})
             old = moves.borrow.append_column(
                 "_op", pa.repeat(pa.scalar("u", pa.string()), moves.borrow.num_rows))
-            current = self._current(dt, old, key, names)
+            current = current_versions(dt, old, key, names)
         return fill_borrowed(moves.rows, moves.borrow, key, current)
-
-    def _current(self, dt: DeltaTable, changes: pa.Table, key: tuple[str, ...],
-                 toasted: list[str]) -> pa.Table:
-        """Key, ``_valid_from_lsn`` and TOAST-able columns of the current versions the
-        changes may close (the filter's key ranges let files outside them be skipped)."""
-        dataset = dt.to_pyarrow_dataset()
-        wanted = [*key, "_valid_from_lsn",
-                  *(c for c in toasted if c in dataset.schema.names and c not in key)]
-        where = pc.field("_is_current")
-        if not pc.any(pc.equal(changes["_op"], "t")).as_py():
-            where = where & _of_keys(changes, key)
-        return dataset.to_table(columns=wanted, filter=where)
-
-    def _ended(self, dt: DeltaTable, changes: pa.Table, key: tuple[str, ...]) -> pa.Table:
-        """Key and ``_valid_to_lsn`` of the changed keys' closed versions that end at or
-        after the changes' first commit LSN: none unless a rerun redoes a chunk whose file
-        groups were partly committed (``versions.plan_versions`` skips by them; files whose
-        statistics end earlier are not read)."""
-        first = pc.min(changes["_commit_lsn"])
-        where = (~pc.field("_is_current") & (pc.field("_valid_to_lsn") >= first)
-                 & _of_keys(changes, key))
-        return dt.to_pyarrow_dataset().to_table(columns=[*key, "_valid_to_lsn"], filter=where)
 
     def _commit(self, dt: DeltaTable | None, plan: Plan, key: tuple[str, ...],
                 expected: Lsn | None, watermark: Lsn | None) -> DeltaTable:
@@ -404,15 +383,3 @@ class _HistoryWriter:
         dt.vacuum(retention_hours=self.options.vacuum_retention_hours, dry_run=False,
                   enforce_retention_duration=False)
 
-
-def _of_keys(changes: pa.Table, key: tuple[str, ...]) -> pc.Expression:
-    """A filter for the rows of the keys ``changes`` touch (truncates aside): each key
-    column's range (files outside it are skipped by their statistics) and values."""
-    keyed = changes.filter(pc.invert(pc.equal(changes["_op"], "t")))
-    where = pc.scalar(True)
-    for k in key:
-        values = pc.unique(keyed[k])
-        bounds = pc.min_max(values)
-        where = where & ((pc.field(k) >= bounds["min"]) & (pc.field(k) <= bounds["max"])
-                         & pc.field(k).isin(values))
-    return where
