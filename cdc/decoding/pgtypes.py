@@ -32,17 +32,28 @@ The mapping (README "The lake" documents it for users):
 
 from __future__ import annotations
 
-import binascii
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from cdc.decoding.pgtext import (
+    DATE_INFINITY,
+    TIMESTAMP_INFINITY,
+    Converter,
+    as_text,
+    bytea_chunk,
+    cast_to,
+    parse_array,
+    per_chunk,
+    temporal,
+    time_chunk,
+    to_bool,
+)
 from cdc.errors import ConversionError
+
+__all__ = ["DATE_INFINITY", "TIMESTAMP_INFINITY", "parse_array"]  # re-exported
 
 BOOL, BYTEA, CHAR, NAME, INT8, INT2, INT4, TEXT, OID = 16, 17, 18, 19, 20, 21, 23, 25, 26
 JSON, XML, FLOAT4, FLOAT8, MONEY, MACADDR, INET, CIDR = 114, 142, 700, 701, 790, 829, 869, 650
@@ -79,11 +90,6 @@ _CASTS: dict[int, pa.DataType] = {
 _DECIMAL128_MAX_PRECISION = 38
 _DECIMAL256_MAX_PRECISION = 76
 
-#: ±infinity of date / timestamp columns in raw (DuckDB's own encoding of ±infinity)
-DATE_INFINITY = 2**31 - 1
-TIMESTAMP_INFINITY = 2**63 - 1
-
-Converter = Callable[[pa.Array], pa.Array]
 
 
 @dataclass(frozen=True)
@@ -145,182 +151,6 @@ def load_type_facts(fetch: Callable[[list[int]], Iterable[Sequence[Any]]],
     return found
 
 
-# -- converters ------------------------------------------------------------------------------
-
-
-def _cast_to(arrow_type: pa.DataType) -> Converter:
-    def convert(values: pa.Array) -> pa.Array:
-        return pc.cast(values, arrow_type)
-
-    return convert
-
-
-def _per_chunk(convert: Converter, arrow_type: pa.DataType) -> Converter:
-    def run(values: pa.Array) -> pa.Array:
-        if isinstance(values, pa.ChunkedArray):
-            return pa.chunked_array([convert(c) for c in values.chunks], arrow_type)
-        return convert(values)
-
-    return run
-
-
-def _to_bool(values: pa.Array) -> pa.Array:
-    return pc.equal(values, "t")
-
-
-def _bytea_chunk(values: pa.Array) -> pa.Array:
-    # bytea's text output is hex: \x0a1b...; decode the whole data buffer in one call
-    n = len(values)
-    if n in (0, values.null_count):
-        return pa.nulls(n, pa.binary())
-    valid = values.drop_null()
-    if not pc.all(pc.starts_with(valid, "\\x")).as_py() or \
-            pc.any(pc.equal(pc.bit_wise_and(pc.utf8_length(valid), 1), 1)).as_py():
-        raise ValueError("bytea text is not in hex format (\\x...)")
-    hexes = pc.utf8_slice_codeunits(values, 2)
-    hexes = pa.concat_arrays([hexes]) if hexes.offset else hexes
-    validity, offsets_buf, data = hexes.buffers()
-    offsets = pa.Array.from_buffers(pa.int32(), n + 1, [None, offsets_buf])
-    start, end = offsets[0].as_py(), offsets[n].as_py()
-    raw = binascii.unhexlify(memoryview(data)[start:end]) if end > start else b""
-    halved = pc.divide(pc.subtract(offsets, start), 2).cast(pa.int32())
-    return pa.Array.from_buffers(pa.binary(), n, [validity, halved.buffers()[1],
-                                                  pa.py_buffer(raw)], values.null_count)
-
-
-def _as_text(values: pa.Array) -> pa.Array:
-    return values
-
-
-# -- dates and timestamps ----------------------------------------------------------------------
-
-_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
-_TEMPORAL = re.compile(
-    r"(\d+)-(\d\d)-(\d\d)(?: (\d\d):(\d\d):(\d\d)(?:\.(\d{1,6}))?"
-    r"(?:([+-])(\d\d)(?::(\d\d)(?::(\d\d))?)?)?)?( BC)?")
-
-
-def _days(year: int, month: int, day: int) -> int:
-    """Days since 1970-01-01 in the proleptic Gregorian calendar, any (astronomical) year."""
-    cycles = 0
-    if not 1 <= year <= 9999:
-        cycles = (year - 2000) // 400  # the calendar repeats every 400 years (146097 days)
-        year -= 400 * cycles
-    return date(year, month, day).toordinal() - _EPOCH_ORDINAL + cycles * 146097
-
-
-def _parse_temporal(text: str, *, timestamp: bool) -> int:
-    """One date (days) or timestamp (µs) value the fast cast cannot take: infinity, BC, 5-digit
-    years."""
-    limit = TIMESTAMP_INFINITY if timestamp else DATE_INFINITY
-    if text == "infinity":
-        return limit
-    if text == "-infinity":
-        return -limit
-    m = _TEMPORAL.fullmatch(text)
-    if m is None:
-        raise ValueError(f"unrecognised {'timestamp' if timestamp else 'date'} text {text!r}")
-    year = int(m[1])
-    if m[12]:
-        year = 1 - year  # 1 BC is year 0
-    days = _days(year, int(m[2]), int(m[3]))
-    if not timestamp:
-        result = days
-    else:
-        seconds = days * 86400 + int(m[4] or 0) * 3600 + int(m[5] or 0) * 60 + int(m[6] or 0)
-        if m[8]:
-            offset = int(m[9]) * 3600 + int(m[10] or 0) * 60 + int(m[11] or 0)
-            seconds -= offset if m[8] == "+" else -offset
-        result = seconds * 1_000_000 + int((m[7] or "").ljust(6, "0"))
-    if not -limit < result < limit:
-        raise ValueError(f"{text!r} is outside the range Arrow can hold")
-    return result
-
-
-_PLAIN_TEMPORAL = r"^\d{4}-\d\d-\d\d"
-
-
-def _temporal(arrow_type: pa.DataType, *, timestamp: bool, placeholder: str) -> Converter:
-    storage = pa.int64() if timestamp else pa.int32()
-
-    def convert(values: pa.Array) -> pa.Array:
-        try:  # the common case: one cast (Arrow rejects infinity, BC and five-digit years)
-            return pc.cast(values, arrow_type)
-        except pa.ArrowInvalid:
-            pass
-        special = pc.or_(pc.invert(pc.match_substring_regex(values, _PLAIN_TEMPORAL)),
-                         pc.ends_with(values, " BC")).fill_null(False)
-        if not pc.any(special).as_py():
-            return pc.cast(values, arrow_type)  # raises: a value is malformed
-        plain = pc.cast(pc.if_else(special, placeholder, values), arrow_type)
-        odd = [_parse_temporal(v, timestamp=timestamp) for v in values.filter(special).to_pylist()]
-        exact = pc.replace_with_mask(plain.cast(storage), special, pa.array(odd, storage))
-        return exact.cast(arrow_type)
-
-    return _per_chunk(convert, arrow_type)
-
-
-def _time_chunk(values: pa.Array) -> pa.Array:
-    # HH:MM:SS[.ffffff] → microseconds since midnight (24:00:00 is a valid time)
-    if len(values) and not pc.all(pc.match_substring_regex(
-            values.drop_null(), r"^\d\d:\d\d:\d\d(\.\d{1,6})?$")).as_py():
-        raise ValueError("time text is not HH:MM:SS[.ffffff]")
-
-    def part(start: int, stop: int) -> pa.Array:
-        return pc.cast(pc.utf8_slice_codeunits(values, start, stop), pa.int64())
-
-    fraction = pc.cast(pc.utf8_slice_codeunits(
-        pc.utf8_rpad(pc.utf8_slice_codeunits(values, 8), 7, "0"), 1, 7), pa.int64())
-    seconds = pc.add(pc.multiply(pc.add(pc.multiply(part(0, 2), 60), part(3, 5)), 60),
-                     part(6, 8))
-    return pc.add(pc.multiply(seconds, 1_000_000), fraction).cast(pa.time64("us"))
-
-
-# -- arrays ------------------------------------------------------------------------------------
-
-_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
-_UNESCAPE = re.compile(r"\\(.)", re.DOTALL)
-
-
-def parse_array(text: str) -> list[str | None]:
-    """The elements of a one-dimensional Postgres array in text output form (``{a,"b c",NULL}``).
-
-    Unquoted ``NULL`` is SQL NULL; quoted elements have ``\\"`` and ``\\\\`` unescaped.
-    Multi-dimensional arrays and explicit bounds (``[0:1]={...}``) raise ValueError.
-    """
-    if not (text.startswith("{") and text.endswith("}")):
-        raise ValueError(f"not a one-dimensional array with default bounds: {text[:80]!r}")
-    body = text[1:-1]
-    if not body:
-        return []
-    if '"' not in body:
-        if "{" in body:
-            raise ValueError(f"multi-dimensional arrays are not supported: {text[:80]!r}")
-        return [None if item == "NULL" else item for item in body.split(",")]
-    items: list[str | None] = []
-    pos, n = 0, len(body)
-    while True:
-        if body.startswith('"', pos):
-            m = _QUOTED.match(body, pos)
-            if m is None:
-                raise ValueError(f"unterminated quote in array {text[:80]!r}")
-            items.append(_UNESCAPE.sub(r"\1", m[1]))
-            pos = m.end()
-        else:
-            end = body.find(",", pos)
-            end = n if end < 0 else end
-            item = body[pos:end]
-            if "{" in item or '"' in item:
-                raise ValueError(f"multi-dimensional arrays are not supported: {text[:80]!r}")
-            items.append(None if item == "NULL" else item)
-            pos = end
-        if pos == n:
-            return items
-        if body[pos] != ",":
-            raise ValueError(f"malformed array text {text[:80]!r}")
-        pos += 1
-
-
 def _array(element: ColumnType) -> Converter:
     arrow_type = pa.list_(element.arrow_type)
 
@@ -341,7 +171,7 @@ def _array(element: ColumnType) -> Converter:
         return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), elements, type=arrow_type,
                                         mask=pa.array(nulls, pa.bool_()))
 
-    return _per_chunk(convert, arrow_type)
+    return per_chunk(convert, arrow_type)
 
 
 # -- the mapping -------------------------------------------------------------------------------
@@ -357,9 +187,9 @@ def numeric_precision_scale(type_modifier: int) -> tuple[int, int] | None:
 
 
 _DATE = ColumnType("date", pa.date32(),
-                   _temporal(pa.date32(), timestamp=False, placeholder="1970-01-01"))
-_TIMESTAMP = _temporal(pa.timestamp("us"), timestamp=True, placeholder="1970-01-01 00:00:00")
-_TIMESTAMPTZ = _temporal(pa.timestamp("us", tz="UTC"), timestamp=True,
+                   temporal(pa.date32(), timestamp=False, placeholder="1970-01-01"))
+_TIMESTAMP = temporal(pa.timestamp("us"), timestamp=True, placeholder="1970-01-01 00:00:00")
+_TIMESTAMPTZ = temporal(pa.timestamp("us", tz="UTC"), timestamp=True,
                          placeholder="1970-01-01 00:00:00+00")
 
 
@@ -375,11 +205,11 @@ def column_type(type_oid: int, type_modifier: int, type_name: str | None = None,
         or f"oid:{type_oid}"
     if type_oid in _CASTS:
         arrow_type = _CASTS[type_oid]
-        return ColumnType(name, arrow_type, _cast_to(arrow_type))
+        return ColumnType(name, arrow_type, cast_to(arrow_type))
     if type_oid == BOOL:
-        return ColumnType(name, pa.bool_(), _to_bool)
+        return ColumnType(name, pa.bool_(), to_bool)
     if type_oid == BYTEA:
-        return ColumnType(name, pa.binary(), _per_chunk(_bytea_chunk, pa.binary()))
+        return ColumnType(name, pa.binary(), per_chunk(bytea_chunk, pa.binary()))
     if type_oid == DATE:
         return _DATE
     if type_oid == TIMESTAMP:
@@ -387,7 +217,7 @@ def column_type(type_oid: int, type_modifier: int, type_name: str | None = None,
     if type_oid == TIMESTAMPTZ:
         return ColumnType(name, pa.timestamp("us", tz="UTC"), _TIMESTAMPTZ)
     if type_oid == TIME:
-        return ColumnType(name, pa.time64("us"), _per_chunk(_time_chunk, pa.time64("us")))
+        return ColumnType(name, pa.time64("us"), per_chunk(time_chunk, pa.time64("us")))
     if type_oid == NUMERIC:
         ps = numeric_precision_scale(type_modifier)
         if ps is not None and ps[0] <= _DECIMAL256_MAX_PRECISION and 0 <= ps[1] <= ps[0]:
@@ -396,7 +226,7 @@ def column_type(type_oid: int, type_modifier: int, type_name: str | None = None,
             arrow_type = (pa.decimal128(precision, scale)
                           if precision <= _DECIMAL128_MAX_PRECISION
                           else pa.decimal256(precision, scale))
-            return ColumnType(name, arrow_type, _cast_to(arrow_type))
+            return ColumnType(name, arrow_type, cast_to(arrow_type))
     element_oid = ARRAYS.get(type_oid) or (known.elem_oid if known and known.category == "A"
                                            else 0)
     element_facts = (facts or {}).get(element_oid)
@@ -411,7 +241,7 @@ def column_type(type_oid: int, type_modifier: int, type_name: str | None = None,
                            type_modifier if type_modifier != -1 else known.base_typmod, None,
                            facts)
         return ColumnType(name, base.arrow_type, base.convert)
-    return ColumnType(name, pa.string(), _as_text)
+    return ColumnType(name, pa.string(), as_text)
 
 
 def convert_column(
