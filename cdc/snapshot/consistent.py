@@ -149,7 +149,8 @@ def snapshot_batch(relation: Relation, types: Sequence[ColumnType],  # noqa: PLR
         commit_ts=pa.repeat(pa.scalar(ts_us, pa.int64()), n),
         unchanged=pa.nulls(n, pa.list_(pa.string())), column_facts=column_facts,
     )
-    return Batch(relation, table, lsn, lsn, first_seq, label=label)
+    return Batch(relation, table, lsn, lsn, first_seq, label=label,
+                 constant=("_lsn", "_commit_lsn", "_xid", "_commit_ts"))
 
 
 # -- progress display -----------------------------------------------------------------------------
