@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -341,7 +341,12 @@ class ConsistentSnapshot:
         failed = threading.Event()  # one worker's error stops the others at their next chunk
 
         def worker() -> None:
+            # two stages per worker: chunk N is converted and written on the writer thread
+            # (pyarrow's casts and parquet encoding release the GIL) while chunk N+1 is read,
+            # so the worker's server backend never waits for the write (docs/benchmarks.md)
             reader = self.open_reader(self.settings.dsn, snapshot_name)
+            writer = ThreadPoolExecutor(1, thread_name_prefix="snapshot-write")
+            written: Future[int] | None = None
             try:
                 while not failed.is_set():
                     with self.lock:
@@ -349,11 +354,18 @@ class ConsistentSnapshot:
                             break
                         name, index = queue.pop()
                     relation, types = relations[name]
-                    self._copy_chunk(reader, progress, relation, types, index)
+                    columns = self._read_chunk(reader, progress, relation, index)
+                    if written is not None:
+                        written.result()  # at most one chunk waits to be written
+                    written = writer.submit(self._write_chunk, progress, relation, types,
+                                            index, columns)
+                if written is not None:
+                    written.result()
             except BaseException:
                 failed.set()
                 raise
             finally:
+                writer.shutdown(wait=True)
                 reader.close()
 
         with ThreadPoolExecutor(self.workers, thread_name_prefix="snapshot") as pool:
@@ -368,10 +380,16 @@ class ConsistentSnapshot:
         log.info("snapshot_done", rows=sum(rows.values()), tables=len(rows))
         return SnapshotResult(progress.consistent_point, rows, resumed)
 
-    def _copy_chunk(self, reader: TextReader, progress: Progress, relation: Relation,
-                    types: list[ColumnType], index: int) -> int:
+    def _read_chunk(self, reader: TextReader, progress: Progress, relation: Relation,
+                    index: int) -> list[pa.ChunkedArray]:
         plan = progress.tables[relation.qualified_name]
-        columns = reader.read(relation, chunk_filter(relation, plan.chunks[index]))
+        return reader.read(relation, chunk_filter(relation, plan.chunks[index]))
+
+    def _write_chunk(self, progress: Progress, relation: Relation,  # noqa: PLR0913  one chunk's place and rows
+                     types: list[ColumnType], index: int,
+                     columns: list[pa.ChunkedArray]) -> int:
+        """Convert and write a chunk read by ``_read_chunk``, then record it as done."""
+        plan = progress.tables[relation.qualified_name]
         rows = len(columns[0]) if columns else 0
         if rows:
             point = plan.point if plan.point is not None else progress.consistent_point
