@@ -13,7 +13,9 @@ connection has buffered while holding the GIL, and releases the GIL only while i
 for the socket (one wait per network read, not per row).
 """
 
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport (
+    PyBUF_SIMPLE, PyBuffer_FillInfo, PyBuffer_Release, PyObject_GetBuffer,
+)
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport INT64_MAX, INT64_MIN, int16_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
@@ -21,7 +23,7 @@ from libc.errno cimport EINTR, errno
 from libc.string cimport memcmp, memcpy, memset
 
 from cdc.decoding._binary cimport be, binary_render, binary_valid
-from cdc.decoding._buffers cimport Growable, grow, put, take_buffer
+from cdc.decoding._buffers cimport Growable, grow, put
 from cdc.decoding._reader cimport Reader, read_bytes, read_i16, read_i32, read_u32, reader_init
 
 import pyarrow as pa
@@ -70,6 +72,35 @@ cdef extern from *:
     ctypedef int (*socket_fn "cdc_socket_fn")(const void*) nogil
 
 
+cdef class _Owned:
+    """A column buffer's memory handed to Arrow without a copy; freed with the array."""
+
+    cdef char* data
+    cdef Py_ssize_t length
+
+    def __getbuffer__(self, Py_buffer* view, int flags):
+        PyBuffer_FillInfo(view, self, self.data, self.length, 1, flags)
+
+    def __releasebuffer__(self, Py_buffer* view):
+        pass
+
+    def __dealloc__(self):
+        PyMem_Free(self.data)
+
+
+cdef object owned(Growable* g):
+    """``g``'s bytes as an Arrow buffer that owns them; ``g`` is left empty."""
+    cdef _Owned o
+    if g.data == NULL:  # never written (no rows): Arrow wants a real, empty buffer
+        return pa.py_buffer(b"")
+    o = _Owned()
+    o.data = g.data
+    o.length = g.length
+    g.data = NULL
+    g.length = g.capacity = 0
+    return pa.py_buffer(o)
+
+
 cdef struct Field:
     const unsigned char* data
     int32_t length  # -1: NULL
@@ -88,7 +119,7 @@ cdef class CopyParser:
     cdef Growable* validity
     cdef Py_ssize_t* nulls
     cdef Field* fields
-    cdef bint header_done, trailer_seen
+    cdef bint header_done, trailer_seen, finished
     cdef str table
     cdef tuple names, types
 
@@ -322,14 +353,17 @@ cdef class CopyParser:
         cdef Py_ssize_t i, n = self.nrows
         if not self.trailer_seen:
             raise malformed(self.table, "the end marker is missing")
+        if self.finished:
+            raise ValueError("the columns were already taken")
+        self.finished = True
         columns = []
         for i in range(self.ncols):
             nulls = self.nulls[i]
-            validity = take_buffer(&self.validity[i]) if nulls else None
+            validity = owned(&self.validity[i]) if nulls else None
             kind = self.types[i]
             if self.layouts[i] == LAYOUT_TEXT or self.layouts[i] == LAYOUT_BYTES:
-                buffers = [validity, take_buffer(&self.offsets[i]), take_buffer(&self.data[i])]
+                buffers = [validity, owned(&self.offsets[i]), owned(&self.data[i])]
             else:
-                buffers = [validity, take_buffer(&self.data[i])]
+                buffers = [validity, owned(&self.data[i])]
             columns.append(pa.Array.from_buffers(kind, n, buffers, nulls))
         return columns
