@@ -10,10 +10,10 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
-from psycopg import sql
 from conftest import SourceDb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from psycopg import sql
 from test_binary import VALID
 
 from cdc.decoding import pgtypes as t
@@ -149,9 +149,10 @@ EDGE_ROWS = [
     "(5, '0.000000000000000000001000', 123.4, 0.1, 3.4028235e38, '2024-02-29', "
     "'2024-02-29 12:00:00.000001', '1970-01-01 00:00:00+00', '00:00:00', NULL, NULL, true, "
     "'1 mon', -1, NULL, NULL)",
-    "(6, ('-1' || repeat('0', 130) || '.' || repeat('0', 50) || '1')::numeric, -0.5, 1.7976931348623157e308, "
-    "'NaN', '0001-01-01', '0044-03-15 12:00:00 BC', '2000-01-01 00:00:00+00', '23:59:59.999999',"
-    " 'ü', '\\xdeadbeef', false, '-178000000 years', 1, NULL, '\"✓\"')",
+    "(6, ('-1' || repeat('0', 130) || '.' || repeat('0', 50) || '1')::numeric, -0.5, "
+    "1.7976931348623157e308, 'NaN', '0001-01-01', '0044-03-15 12:00:00 BC', "
+    "'2000-01-01 00:00:00+00', '23:59:59.999999', 'ü', '\\xdeadbeef', false, "
+    "'-178000000 years', 1, NULL, '\"✓\"')",
 ]
 
 
@@ -174,8 +175,8 @@ def _typed(relation: Relation, columns: list[pa.ChunkedArray]) -> list[list[Any]
             values = values.view(pa.int32() if values.type == pa.date32() else pa.int64())
         if pa.types.is_floating(values.type):
             values = values.cast(pa.float64())
-            out.append([None if v is None else (("nan", math.copysign(1, v)) if v != v else v)
-                        for v in values.to_pylist()])
+            out.append([None if v is None else ("nan", math.copysign(1, v)) if math.isnan(v)
+                        else v for v in values.to_pylist()])
         else:
             out.append(values.to_pylist())
     return out

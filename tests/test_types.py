@@ -15,7 +15,6 @@ text (±infinity, BC and five-digit years are held exactly, as in raw).
 from __future__ import annotations
 
 import functools
-
 import math
 import re
 from decimal import Decimal

@@ -108,7 +108,7 @@ def too_much_text(table: str, column: str) -> DecodeError:
 _TOP32, _TOP64 = 2**31 - 1, 2**63 - 1
 
 
-def _typed(layout: Layout, codec: Codec, data: bytes) -> object:
+def _typed(layout: Layout, codec: Codec, data: bytes) -> object:  # noqa: PLR0911  one return per layout
     """A valid binary value as the raw layer's Python value (None: out of range)."""
     if layout is Layout.INT:
         return int.from_bytes(data, "big", signed=True)
@@ -180,8 +180,13 @@ class PureCopyParser:
         if count != len(self.names):
             raise malformed(self.table, f"a row of {count} fields for {len(self.names)} "
                             "columns")
+        fields, pos = self._fields(data, pos)
+        self._append(fields)
+        return pos
+
+    def _fields(self, data: bytes, pos: int) -> tuple[list[bytes | None], int]:
         fields: list[bytes | None] = []
-        for _ in range(count):
+        for _ in self.names:
             if len(data) - pos < 4:
                 raise malformed(self.table, "a row cut short")
             (length,) = struct.unpack_from("!i", data, pos)
@@ -193,6 +198,9 @@ class PureCopyParser:
                 raise malformed(self.table, "a row cut short")
             fields.append(data[pos:pos + length])
             pos += length
+        return fields, pos
+
+    def _append(self, fields: list[bytes | None]) -> None:
         row: list[object] = []
         for i, value in enumerate(fields):
             if value is None:
@@ -208,14 +216,13 @@ class PureCopyParser:
             if typed is None:
                 raise out_of_range(self.table, self.names[i])
             row.append(typed)
-        for i, value in enumerate(row):
-            if isinstance(value, str | bytes):
-                size = len(value.encode()) if isinstance(value, str) else len(value)
+        for i, stored in enumerate(row):
+            if isinstance(stored, str | bytes):
+                size = len(stored.encode()) if isinstance(stored, str) else len(stored)
                 self.sizes[i] += size
                 if self.sizes[i] > OFFSET_LIMIT:
                     raise too_much_text(self.table, self.names[i])
-            self.values[i].append(value)
-        return pos
+            self.values[i].append(stored)
 
     def finish(self) -> list[pa.Array]:
         """The columns read so far; DecodeError when the end marker never came."""

@@ -385,7 +385,7 @@ class ConsistentSnapshot:
         plan = progress.tables[relation.qualified_name]
         return reader.read(relation, chunk_filter(relation, plan.chunks[index]))
 
-    def _write_chunk(self, progress: Progress, relation: Relation,  # noqa: PLR0913  one chunk's place and rows
+    def _write_chunk(self, progress: Progress, relation: Relation,
                      types: list[ColumnType], index: int,
                      columns: list[pa.ChunkedArray]) -> int:
         """Convert and write a chunk read by ``_read_chunk``, then record it as done."""

@@ -306,7 +306,9 @@ def copy_out(conn: psycopg.Connection[Any], query: sql.Composed, parser: Any,
         while _result(pgconn) is not None:  # leave the connection idle
             pass
         raise _failed(started, pgconn)
-    status = parser.read_libpq(pgconn.pgconn_ptr, functions.get_copy_data, functions.freemem,
+    # pgconn_ptr: in every psycopg implementation, not in its type stubs
+    status = parser.read_libpq(pgconn.pgconn_ptr,  # type: ignore[attr-defined]
+                               functions.get_copy_data, functions.freemem,
                                functions.consume_input, functions.socket)
     if status == -2:
         raise _failed(None, pgconn)

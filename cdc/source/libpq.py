@@ -46,13 +46,13 @@ def _loaded_paths() -> list[str]:
 def _library() -> ctypes.CDLL | None:
     impl = psycopg.pq.__impl__
     if impl == "python":
-        from psycopg.pq import _pq_ctypes  # noqa: PLC0415  only in this implementation
+        from psycopg.pq import _pq_ctypes
 
-        lib: ctypes.CDLL = _pq_ctypes.pq
+        lib: ctypes.CDLL = _pq_ctypes.pq  # type: ignore[attr-defined]
         return lib
     loaded = _loaded_paths()
     if impl == "binary":
-        import psycopg_binary  # noqa: PLC0415  only in this implementation
+        import psycopg_binary
 
         libs = str(Path(psycopg_binary.__file__).parent.parent / "psycopg_binary.libs")
         candidates = [p for p in loaded if p.startswith(libs)]
