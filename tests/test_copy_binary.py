@@ -182,9 +182,10 @@ def _typed(relation: Relation, columns: list[pa.ChunkedArray]) -> list[list[Any]
     return out
 
 
-@pytest.mark.parametrize("pure", [False, True], ids=["native", "pure"])
-def test_binary_copy_reads_the_values_the_text_copy_reads(source: SourceDb,
-                                                          pure: bool) -> None:
+@pytest.mark.parametrize(("pure", "through_libpq"), [(False, True), (False, False), (True, False)],
+                         ids=["native", "native-psycopg-copy", "pure"])
+def test_binary_copy_reads_the_values_the_text_copy_reads(source: SourceDb, pure: bool,
+                                                          through_libpq: bool) -> None:
     """NULLs, TOAST-size text and bytea, far and infinite dates and timestamps, numeric
     NaN/±Infinity and unconstrained scales, -0 and NaN floats, a type sent as text
     (interval): a binary COPY gives the values the CSV reader (the server's text) gives."""
@@ -196,6 +197,8 @@ def test_binary_copy_reads_the_values_the_text_copy_reads(source: SourceDb,
     relation = _relation(source)
     where = sql.SQL("id > 0")
     binary = BinaryCopyReader(source.dsn, None, pure=pure)
+    if not through_libpq:  # where psycopg's libpq cannot be found: its Copy feeds the parser
+        binary.libpq = None
     text = CsvReader(source.dsn, None)
     try:
         got, want = binary.read(relation, where), text.read(relation, where)
