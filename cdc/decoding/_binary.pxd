@@ -11,7 +11,6 @@ value. Every read stays inside ``n`` bytes.
 from libc.stdint cimport (
     INT64_MAX, INT64_MIN, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t,
 )
-from libc.math cimport INFINITY
 from libc.stdio cimport snprintf
 from libc.string cimport memcpy
 
@@ -145,14 +144,14 @@ cdef inline bint binary_valid(uint8_t codec, const unsigned char* p, Py_ssize_t 
     return False
 
 
-cdef inline int put_str(Growable* out, const char* s) except -1 nogil:
+cdef inline int put_str(Growable* out, const char* s) except -1:
     cdef Py_ssize_t n = 0
     while s[n]:
         n += 1
     return put(out, s, n)
 
 
-cdef inline int put_int(Growable* out, int64_t v, int width) except -1 nogil:
+cdef inline int put_int(Growable* out, int64_t v, int width) except -1:
     """Decimal digits of ``v``, zero-padded to ``width`` (snprintf costs ~0.1 µs a call)."""
     cdef char buf[24]
     cdef int n = 0
@@ -170,14 +169,14 @@ cdef inline int put_int(Growable* out, int64_t v, int width) except -1 nogil:
     return put(out, buf + 24 - n, n)
 
 
-cdef inline int put_float(Growable* out, double d, int digits) except -1 nogil:
+cdef inline int put_float(Growable* out, double d, int digits) except -1:
     cdef char buf[40]
     cdef int n
     if d != d:
         return put(out, b"NaN", 3)
-    if d == INFINITY:
+    if d == float("inf"):
         return put(out, b"Infinity", 8)
-    if d == -INFINITY:
+    if d == float("-inf"):
         return put(out, b"-Infinity", 9)
     n = snprintf(buf, sizeof(buf), b"%.*g", digits, d)
     return put(out, buf, n)
@@ -191,7 +190,7 @@ cdef inline int put_digits4(char* c, uint16_t dig) noexcept nogil:
     return 4
 
 
-cdef inline int put_numeric(Growable* out, const unsigned char* p) except -1 nogil:
+cdef inline int put_numeric(Growable* out, const unsigned char* p) except -1:
     """``get_str_from_var`` (``binary._numeric_text``) of a valid value."""
     cdef Py_ssize_t ndigits = <Py_ssize_t>be(p, 2)
     cdef Py_ssize_t weight = <int16_t>be(p + 2, 2)
@@ -253,7 +252,7 @@ cdef inline int two(char* c, int v) noexcept nogil:
     return 2
 
 
-cdef inline bint put_date(Growable* out, int64_t pg_days) except -1 nogil:
+cdef inline bint put_date(Growable* out, int64_t pg_days) except -1:
     """YYYY-MM-DD of a date (years 1 BC and before as their BC number, without " BC");
     True for those BC years."""
     cdef int64_t year
@@ -269,7 +268,7 @@ cdef inline bint put_date(Growable* out, int64_t pg_days) except -1 nogil:
     return year <= 0
 
 
-cdef inline int put_time(Growable* out, int64_t us) except -1 nogil:
+cdef inline int put_time(Growable* out, int64_t us) except -1:
     cdef char buf[16]
     cdef int n = 8, k
     cdef int64_t seconds = us // 1000000
@@ -290,7 +289,7 @@ cdef inline int put_time(Growable* out, int64_t us) except -1 nogil:
     return put(out, buf, n)
 
 
-cdef inline int put_timestamp(Growable* out, int64_t us, bint tz) except -1 nogil:
+cdef inline int put_timestamp(Growable* out, int64_t us, bint tz) except -1:
     cdef int64_t days
     cdef bint bc
     if us == INT64_MIN:
@@ -309,7 +308,7 @@ cdef inline int put_timestamp(Growable* out, int64_t us, bint tz) except -1 nogi
 
 
 cdef inline int binary_render(uint8_t codec, const unsigned char* p, Py_ssize_t n,
-                              Growable* out) except -1 nogil:
+                              Growable* out) except -1:
     """Append the text of a value ``binary_valid`` accepted."""
     cdef int k
     cdef Py_ssize_t i

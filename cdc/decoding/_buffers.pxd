@@ -1,13 +1,12 @@
 # cython: language_level=3
 """Growable byte buffers (the column buffers' storage) and strict UTF-8 validation.
 
-A ``Growable`` is memory from Python's raw allocator (usable without the GIL, freed with
-``release``) that doubles when full; ``take_buffer`` copies it into
+A ``Growable`` is malloc'd memory that doubles when full; ``take_buffer`` copies it into
 an Arrow buffer and empties it. Included by ``_native.pyx`` at compile time.
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from cpython.mem cimport PyMem_RawFree, PyMem_RawRealloc
+from cpython.mem cimport PyMem_Realloc
 from libc.stdint cimport int64_t
 from libc.string cimport memcpy
 
@@ -20,23 +19,22 @@ cdef struct Growable:
     Py_ssize_t capacity
 
 
-cdef inline int grow(Growable* g, Py_ssize_t extra) except -1 nogil:
+cdef inline int grow(Growable* g, Py_ssize_t extra) except -1:
     cdef Py_ssize_t need = g.length + extra
     cdef Py_ssize_t capacity
     cdef char* data
     if need <= g.capacity:
         return 0
     capacity = max(need, g.capacity * 2, 256)
-    data = <char*>PyMem_RawRealloc(g.data, capacity)  # the raw allocator needs no GIL
+    data = <char*>PyMem_Realloc(g.data, capacity)
     if data == NULL:
-        with gil:
-            raise MemoryError()
+        raise MemoryError()
     g.data = data
     g.capacity = capacity
     return 0
 
 
-cdef inline int put(Growable* g, const void* src, Py_ssize_t n) except -1 nogil:
+cdef inline int put(Growable* g, const void* src, Py_ssize_t n) except -1:
     if g.length + n > g.capacity:
         grow(g, n)
     memcpy(g.data + g.length, src, n)
@@ -44,15 +42,8 @@ cdef inline int put(Growable* g, const void* src, Py_ssize_t n) except -1 nogil:
     return 0
 
 
-cdef inline int put_i64(Growable* g, int64_t value) except -1 nogil:
+cdef inline int put_i64(Growable* g, int64_t value) except -1:
     return put(g, &value, 8)
-
-
-cdef inline void release(Growable* g) noexcept nogil:
-    """Free ``g``'s memory (``grow`` allocates it with the raw allocator)."""
-    PyMem_RawFree(g.data)
-    g.data = NULL
-    g.length = g.capacity = 0
 
 
 cdef inline object take_buffer(Growable* g):

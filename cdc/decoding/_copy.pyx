@@ -9,22 +9,21 @@ errors). A row's fields are first read through the bounds-checked reader
 
 ``read_libpq`` drains a COPY in progress on a libpq connection without a Python call
 per row: it calls libpq's ``PQgetCopyData`` in non-blocking mode, parses every row the
-connection has buffered and waits for the socket, all without the GIL (the column
-buffers grow with Python's raw allocator; an error takes the GIL to raise), so two
-workers parse at once.
+connection has buffered while holding the GIL, and releases the GIL only while it waits
+for the socket (one wait per network read, not per row).
 """
 
 from cpython.buffer cimport (
     PyBUF_SIMPLE, PyBuffer_FillInfo, PyBuffer_Release, PyObject_GetBuffer,
 )
 from cpython.exc cimport PyErr_CheckSignals
-from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_RawFree
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport INT64_MAX, INT64_MIN, int16_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.errno cimport EINTR, errno
 from libc.string cimport memcmp, memcpy, memset
 
 from cdc.decoding._binary cimport be, binary_render, binary_valid
-from cdc.decoding._buffers cimport Growable, grow, put, release
+from cdc.decoding._buffers cimport Growable, grow, put
 from cdc.decoding._reader cimport Reader, read_bytes, read_i16, read_i32, read_u32, reader_init
 
 import pyarrow as pa
@@ -86,7 +85,7 @@ cdef class _Owned:
         pass
 
     def __dealloc__(self):
-        PyMem_RawFree(self.data)
+        PyMem_Free(self.data)
 
 
 cdef object owned(Growable* g):
@@ -158,9 +157,9 @@ cdef class CopyParser:
         cdef Py_ssize_t i
         if self.data != NULL and self.offsets != NULL and self.validity != NULL:
             for i in range(self.ncols):
-                release(&self.data[i])
-                release(&self.offsets[i])
-                release(&self.validity[i])
+                PyMem_Free(self.data[i].data)
+                PyMem_Free(self.offsets[i].data)
+                PyMem_Free(self.validity[i].data)
         PyMem_Free(self.codecs)
         PyMem_Free(self.layouts)
         PyMem_Free(self.widths)
@@ -179,79 +178,69 @@ cdef class CopyParser:
         finally:
             PyBuffer_Release(&view)
 
-    cdef int _feed(self, const unsigned char* buf, Py_ssize_t n) except -1 nogil:
+    cdef int _feed(self, const unsigned char* buf, Py_ssize_t n) except -1:
         cdef Reader r
         cdef uint32_t flags
         cdef int32_t extension
         reader_init(&r, buf, n, 0)
         if not self.header_done:
             if n < 11 or memcmp(buf, COPY_SIGNATURE, 11) != 0:
-                with gil:
-                    raise malformed(self.table, "no binary COPY signature")
+                raise malformed(self.table, "no binary COPY signature")
             r.pos = 11
             flags = read_u32(&r)
             extension = read_i32(&r)
             if r.bad or extension < 0 or read_bytes(&r, extension) == NULL:
-                with gil:
-                    raise malformed(self.table, "a header cut short")
+                raise malformed(self.table, "a header cut short")
             if flags & FLAG_OIDS:
-                with gil:
-                    raise malformed(self.table, "rows with OIDs")
+                raise malformed(self.table, "rows with OIDs")
             self.header_done = True
         while r.pos < r.len:
             if self.trailer_seen:
-                with gil:
-                    raise malformed(self.table, "data after the end marker")
+                raise malformed(self.table, "data after the end marker")
             self._row(&r)
         return 0
 
-    cdef int _row(self, Reader* r) except -1 nogil:
+    cdef int _row(self, Reader* r) except -1:
         cdef int count
         cdef Py_ssize_t i
         cdef int32_t length
         cdef int64_t us
         cdef Field* f
         if r.len - r.pos < 2:
-            with gil:
-                raise malformed(self.table, "a row cut short")
+            raise malformed(self.table, "a row cut short")
         count = read_i16(r)
         if count == -1:
             self.trailer_seen = True
             return 0
         if count != self.ncols:
-            with gil:
-                raise malformed(self.table, f"a row of {count} fields for {self.ncols} columns")
+            raise malformed(self.table, f"a row of {count} fields for {self.ncols} columns")
         for i in range(self.ncols):
             f = &self.fields[i]
             length = read_i32(r)
             f.length = length
             if r.bad:
-                with gil:
-                    raise malformed(self.table, "a row cut short")
+                raise malformed(self.table, "a row cut short")
             if length == -1:
                 continue
             f.data = read_bytes(r, length)
             if f.data == NULL:  # also a negative length other than -1
-                with gil:
-                    raise malformed(self.table, "a row cut short")
+                raise malformed(self.table, "a row cut short")
         for i in range(self.ncols):
             f = &self.fields[i]
             if f.length == -1:
                 continue
             if not binary_valid(self.codecs[i], f.data, f.length):
-                with gil:
-                    raise invalid_value(self.table, self.names[i], self.codecs[i])
+                raise invalid_value(self.table, self.names[i], self.codecs[i])
             if self.layouts[i] == LAYOUT_TIMESTAMP:
                 us = <int64_t>be(f.data, 8)
                 if us != INT64_MIN and us != INT64_MAX and us >= INT64_MAX - PG_EPOCH_US:
-                    with gil:
-                        raise out_of_range(self.table, self.names[i])
+                    raise out_of_range(self.table, self.names[i])
         for i in range(self.ncols):
             self._value(i, &self.fields[i])
         self.nrows += 1
         return 0
 
-    cdef inline int _value(self, Py_ssize_t i, Field* f) except -1 nogil:
+    cdef inline int _value(self, Py_ssize_t i, Field* f) except -1:
         cdef Growable* v = &self.validity[i]
         cdef Growable* d = &self.data[i]
         cdef Py_ssize_t byte = self.nrows >> 3
@@ -319,8 +308,7 @@ cdef class CopyParser:
                 d.length += width
         if layout == LAYOUT_TEXT or layout == LAYOUT_BYTES:
             if d.length > OFFSET_LIMIT:
-                with gil:
-                    raise too_much_text(self.table, self.names[i])
+                raise too_much_text(self.table, self.names[i])
             end = <int32_t>d.length
             put(&self.offsets[i], &end, 4)
         return 0
@@ -341,23 +329,20 @@ cdef class CopyParser:
         waiting.fd = (<socket_fn>socket)(conn)
         waiting.events = POLLIN
         while True:
-            with nogil:  # parsing too: the other workers' reads and writes go on meanwhile
-                n = get(conn, &buf, 1)
-                while n > 0:
-                    try:
-                        self._feed(<const unsigned char*>buf, n)
-                    finally:
-                        free_(buf)
-                    n = get(conn, &buf, 1)
-                interrupted = False
-                ok = 1
-                if n == 0:  # nothing buffered: wait for the socket, then read what came
-                    waiting.revents = 0
-                    ok = poll(&waiting, 1, -1)
-                    interrupted = ok < 0 and errno == EINTR
-                    ok = ok >= 0 and consume(conn) == 1
+            n = get(conn, &buf, 1)
+            if n > 0:
+                try:
+                    self._feed(<const unsigned char*>buf, n)
+                finally:
+                    free_(buf)
+                continue
             if n < 0:
                 return n
+            with nogil:  # nothing buffered: wait for the socket, then read what came
+                waiting.revents = 0
+                ok = poll(&waiting, 1, -1)
+                interrupted = ok < 0 and errno == EINTR
+                ok = ok >= 0 and consume(conn) == 1
             if interrupted:
                 PyErr_CheckSignals()  # a signal handler's exception (Ctrl-C) ends the read
             elif not ok:

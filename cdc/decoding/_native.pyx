@@ -17,9 +17,7 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
 from cdc.decoding._binary cimport binary_render, binary_valid
-from cdc.decoding._buffers cimport (
-    Growable, grow, int64s, put, put_i64, release, take_buffer, utf8_valid,
-)
+from cdc.decoding._buffers cimport Growable, grow, int64s, put, put_i64, take_buffer, utf8_valid
 from cdc.decoding._reader cimport (
     Reader, read_bytes, read_i16, read_i32, read_u8, read_u32, read_u64, reader_init,
 )
@@ -129,16 +127,16 @@ cdef class ColumnBuffer:
         cdef Py_ssize_t i
         if self.offsets != NULL:
             for i in range(self.ncols):
-                release(&self.offsets[i])
-                release(&self.data[i])
-                release(&self.validity[i])
-        release(&self.ops)
-        release(&self.lsns)
-        release(&self.commit_lsns)
-        release(&self.seqs)
-        release(&self.xids)
-        release(&self.commit_ts)
-        release(&self.unchanged)
+                PyMem_Free(self.offsets[i].data)
+                PyMem_Free(self.data[i].data)
+                PyMem_Free(self.validity[i].data)
+        PyMem_Free(self.ops.data)
+        PyMem_Free(self.lsns.data)
+        PyMem_Free(self.commit_lsns.data)
+        PyMem_Free(self.seqs.data)
+        PyMem_Free(self.xids.data)
+        PyMem_Free(self.commit_ts.data)
+        PyMem_Free(self.unchanged.data)
         PyMem_Free(self.offsets)
         PyMem_Free(self.data)
         PyMem_Free(self.validity)
@@ -302,9 +300,9 @@ cdef class ColumnBuffer:
                 pa.list_(pa.string()), n, [take_buffer(&validity), take_buffer(&offsets)],
                 n - self.unchanged_rows, children=[names])
         finally:
-            release(&offsets)
-            release(&validity)
-            release(&indexes)
+            PyMem_Free(offsets.data)
+            PyMem_Free(validity.data)
+            PyMem_Free(indexes.data)
 
     def take(self):
         """(text columns, ops, lsns, commit_lsns, seqs, xids, commit_ts, unchanged) as Arrow
@@ -331,7 +329,7 @@ cdef class ColumnBuffer:
             ops = pa.Array.from_buffers(pa.string(), n, [None, take_buffer(&op_offsets),
                                                           take_buffer(&self.ops)], 0)
         finally:
-            release(&op_offsets)
+            PyMem_Free(op_offsets.data)
         ints = [int64s(&self.lsns, n), int64s(&self.commit_lsns, n), int64s(&self.seqs, n),
                 int64s(&self.xids, n), int64s(&self.commit_ts, n)]
         unchanged = self._take_unchanged(n)
