@@ -3,9 +3,8 @@
 Consistent mode creates the slot with an exported snapshot and reads every
 published table inside that snapshot, so the rows (``_op = 'r'``) and the
 slot's start describe the same instant: ``cdc stream`` continues exactly
-where the snapshot ends. Tables are split into chunks (ranges of an integer
-primary key, else CTID block ranges) copied with ``COPY ... TO STDOUT (FORMAT
-csv)`` and parsed by Arrow's CSV reader, column-wise.
+where the snapshot ends. Tables are split into chunks (``planning``) read by the
+fastest reader (``readers``: a binary COPY parsed by the compiled core).
 
 Snapshot rows carry ``_commit_lsn`` = the consistent point and a negative
 ``_seq`` (unique per table), so they order before every streamed change.
