@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast lint bench clean deps
 
-$(STAMP): pyproject.toml setup.py cdc/decoding/_native.pyx cdc/decoding/_reader.pxd cdc/decoding/_buffers.pxd cdc/decoding/_binary.pxd
+$(STAMP): pyproject.toml setup.py cdc/decoding/_native.pyx cdc/decoding/_copy.pyx cdc/decoding/_reader.pxd cdc/decoding/_buffers.pxd cdc/decoding/_binary.pxd
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'

@@ -1,4 +1,4 @@
-"""Builds the compiled decoder (``cdc/decoding/_native.pyx``); pyproject.toml has the rest.
+"""Builds the compiled decoders (``cdc/decoding/_native.pyx``, ``_copy.pyx``); pyproject.toml has the rest.
 
 The extension is optional: without Cython or a C compiler the install goes on and cdc
 decodes in pure Python (it warns at start; ``CDC_PURE_PYTHON=1`` chooses that explicitly).
@@ -37,8 +37,8 @@ def extensions() -> list[Extension]:
         print("WARNING: Cython is missing; cdc will decode in pure Python", file=sys.stderr)
         return []
     return cythonize(  # type: ignore[no-any-return]
-        [Extension("cdc.decoding._native", ["cdc/decoding/_native.pyx"],
-                   extra_compile_args=["-O2"])],
+        [Extension(f"cdc.decoding.{name}", [f"cdc/decoding/{name}.pyx"],
+                   extra_compile_args=["-O2"]) for name in ("_native", "_copy")],
         compiler_directives={"language_level": "3"}, quiet=True)
 
 

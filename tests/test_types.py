@@ -14,6 +14,7 @@ text (±infinity, BC and five-digit years are held exactly, as in raw).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from decimal import Decimal
@@ -42,7 +43,7 @@ from cdc.decoding.pgtypes import (
 from cdc.errors import ConversionError
 from cdc.lake.store import LocalLake
 from cdc.snapshot.consistent import ConsistentSnapshot
-from cdc.snapshot.readers import AdbcReader, CsvReader
+from cdc.snapshot.readers import AdbcReader, BinaryCopyReader, CsvReader
 from cdc.staged import delta_types
 from cdc.staged.runner import compact_lake
 
@@ -372,13 +373,27 @@ def _create(source: SourceDb, table: str, spec: Columns) -> None:
         source.execute(f"INSERT INTO {table} VALUES ({row + 2}, {values})")
 
 
+#: every snapshot reader: binary COPY (compiled core and pure-Python parser), ADBC, CSV
+READERS = [BinaryCopyReader, functools.partial(BinaryCopyReader, pure=True), AdbcReader,
+           CsvReader]
+READER_IDS = ["binary", "binary-pure", "adbc", "csv"]
+
+
+def _as_stored(table: pa.Table, names: list[str]) -> bytes:
+    """The columns by id as one parquet file: equal bytes, equal stored values (NaN, -0,
+    ±infinity and far dates included, also inside lists)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table.sort_by("id").select(names), sink)
+    return bytes(sink.getvalue())
+
+
 def _raw(settings: Settings, op: str, table: str = "typed") -> pa.Table:
     files = raw_files(Path(settings.lake), f"public.{table}")
     table = pa.concat_tables([pq.read_table(f) for f in files])
     return table.filter(pc.equal(table["_op"], op))
 
 
-@pytest.mark.parametrize("reader", [AdbcReader, CsvReader], ids=["adbc", "csv"])
+@pytest.mark.parametrize("reader", READERS, ids=READER_IDS)
 def test_every_type_round_trips_through_snapshot_stream_and_compaction(
     source: SourceDb, settings: Settings, reader: Any
 ) -> None:
@@ -405,8 +420,11 @@ def test_every_type_round_trips_through_snapshot_stream_and_compaction(
     streamed = _raw(settings, "c")
     _assert_same(_arrow_values(streamed, staged=False),
                  {k: v for k, v in want.items() if k > 100}, "stream")
-    # both paths write the same schema, with the Postgres type recorded per field
+    # both paths write the same schema, with the Postgres type recorded per field, and the
+    # same stored values for the same source rows (streamed ids are the snapshot's + 100)
     assert snap.schema.remove_metadata() == streamed.schema.remove_metadata()
+    assert snap.schema == streamed.schema
+    assert _as_stored(snap, list(COLUMNS)) == _as_stored(streamed, list(COLUMNS))
     meta = {f.name: (f.metadata or {}).get(b"pg_type", b"").decode() for f in streamed.schema}
     assert meta["n_ps"] == "numeric(12,3)"
     assert meta["e"].endswith("mood")
@@ -491,7 +509,7 @@ def test_every_type_lands_the_same_raw_rows_from_either_decoder(
     assert sorted(set(pure["_op"].to_pylist())) == ["c", "d", "u"]
 
 
-@pytest.mark.parametrize("reader", [AdbcReader, CsvReader], ids=["adbc", "csv"])
+@pytest.mark.parametrize("reader", READERS, ids=READER_IDS)
 def test_a_timestamp_beyond_what_arrow_holds_fails_the_snapshot_naming_the_column(
     source: SourceDb, settings: Settings, reader: Any
 ) -> None:

@@ -229,12 +229,13 @@ class PureDecoder:
         self._add(self.relations[oid], [(op, row)], lsn, nbytes)
 
 
-def native_module() -> Any | None:
-    """The compiled decoder module, or None (pure Python chosen, or the extension missing)."""
+def native_module(name: str = "_native") -> Any | None:
+    """The compiled decoder module (``_native`` for pgoutput, ``_copy`` for the snapshot's
+    binary COPY), or None (pure Python chosen, or the extension missing)."""
     if os.environ.get("CDC_PURE_PYTHON", "") not in ("", "0"):
         return None
     try:
-        return importlib.import_module("cdc.decoding._native")
+        return importlib.import_module(f"cdc.decoding.{name}")
     except ImportError as exc:
         warnings.warn(f"cdc's compiled decoder is not built ({exc}); decoding in pure Python, "
                       "about 3x slower: reinstall with `pip install -e .` (needs a C compiler "

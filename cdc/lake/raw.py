@@ -11,6 +11,7 @@ instead of adding one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import pyarrow as pa
@@ -30,14 +31,16 @@ def file_key(batch: Batch, load_date: str, *, prefix: str = RAW) -> str:
                    batch.last_commit_lsn, batch.label or batch.first_seq, prefix=prefix)
 
 
-def encode(table: pa.Table) -> bytes:
+def encode(table: pa.Table, constant: Sequence[str] = ()) -> bytes:
+    """A raw parquet file; ``constant``: columns of one value (a snapshot's LSNs, xid and
+    time), dictionary-encoded too, which is cheaper than compressing them plainly."""
     # dictionary encoding only where it pays: on numbers and timestamps (keys, LSNs, _seq:
     # mostly distinct) trying it and falling back doubled the encoding CPU of a raw file;
     # zstd alone makes smaller files there (docs/benchmarks.md, snapshot)
     strings = [f.name for f in table.schema if pa.types.is_string(f.type)]
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd", row_group_size=ROW_GROUP_ROWS,
-                   use_dictionary=strings)
+                   use_dictionary=[*strings, *constant])
     return bytes(sink.getvalue())
 
 
@@ -50,7 +53,7 @@ class RawSink:
     def write(self, batch: Batch) -> tuple[str, int]:
         """Write the batch durably; its key and size in bytes."""
         key = file_key(batch, datetime.now(UTC).strftime("%Y-%m-%d"))
-        data = encode(batch.table)
+        data = encode(batch.table, batch.constant)
         faults.hit("raw.before_write", key=key)
         self.lake.write_bytes(key, data)
         faults.hit("raw.after_write", key=key)

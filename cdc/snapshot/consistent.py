@@ -3,9 +3,8 @@
 Consistent mode creates the slot with an exported snapshot and reads every
 published table inside that snapshot, so the rows (``_op = 'r'``) and the
 slot's start describe the same instant: ``cdc stream`` continues exactly
-where the snapshot ends. Tables are split into chunks (ranges of an integer
-primary key, else CTID block ranges) copied with ``COPY ... TO STDOUT (FORMAT
-csv)`` and parsed by Arrow's CSV reader, column-wise.
+where the snapshot ends. Tables are split into chunks (``planning``) read by the
+fastest reader (``readers``: a binary COPY parsed by the compiled core).
 
 Snapshot rows carry ``_commit_lsn`` = the consistent point and a negative
 ``_seq`` (unique per table), so they order before every streamed change.
@@ -22,7 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,7 +148,8 @@ def snapshot_batch(relation: Relation, types: Sequence[ColumnType],  # noqa: PLR
         commit_ts=pa.repeat(pa.scalar(ts_us, pa.int64()), n),
         unchanged=pa.nulls(n, pa.list_(pa.string())), column_facts=column_facts,
     )
-    return Batch(relation, table, lsn, lsn, first_seq, label=label)
+    return Batch(relation, table, lsn, lsn, first_seq, label=label,
+                 constant=("_lsn", "_commit_lsn", "_xid", "_commit_ts"))
 
 
 # -- progress display -----------------------------------------------------------------------------
@@ -340,7 +340,12 @@ class ConsistentSnapshot:
         failed = threading.Event()  # one worker's error stops the others at their next chunk
 
         def worker() -> None:
+            # two stages per worker: chunk N is converted and written on the writer thread
+            # (pyarrow's casts and parquet encoding release the GIL) while chunk N+1 is read,
+            # so the worker's server backend never waits for the write (docs/benchmarks.md)
             reader = self.open_reader(self.settings.dsn, snapshot_name)
+            writer = ThreadPoolExecutor(1, thread_name_prefix="snapshot-write")
+            written: Future[int] | None = None
             try:
                 while not failed.is_set():
                     with self.lock:
@@ -348,11 +353,18 @@ class ConsistentSnapshot:
                             break
                         name, index = queue.pop()
                     relation, types = relations[name]
-                    self._copy_chunk(reader, progress, relation, types, index)
+                    columns = self._read_chunk(reader, progress, relation, index)
+                    if written is not None:
+                        written.result()  # at most one chunk waits to be written
+                    written = writer.submit(self._write_chunk, progress, relation, types,
+                                            index, columns)
+                if written is not None:
+                    written.result()
             except BaseException:
                 failed.set()
                 raise
             finally:
+                writer.shutdown(wait=True)
                 reader.close()
 
         with ThreadPoolExecutor(self.workers, thread_name_prefix="snapshot") as pool:
@@ -374,10 +386,16 @@ class ConsistentSnapshot:
         log.info("snapshot_done", rows=sum(rows.values()), tables=len(rows))
         return SnapshotResult(progress.consistent_point, rows, resumed)
 
-    def _copy_chunk(self, reader: TextReader, progress: Progress, relation: Relation,
-                    types: list[ColumnType], index: int) -> int:
+    def _read_chunk(self, reader: TextReader, progress: Progress, relation: Relation,
+                    index: int) -> list[pa.ChunkedArray]:
         plan = progress.tables[relation.qualified_name]
-        columns = reader.read(relation, chunk_filter(relation, plan.chunks[index]))
+        return reader.read(relation, chunk_filter(relation, plan.chunks[index]))
+
+    def _write_chunk(self, progress: Progress, relation: Relation,
+                     types: list[ColumnType], index: int,
+                     columns: list[pa.ChunkedArray]) -> int:
+        """Convert and write a chunk read by ``_read_chunk``, then record it as done."""
+        plan = progress.tables[relation.qualified_name]
         rows = len(columns[0]) if columns else 0
         if rows:
             point = plan.point if plan.point is not None else progress.consistent_point

@@ -60,6 +60,8 @@ class Batch:
     label: str | None = None  # names the file instead of first_seq (snapshot chunks)
     #: why the batch holds its source values as text, for raw/_rejected (None: it does not)
     unconvertible: str | None = None
+    #: columns holding one value in every row (a snapshot chunk's LSNs, xid and time)
+    constant: tuple[str, ...] = ()
 
     @property
     def qualified_name(self) -> str:
