@@ -61,7 +61,7 @@ from cdc.staged.merge import (
     staged_columns,
     unify,
 )
-from cdc.staged.rewrite import Writer, rewrite, without_keys
+from cdc.staged.rewrite import Writer, matching, rewrite, without_keys
 from cdc.staged.steps import evolve, resolve_moves
 from cdc.staged.target import (
     by_group,
@@ -333,9 +333,12 @@ class TableCompactor:
             if rows is None:  # outside every group: no staged row
                 return None, against_staged(part, dataset.schema.empty_table().select(wanted),
                                             key, keep)[1]
-            staged = rows.filter(pc.is_in(rows[key[0]], value_set=pc.unique(part[key[0]])))
-            removals, inserts = against_staged(part, staged.select(wanted), key, keep)
-            return (without_keys(rows, removals, key) if removals.num_rows else None), inserts
+            found = matching(rows, part, key[0])  # part holds each key once
+            staged = rows.select(wanted).filter(pc.is_valid(found))
+            removals, inserts = against_staged(part, staged, key, keep)
+            if not removals.num_rows:
+                return None, inserts
+            return without_keys(rows, found, part, removals, key), inserts
 
         rewrite(writer, by_group(state, key[0], groups), change, key, Writer.per_row(groups))
         writer.commit(commit, lambda: self._before_commit(dt, expected))

@@ -55,23 +55,34 @@ def read_group(dataset: ds.FileSystemDataset, group: FileGroup) -> pa.Table:
                                 dataset.filesystem).to_table()
 
 
-def without_keys(rows: pa.Table, removals: pa.Table, key: Sequence[str]) -> pa.Table:
-    """``rows`` without the rows whose key is one of ``removals``' keys."""
-    if len(key) == 1:
-        return rows.filter(pc.invert(pc.is_in(rows[key[0]], value_set=removals[key[0]])))
+def matching(rows: pa.Table, part: pa.Table, column: str) -> pa.Array:
+    """For each row, the index of its ``column`` value among ``part``'s (null: none)."""
+    return pc.index_in(rows[column], value_set=part[column]).combine_chunks()
+
+
+def without_keys(rows: pa.Table, found: pa.Array, part: pa.Table, removals: pa.Table,
+                 key: Sequence[str]) -> pa.Table:
+    """``rows`` without the rows whose key is one of ``removals``' keys; ``found`` is
+    ``matching(rows, part, key[0])`` and ``removals`` a subset of ``part``."""
+    if len(key) == 1:  # one hash pass over the rows (``found``), the rest over the part
+        gone = pc.is_in(part[key[0]], value_set=removals[key[0]])
+        return rows.filter(pc.invert(pc.fill_null(pc.take(gone, found), False)))
     marked = removals.select(list(key)).append_column(
         "__cdc_gone", pa.nulls(removals.num_rows, pa.bool_()).fill_null(True))
     joined = rows.join(marked, keys=list(key), join_type="left outer")
     return joined.filter(pc.is_null(joined["__cdc_gone"])).drop_columns(["__cdc_gone"])
 
 
-def conformed(parts: Sequence[pa.Table], schema: pa.Schema, key: Sequence[str]) -> pa.Table:
-    """``parts`` as one table of ``schema`` (missing columns NULL), sorted by key."""
+def conformed(parts: Sequence[pa.Table], schema: pa.Schema, key: Sequence[str], *,
+              ordered: bool = True) -> pa.Table:
+    """``parts`` as one table of ``schema`` (missing columns NULL), sorted by key unless
+    not ``ordered``."""
     rows = pa.concat_tables([p.select([c for c in p.column_names if c in schema.names])
                              for p in parts], promote_options="permissive")
     columns = [rows[f.name].cast(f.type) if f.name in rows.column_names
                else pa.nulls(rows.num_rows, f.type) for f in schema]
-    return pa.Table.from_arrays(columns, schema=schema).sort_by([(k, "ascending") for k in key])
+    rows = pa.Table.from_arrays(columns, schema=schema)
+    return rows.sort_by([(k, "ascending") for k in key]) if ordered else rows
 
 
 #: ``change(rows, part)``: a group's rows (None outside every group) and the chunk's part
@@ -91,8 +102,9 @@ def rewrite(writer: Writer, parts: Iterable[tuple[FileGroup | None, pa.Table]],
         changed, added = change(rows, part)
         if group is None or changed is None:
             rest.append(added)
-        else:
-            writer.replace(group, conformed([changed, added], schema, key))
+        else:  # one file needs no order (one row group); files cut from it keep key ranges
+            files = writer.files(changed.num_rows + added.num_rows, writer.per_row([group]))
+            writer.replace(group, conformed([changed, added], schema, key, ordered=files > 1))
         del rows, changed
         pa.default_memory_pool().release_unused()  # the next group's comes on top
     if rest:
@@ -116,8 +128,7 @@ class Writer:
 
     def replace(self, group: FileGroup, rows: pa.Table) -> None:
         """``rows`` replace the group's files: written at the group's bytes per row."""
-        per_row = group.bytes / max(group.rows, 1)
-        self.write(rows, per_row)
+        self.write(rows, self.per_row([group]))
         now = _now_ms()
         self.removes += [RemoveAction(path, data_change=True, deletion_timestamp=now,
                                       size=size, partition_values={})
@@ -129,21 +140,24 @@ class Writer:
         rows = sum(g.rows for g in groups)
         return sum(g.bytes for g in groups) / rows if rows else None
 
+    def files(self, rows: int, per_row: float | None) -> int:
+        """How many files ``rows`` are written as: up to 1.5 ``file_bytes`` in one."""
+        return max(1, round(rows * (per_row or 0) / self.file_bytes))
+
     def write(self, rows: pa.Table, per_row: float | None = None) -> None:
         """``rows`` as new files of about ``file_bytes`` each (evenly cut)."""
         if not rows.num_rows:
             return
         if per_row is None:  # no file to go by: the in-memory size overestimates (compression)
             per_row = rows.nbytes / rows.num_rows / 3
-        files = max(1, math.ceil(rows.num_rows * per_row / self.file_bytes))
-        step = math.ceil(rows.num_rows / files)
+        step = math.ceil(rows.num_rows / self.files(rows.num_rows, per_row))
         for start in range(0, rows.num_rows, step):
             self._file(rows.slice(start, step))
 
     def _file(self, rows: pa.Table) -> None:
         path = f"part-00000-{uuid.uuid4()}-c000.snappy.parquet"
         sink = pa.BufferOutputStream()
-        pq.write_table(rows, sink, compression="snappy")
+        pq.write_table(rows, sink, compression="snappy", use_dictionary=repetitive(rows))
         data = sink.getvalue().to_pybytes()
         self.put(path, data)
         self.adds.append(AddAction(path, len(data), {}, _now_ms(), True,
@@ -155,6 +169,17 @@ class Writer:
         self.dt.create_write_transaction(
             [*self.adds, *self.removes], mode="append", schema=self.dt.schema(),
             commit_properties=commit)
+
+
+def repetitive(rows: pa.Table, sample: int = 10_000) -> list[str]:
+    """The columns worth dictionary encoding: at most half the values of their first
+    ``sample`` rows distinct. Dictionary encoding of a column of distinct values (a key, a
+    name, a time) falls back to plain after 1 MiB of dictionary and doubles the write time:
+    a 660k-row staged file was written in 0.35 s with every column tried, 0.17 s with only
+    these (and 8 % smaller)."""
+    n = min(sample, rows.num_rows)
+    return [f.name for f in rows.schema if not pa.types.is_nested(f.type)
+            and pc.count_distinct(rows[f.name].slice(0, n)).as_py() <= n // 2]
 
 
 def stats(rows: pa.Table, names: list[str] | None) -> dict[str, Any]:
