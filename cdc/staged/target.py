@@ -1,7 +1,9 @@
 """The table side of a merge: which data files a chunk touches, and merging them in groups.
 
-Staged (``staged/compactor.py``) and history (``history/writer.py``) both merge this way:
-each builds a ``flagged`` MERGE source per group, ``merge_groups`` commits them.
+History (``history/writer.py``) merges this way: it builds a ``flagged`` MERGE source per
+group, ``merge_groups`` commits them. Staged (``staged/compactor.py``) uses the same groups
+but rewrites them itself, one commit per chunk (``staged/rewrite.py``), and keeps the MERGE
+for keys without exact statistics and for a chunk that adds a column.
 
 delta-rs' MERGE holds memory in proportion to the target rows it reads and rewrites, so one
 MERGE of changes spread over a large table grows with the table (870 MB at 10M rows). Here
