@@ -61,6 +61,7 @@ from cdc.staged.merge import (
     staged_columns,
     unify,
 )
+from cdc.staged.rewrite import Writer, matching, rewrite, without_keys
 from cdc.staged.steps import evolve, resolve_moves
 from cdc.staged.target import (
     by_group,
@@ -68,6 +69,7 @@ from cdc.staged.target import (
     flagged,
     merge_groups,
     replace,
+    staged_columns_of,
     staged_rows,
 )
 
@@ -269,6 +271,8 @@ class TableCompactor:
             if key:
                 inserts = state.filter(pc.invert(state[DELETED])).drop_columns([DELETED, *keep])
         elif key:
+            if self._rewrites(dt, state, key, keep, commit, expected):
+                return DeltaTable(self.uri, storage_options=self.storage)
             merges, inserts = self._plan_groups(dt, state, key, keep)
         else:
             inserts = state
@@ -307,6 +311,38 @@ class TableCompactor:
                 f"staged table {self.table} was created by someone else meanwhile; nothing "
                 "was committed", fix=lease.RIVAL_FIX)
         self.fence()
+
+    def _rewrites(self, dt: DeltaTable, state: pa.Table, key: tuple[str, ...],  # noqa: PLR0917
+                  keep: list[str], commit: CommitProperties, expected: Lsn | None) -> bool:
+        """Apply the chunk by rewriting its touched file groups (``staged/rewrite.py``), one
+        commit; False (nothing done) where only a MERGE can: keys without exact statistics,
+        or a column the table does not have yet (MERGE adds it)."""
+        ensure_file_size(dt, self.options.checkpoint_interval, self.options.file_bytes)
+        groups = file_groups(dt, key[0], self.options.file_bytes)
+        dataset = dt.to_pyarrow_dataset()  # one version for every group
+        helpers = {DELETED, *keep}
+        if groups is None or not {c for c in state.column_names if c not in helpers} <= set(
+                dataset.schema.names):
+            return False
+        folder = staged_key(self.table)
+        writer = Writer(dt, self.options.file_bytes,
+                        lambda name, data: self.lake.write_bytes(f"{folder}/{name}", data))
+        wanted = staged_columns_of(dataset.schema, key, keep)
+
+        def change(rows: pa.Table | None, part: pa.Table) -> tuple[pa.Table | None, pa.Table]:
+            if rows is None:  # outside every group: no staged row
+                return None, against_staged(part, dataset.schema.empty_table().select(wanted),
+                                            key, keep)[1]
+            found = matching(rows, part, key[0])  # part holds each key once
+            staged = rows.select(wanted).filter(pc.is_valid(found))
+            removals, inserts = against_staged(part, staged, key, keep)
+            if not removals.num_rows:
+                return None, inserts
+            return without_keys(rows, found, part, removals, key), inserts
+
+        rewrite(writer, by_group(state, key[0], groups), change, key, Writer.per_row(groups))
+        writer.commit(commit, lambda: self._before_commit(dt, expected))
+        return True
 
     def _plan_groups(self, dt: DeltaTable, state: pa.Table, key: tuple[str, ...],
                      keep: list[str]) -> tuple[list[pa.Table], pa.Table]:

@@ -1,7 +1,9 @@
 """The table side of a merge: which data files a chunk touches, and merging them in groups.
 
-Staged (``staged/compactor.py``) and history (``history/writer.py``) both merge this way:
-each builds a ``flagged`` MERGE source per group, ``merge_groups`` commits them.
+History (``history/writer.py``) merges this way: it builds a ``flagged`` MERGE source per
+group, ``merge_groups`` commits them. Staged (``staged/compactor.py``) uses the same groups
+but rewrites them itself, one commit per chunk (``staged/rewrite.py``), and keeps the MERGE
+for keys without exact statistics and for a chunk that adds a column.
 
 delta-rs' MERGE holds memory in proportion to the target rows it reads and rewrites, so one
 MERGE of changes spread over a large table grows with the table (870 MB at 10M rows). Here
@@ -51,6 +53,8 @@ class FileGroup:
     files: int
     bytes: int
     rows: int
+    paths: tuple[str, ...] = ()  # the files (as the Delta log names them)
+    sizes: tuple[int, ...] = ()  # their sizes in bytes
 
 
 #: the part of a table without usable statistics: any staged file may hold any of its keys
@@ -72,17 +76,19 @@ def file_groups(dt: DeltaTable, column: str, group_bytes: int) -> list[FileGroup
     if _ordinal(actions[low]) is None or actions[low].null_count or actions[high].null_count:
         return None  # a file without statistics could hold any key
     ranges = pa.table({"low": _ordinal(actions[low]), "high": _ordinal(actions[high]),
-                       "bytes": actions["size_bytes"], "rows": actions["num_records"]}
-                      ).sort_by("low").to_pylist()
+                       "bytes": actions["size_bytes"], "rows": actions["num_records"],
+                       "path": actions["path"]}).sort_by("low").to_pylist()
     groups: list[FileGroup] = []
     for r in ranges:
         last = groups[-1] if groups else None
         if last is not None and (r["low"] <= last.high or (
                 last.bytes + r["bytes"] <= group_bytes and last.rows + r["rows"] <= GROUP_ROWS)):
             groups[-1] = FileGroup(last.low, max(last.high, r["high"]), last.files + 1,
-                                   last.bytes + r["bytes"], last.rows + r["rows"])
+                                   last.bytes + r["bytes"], last.rows + r["rows"],
+                                   (*last.paths, r["path"]), (*last.sizes, r["bytes"]))
         else:  # overlapping ranges share a group: a key could be in either file
-            groups.append(FileGroup(r["low"], r["high"], 1, r["bytes"], r["rows"]))
+            groups.append(FileGroup(r["low"], r["high"], 1, r["bytes"], r["rows"],
+                                    (r["path"],), (r["bytes"],)))
     return groups
 
 
@@ -143,8 +149,7 @@ def staged_rows(dataset: ds.Dataset, state: pa.Table, key: tuple[str, ...], keep
     composite keys it selects a superset that the join then narrows. Outside every file
     group (``group`` None) there are none: nothing is read.
     """
-    wanted = [*key, "_commit_lsn", "_seq",
-              *(c[len(KEEP):] for c in keep if c[len(KEEP):] in dataset.schema.names)]
+    wanted = staged_columns_of(dataset.schema, key, keep)
     if group is None:
         return dataset.schema.empty_table().select(wanted)
     where = None
@@ -155,6 +160,12 @@ def staged_rows(dataset: ds.Dataset, state: pa.Table, key: tuple[str, ...], keep
                 & pc.field(k).isin(values))
         where = term if where is None else where & term
     return dataset.to_table(columns=wanted, filter=where)
+
+
+def staged_columns_of(schema: pa.Schema, key: tuple[str, ...], keep: list[str]) -> list[str]:
+    """The staged columns a chunk is resolved against: key, position, kept TOAST columns."""
+    return [*key, "_commit_lsn", "_seq",
+            *(c[len(KEEP):] for c in keep if c[len(KEEP):] in schema.names)]
 
 
 def flagged(removals: pa.Table, inserts: pa.Table) -> pa.Table:
