@@ -65,11 +65,11 @@ def replayed(files: list[list[dict[str, Any]]]) -> list[tuple[int, str | None, i
     return sorted(table.values())
 
 
-def run(lake: LocalLake, bound: int, chunk_rows: int, file_bytes: int) -> None:
+def run(lake: LocalLake, bound: int, chunk_rows: int, file_bytes: int, **options: Any) -> None:
     CheckpointStore(lake, "s").save(bound)
-    compact_lake(lake, "s", history=False, options=CompactOptions(
-        chunk_rows=chunk_rows, optimize_every=0, file_bytes=file_bytes,
-        today=T0.date))  # the raw files' load date: a later run lists them too
+    compact_lake(lake, "s", history=False, options=CompactOptions(**{
+        "chunk_rows": chunk_rows, "optimize_every": 0, "file_bytes": file_bytes,
+        "today": T0.date, **options}))  # the raw files' load date: a later run lists them too
 
 
 def staged(root: Path) -> list[tuple[int, str | None, int, int]]:
@@ -150,6 +150,29 @@ class TestRewrittenTable:
         assert len(before & after) == len(before) - 2
         assert staged(tmp_path) == replayed([*files, changes])
         assert_stats_match_data(tmp_path)
+
+    def test_files_a_crash_left_unreferenced_are_vacuumed_past_the_retention(
+            self, tmp_path: Path) -> None:
+        """Killed before its commit, a chunk's rewritten files are in the table's folder
+        but in no Delta version; the next run's VACUUM (full) deletes them once they are
+        older than the retention, and never a file a version uses."""
+        files = [[change("r", k, 10, -1000 + k, "r") for k in range(1, 7)]]
+        lake = lay_out(tmp_path, files)
+        run(lake, 11, 10**6, 1)
+        folder = tmp_path / "staged" / TABLE
+        write(lake, [change("u", 2, 20, 0, "new")], 0)
+        with faults.armed("staged.before_commit", crash_at(1)), contextlib.suppress(Crash):
+            run(lake, 21, 10**6, 1)
+        used = {Path(u.removeprefix("file://")) for u in DeltaTable(str(folder)).file_uris()}
+        orphans = set(folder.glob("*.parquet")) - used
+        assert orphans  # the crashed chunk's rewrite
+        write(lake, [change("u", 3, 30, 0, "newer")], 1)
+        run(lake, 31, 10**6, 1, optimize_every=1, vacuum_retention_hours=0)
+        assert not orphans & set(folder.glob("*.parquet"))
+        assert {Path(u.removeprefix("file://"))
+                for u in DeltaTable(str(folder)).file_uris()} <= set(folder.glob("*.parquet"))
+        assert staged(tmp_path) == replayed([*files, [change("u", 2, 20, 0, "new")],
+                                             [change("u", 3, 30, 0, "newer")]])
 
     def test_duckdb_and_pyarrow_read_the_rewritten_table_as_delta_rs_does(
             self, tmp_path: Path) -> None:

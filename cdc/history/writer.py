@@ -381,5 +381,6 @@ class _HistoryWriter:
             return
         dt.optimize.compact(target_size=self.file_bytes)  # files a group MERGE can take
         dt.vacuum(retention_hours=self.options.vacuum_retention_hours, dry_run=False,
-                  enforce_retention_duration=False)
+                  enforce_retention_duration=False, full=True)  # full: also files no version
+        # ever named (a rewrite or MERGE killed before its commit), past the retention
 

@@ -381,7 +381,8 @@ class TableCompactor:
             return
         metrics = dt.optimize.compact(target_size=self.options.file_bytes)
         dt.vacuum(retention_hours=self.options.vacuum_retention_hours, dry_run=False,
-                  enforce_retention_duration=False)
+                  enforce_retention_duration=False, full=True)  # full: also files no version
+        # ever named (a rewrite or MERGE killed before its commit), past the retention
         log.info("optimized", table=self.table, files_removed=metrics.get("numFilesRemoved"),
                  files_added=metrics.get("numFilesAdded"), version=dt.version())
 
