@@ -44,27 +44,17 @@ def widened_parts(parts: list[pa.Table]) -> list[pa.Table]:
     (so ``staged.merge.unify`` can concatenate them); other differences are left to it."""
     if len(parts) < 2:
         return parts
-    newest = parts[-1].schema
-    out = []
-    for part in parts:
-        table = part
-        for i, field in enumerate(part.schema):
-            if field.name not in newest.names:
-                continue
-            want = newest.field(field.name).type
-            if field.type != want and converts_exactly(field.type, want):
-                table = table.set_column(i, field.with_type(want), table[field.name].cast(want))
-        out.append(table)
-    return out
+    return [conformed(part, parts[-1].schema) for part in parts]
 
 
-def conformed(rows: pa.Table, history: pa.Schema) -> pa.Table:
-    """Changes with each column in the history table's type where it converts exactly: a
-    chunk of changes from before a type change the history table already follows (a rerun
-    after a crash, or other chunk limits, read it on its own)."""
+def conformed(rows: pa.Table, target: pa.Schema) -> pa.Table:
+    """``rows`` with each column in ``target``'s type where it converts exactly: older raw
+    parts in the newest part's types, or a chunk of changes from before a type change the
+    history table already follows (a rerun after a crash, or other chunk limits, read it on
+    its own) in the history's."""
     for i, field in enumerate(rows.schema):
-        if field.name in history.names:
-            want = history.field(field.name).type
+        if field.name in target.names:
+            want = target.field(field.name).type
             if field.type != want and converts_exactly(field.type, want):
                 rows = rows.set_column(i, field.with_type(want), rows[field.name].cast(want))
     return rows
@@ -77,8 +67,7 @@ def retyped(history: pa.Schema, rows: pa.Schema) -> dict[str, pa.DataType]:
             and converts_exactly(f.type, rows.field(f.name).type)}
 
 
-def converted(batch: pa.RecordBatch, types: dict[str, pa.DataType]) -> pa.RecordBatch:
-    """One batch of the history table with the retyped columns converted."""
-    schema = pa.schema([f.with_type(types[f.name]) if f.name in types else f
-                        for f in batch.schema], metadata=batch.schema.metadata)
-    return batch.cast(schema)
+def with_types(schema: pa.Schema, types: dict[str, pa.DataType]) -> pa.Schema:
+    """``schema`` with the retyped columns' new types."""
+    return pa.schema([f.with_type(types[f.name]) if f.name in types else f for f in schema],
+                     metadata=schema.metadata)

@@ -41,7 +41,7 @@ from cdc import faults
 from cdc.errors import CompactionError, HistoryTableUnreadable
 from cdc.events import Lsn, format_lsn
 from cdc.history.lookup import current_versions, ended_versions
-from cdc.history.retype import conformed, converted, retyped, widened_parts
+from cdc.history.retype import conformed, retyped, widened_parts, with_types
 from cdc.history.versions import HISTORY_META, Plan, plan_versions
 from cdc.lake.layout import history_key
 from cdc.lake.store import Lake
@@ -292,9 +292,8 @@ class _HistoryWriter:
                     columns={n: str(t) for n, t in types.items()},
                     note="the column's type changed at the source; every version converted")
         dataset = dt.to_pyarrow_dataset()
-        batches = (converted(b, types) for b in dataset.to_batches())
-        schema = pa.schema([f.with_type(types[f.name]) if f.name in types else f
-                            for f in dataset.schema], metadata=dataset.schema.metadata)
+        schema = with_types(dataset.schema, types)
+        batches = (b.cast(schema) for b in dataset.to_batches())
         self._before_commit(dt, watermark)
         write_deltalake(dt, pa.RecordBatchReader.from_batches(schema, batches),
                         mode="overwrite", schema_mode="overwrite",
