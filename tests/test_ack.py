@@ -123,6 +123,19 @@ class TestAckPolicyInSession:
         assert source.acknowledged()[-1] == 0x2200
         assert checkpoint_of(tmp_path) == 0x2200
 
+    def test_a_keepalive_between_transactions_is_acknowledged_once_the_buffered_rows_are_written(
+        self, tmp_path: Path
+    ) -> None:
+        """Rows still buffered at an idle keepalive: the stop writes them and acknowledges the
+        keepalive's WAL end, not just the last commit (a stream caught up to a target past
+        its last commit ends at the target)."""
+        frames = [relation(), *transaction(0x2000, 1, [1, 2]), keepalive(0x2600, reply=False)]
+        source = run_session(tmp_path, frames, flush_rows=1000)
+
+        assert raw_keys_in(tmp_path) == {1, 2}
+        assert source.acknowledged()[-1] == 0x2600
+        assert checkpoint_of(tmp_path) == 0x2600
+
     @pytest.mark.parametrize(("fault", "durable"), [
         ("checkpoint.before_save=raise", {1}),  # the row is in raw, its commit not recorded
         ("raw.before_write=raise", set()),  # the file never became durable
@@ -193,6 +206,10 @@ def scripts(draw: st.DrawFn) -> Script:
         script.commits.update(dict.fromkeys(keys, commit_lsn))
         script.safe_end = commit_lsn + 8
         lsn = commit_lsn + 8
+    if draw(st.booleans()):  # an idle keepalive last, while the last rows may be buffered
+        wal_end = lsn + draw(st.integers(0, 0xF00))
+        script.frames.append(keepalive(wal_end, reply=draw(st.booleans())))
+        script.safe_end = max(script.safe_end, wal_end)
     return script
 
 

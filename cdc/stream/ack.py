@@ -4,8 +4,10 @@ Three positions, each at or behind the one before it:
 
 - **safe**: every change committed before it is durable in raw (written, maybe not yet
   checkpointed). It moves at a commit or keepalive when nothing is buffered, and after a
-  flush to the end of the last commit received (a flush inside a transaction leaves that
-  transaction's position out: its commit has not arrived).
+  flush to the position everything before which had been received (``received``: the
+  last commit's end, or the WAL end of a keepalive that came between transactions; a
+  flush inside a transaction leaves that transaction's position out: its commit has not
+  arrived).
 - **durable**: recorded in the lake's checkpoint. It never moves back (the checkpoint
   store keeps the higher of the stored and the saved position).
 - **acknowledged**: sent to the server in a standby status update, always the durable
@@ -41,6 +43,8 @@ class AckPolicy:
         self.durable: Lsn = start
         self.acknowledged: Lsn = 0
         self.last_commit_end: Lsn = start
+        #: every change committed before it has been received (buffered or written)
+        self.received: Lsn = start
         self.server_wal_end: Lsn = 0
         self.in_transaction = False
 
@@ -51,19 +55,26 @@ class AckPolicy:
         """A transaction ended at ``end_lsn``; with nothing buffered it is safe at once."""
         self.in_transaction = False
         self.last_commit_end = end_lsn
+        self.received = max(self.received, end_lsn)
         if not buffered:
             self.safe = max(self.safe, end_lsn)
 
     def keepalive(self, wal_end: Lsn, *, buffered: bool) -> None:
         """The server is at ``wal_end``; when idle, that position is safe too (invariant 5)."""
         self.server_wal_end = max(self.server_wal_end, wal_end)
-        if not self.in_transaction and not buffered:
+        if self.in_transaction:
+            return
+        # between transactions, every commit before ``wal_end`` has arrived: once what is
+        # buffered is written, ``wal_end`` is safe (a ``cdc stream --until-caught-up`` ends
+        # there, not at its last commit, so a backfill recorded after it is applied)
+        self.received = max(self.received, wal_end)
+        if not buffered:
             self.safe = max(self.safe, wal_end)
 
     def flushed(self, lsn: Lsn | None = None) -> None:
-        """Everything buffered when ``lsn`` was the last commit received (default: now) is
-        durable in raw: ``lsn`` is safe."""
-        self.safe = max(self.safe, self.last_commit_end if lsn is None else lsn)
+        """Everything buffered when ``lsn`` was :attr:`received` (default: now) is durable
+        in raw: ``lsn`` is safe."""
+        self.safe = max(self.safe, self.received if lsn is None else lsn)
 
     def idle(self, *, buffered: bool) -> bool:
         return not self.in_transaction and not buffered

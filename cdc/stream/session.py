@@ -264,9 +264,9 @@ class Session:
 
     def flush(self, *, wait: bool = False) -> None:
         """Write every buffered change (on the writer thread); once written, everything up
-        to the last commit received is durable (the loop learns it from the writer, or
+        to :attr:`AckPolicy.received` then is durable (the loop learns it from the writer, or
         here with ``wait``)."""
-        self.writer.submit(self.batcher.detach_all(), self.ack.last_commit_end)
+        self.writer.submit(self.batcher.detach_all(), self.ack.received)
         if wait:
             with self.source.answering():  # a slow lake must not let wal_sender_timeout strike
                 self.writer.wait()
