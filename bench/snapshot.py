@@ -3,8 +3,9 @@
 ``psql -c "\\copy bench_snap to /dev/null (format binary)"`` is the ceiling for
 reading one table (one connection, binary, no parsing, nothing written) and
 the report gives cdc's rate as a ratio of it, measured in the same run on the
-same machine. cdc copies the table in primary-key chunks over ``--workers``
-connections (CSV, parsed by Arrow, cast, written as zstd parquet, fsynced).
+same machine. cdc copies the table in chunks (CTID ranges on PostgreSQL 14+) over
+``--workers`` connections (binary COPY parsed by the compiled core, written as zstd
+parquet, fsynced).
 
     python bench/snapshot.py                      # 5M rows, 2 workers, 500k-row chunks,
                                                   # narrow then wide rows
