@@ -26,8 +26,8 @@ from cdc.lake.raw import RawSink
 from cdc.lake.store import Lake
 from cdc.ops import metrics
 from cdc.snapshot.backfill import Backfiller
-from cdc.snapshot.consistent import snapshot_in_progress
 from cdc.snapshot.generation import slot_gone
+from cdc.snapshot.progress import snapshot_in_progress
 from cdc.source import publication
 from cdc.source.admin import Admin
 from cdc.source.connection import connect, describe
