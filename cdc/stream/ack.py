@@ -42,7 +42,6 @@ class AckPolicy:
         self.safe: Lsn = start
         self.durable: Lsn = start
         self.acknowledged: Lsn = 0
-        self.last_commit_end: Lsn = start
         #: every change committed before it has been received (buffered or written)
         self.received: Lsn = start
         self.server_wal_end: Lsn = 0
@@ -54,7 +53,6 @@ class AckPolicy:
     def commit(self, end_lsn: Lsn, *, buffered: bool) -> None:
         """A transaction ended at ``end_lsn``; with nothing buffered it is safe at once."""
         self.in_transaction = False
-        self.last_commit_end = end_lsn
         self.received = max(self.received, end_lsn)
         if not buffered:
             self.safe = max(self.safe, end_lsn)

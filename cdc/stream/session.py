@@ -258,7 +258,7 @@ class Session:
         ack = self.ack
         if self.target is None or ack.in_transaction or self.streamer.backfills.busy():
             return False
-        return max(ack.last_commit_end, ack.server_wal_end) >= self.target
+        return max(ack.received, ack.server_wal_end) >= self.target
 
     # -- durability -----------------------------------------------------------------------------
 
